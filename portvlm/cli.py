@@ -1,0 +1,38 @@
+"""`portvlm` command line: thin dispatch to each module's ``main(argv) -> int``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "matrix": ("portvlm.matrix.cli", "validate matrix.yaml and print the expanded cells"),
+    "doctor": ("portvlm.doctor", "diagnose this environment: verdicts with reasons and fixes"),
+    "run": ("portvlm.run.runner", "run matrix cells (what the nox test sessions call)"),
+    "publish": ("portvlm.publish", "render the support table, HTML page and badges from results/"),
+    "containers": ("portvlm.containers", "render, lint and build the stack images"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: portvlm COMMAND [ARGS]\n\ncommands:")
+        for name, (_, help_) in COMMANDS.items():
+            print(f"  {name:<11} {help_}")
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from portvlm import __version__
+
+        print(f"portvlm {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
