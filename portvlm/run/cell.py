@@ -1,0 +1,154 @@
+"""Run one cell's suites inside its environment and write a partial result (the child process).
+
+The runner (parent) owns the final record: it adds wall times and turns a crash or timeout of this process
+into a result, so nothing here needs to be crash-proof beyond reporting what it saw.
+
+    python -m portvlm.run.cell --cell cpu--qwen2_5vl--cpu-tf4.52.4 --out /tmp/partial.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform as _pyplatform
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from typing import Any
+
+from portvlm.matrix.schema import Cell
+
+
+def evidence_for(cell: Cell, host_arch: str | None, in_container: bool) -> str:
+    """hardware when the host is the cell's arch, else emulated (the arch's policy on other hardware)."""
+    return "hardware" if host_arch == cell.arch.id else "emulated"
+
+
+def differences(cell: Cell, actual: dict[str, Any], host_arch: str | None, host_name: str) -> list[str]:
+    """What this run differs in from the cell as declared: the evidence notes the table shows."""
+    stack, notes = cell.stack, []
+    want_torch = f"{stack.torch}+{stack.torch_variant}"
+    if actual.get("torch") != want_torch:
+        notes.append(f"torch {actual.get('torch') or 'missing'} instead of {want_torch}")
+    if actual.get("transformers") != stack.transformers:
+        notes.append(f"transformers {actual.get('transformers')} instead of {stack.transformers}")
+    py = actual.get("python", "")
+    if not py.startswith(stack.python + ".") and py != stack.python:
+        notes.append(f"python {py} instead of {stack.python}")
+    if host_arch != cell.arch.id:
+        notes.append(f"ran on {host_name} ({host_arch or 'unknown arch'}) instead of {cell.arch.id}: "
+                     f"{cell.arch.id}'s policy (dtype {cell.arch.policy_dtype}, backend priority "
+                     f"{', '.join(cell.arch.vision_backends)}) with this device's kernels")
+    for pkg in ("xformers", "flash_attn"):
+        pin = getattr(stack, pkg)
+        if pin and actual.get(pkg) != pin:
+            notes.append(f"{pkg} {pin} not loaded here (found: {actual.get(pkg) or 'not installed'})")
+    return notes
+
+
+def _installed_versions() -> dict[str, Any]:
+    from importlib import metadata
+
+    out: dict[str, Any] = {"python": _pyplatform.python_version()}
+    for dist, key in (("torch", "torch"), ("transformers", "transformers"), ("xformers", "xformers"),
+                      ("flash-attn", "flash_attn")):
+        try:
+            out[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[key] = None
+    return out
+
+
+def _host() -> tuple[str | None, str, dict[str, Any]]:
+    """(host arch id, device name, doctor record) — each probe degrades to a reason, never raises."""
+    env: dict[str, Any] = {}
+    try:
+        from portvlm import doctor
+
+        env = doctor.collect().to_json()
+    except Exception as exc:  # noqa: BLE001 - the record says why it is missing
+        env = {"error": f"doctor unavailable: {type(exc).__name__}: {exc}"}
+    try:
+        from portvlm.platform import detect
+
+        plat = detect()
+        return plat.arch_id, plat.name, env
+    except Exception as exc:  # noqa: BLE001
+        env.setdefault("errors", []).append(f"platform detection failed: {exc}")
+        return "cpu", "CPU", env
+
+
+def _patch_report(cell: Cell) -> tuple[list[dict], dict]:
+    """Which shims/backends portvlm applies for this cell, from a dry patch of a tiny model."""
+    try:
+        import portvlm
+        from portvlm.suites import tiny
+
+        model = tiny.build(cell.model.id)
+        with portvlm.patch(model, arch=cell.arch.id) as handle:
+            report = handle.report
+        data = report.to_json() if hasattr(report, "to_json") else dict(report)
+        return list(data.get("shims", [])), dict(data.get("backends", {}))
+    except Exception as exc:  # noqa: BLE001
+        return [{"name": "patch", "applied": False, "reason": f"{type(exc).__name__}: {exc}"}], {}
+
+
+def run(cell: Cell, suites: tuple[str, ...], fast: bool, in_container: bool) -> dict[str, Any]:
+    from portvlm.suites import SuiteContext, run_suites
+
+    t0 = time.perf_counter()
+    host_arch, host_name, env = _host()
+    actual = _installed_versions()
+    evidence = evidence_for(cell, host_arch, in_container)
+    notes = differences(cell, actual, host_arch, host_name) if evidence == "emulated" else []
+    if in_container:
+        notes.append("ran inside the stack's container image")
+    device = "cuda" if host_arch not in (None, "cpu") else "cpu"
+    shims, backends = _patch_report(cell)
+    ctx = SuiteContext(
+        model_id=cell.model.id,
+        arch_id=cell.arch.id,
+        device=device,
+        dtype=cell.arch.policy_dtype,
+        evidence=evidence,
+        fast=fast,
+    )
+    results = run_suites(ctx, names=suites)
+    return {
+        "evidence": evidence,
+        "evidence_notes": notes,
+        "environment": {**env, "versions": actual},
+        "shims": shims,
+        "backends": backends,
+        "suites": {name: asdict(r) for name, r in results.items()},
+        "timings": {"suites_s": round(time.perf_counter() - t0, 3)},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m portvlm.run.cell")
+    p.add_argument("--cell", required=True)
+    p.add_argument("--matrix", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--suites", default="parity,training,streaming")
+    p.add_argument("--fast", action="store_true", help="skip the slowest checks (FSDP2 processes); recorded")
+    p.add_argument("--in-container", action="store_true")
+    a = p.parse_args(argv)
+    from portvlm.matrix import expand, load_matrix
+
+    cells = {c.id: c for c in expand(load_matrix(a.matrix))}
+    if a.cell not in cells:
+        print(f"error: unknown cell {a.cell!r}; `portvlm matrix` lists them", file=sys.stderr)
+        return 2
+    try:
+        data = run(cells[a.cell], tuple(s for s in a.suites.split(",") if s), a.fast, a.in_container)
+    except Exception:  # noqa: BLE001 - reported to the parent as the cell's error
+        data = {"error": traceback.format_exc()[-4000:]}
+    with open(a.out, "w") as fh:
+        json.dump(data, fh, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Run matrix cells: choose how each can run here, build its environment, run it, record the result.
+
+This is what `nox -s "test(arch=…, model=…)"` calls (`portvlm run --arch … --model …`). Each cell runs in
+a child process with a timeout; the parent writes the result, so a crash or timeout is recorded as such
+and no run touches another cell's file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from portvlm.errors import EnvironmentBuildError, MatrixError
+from portvlm.matrix.schema import Cell
+from portvlm.run import env as envs
+from portvlm.run.results import (
+    CellResult,
+    overall_status,
+    result_from_json,
+    suite_from_json,
+    write_result,
+)
+
+EVIDENCE_RANK = {"none": 0, "built": 1, "emulated": 2, "hardware": 3}
+OK_STATUSES = ("pass", "xfail", "excluded")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one cell runs on this host."""
+
+    mode: str  # "excluded" | "venv" | "python" | "container" | "refuse"
+    evidence: str  # what the run can at best record
+    reason: str = ""
+    python: str | None = None  # for mode "python"
+    image: str | None = None  # for mode "container"
+
+
+def plan_cell(cell: Cell, host_arch: str | None, *, require_hardware: bool = False,
+              python: str | None = None, image: str | None = None) -> Plan:
+    """Pure: decide how ``cell`` runs on a host whose arch is ``host_arch``."""
+    if cell.expected == "excluded":
+        return Plan("excluded", "none", cell.reason or "excluded by matrix.yaml")
+    on_its_hardware = host_arch == cell.arch.id
+    if not on_its_hardware and require_hardware:
+        return Plan("refuse", "none",
+                    f"--require-hardware: cell needs {cell.arch.id} ({cell.arch.description}); this host is {host_arch}")
+    evidence = "hardware" if on_its_hardware else "emulated"
+    if image:
+        return Plan("container", evidence, f"inside image {image}", image=image)
+    if python:
+        return Plan("python", evidence, f"with the given interpreter {python}", python=python)
+    if on_its_hardware and cell.arch.runtime == "container" and cell.stack.image:
+        return Plan("container", evidence, f"{cell.arch.id} cells run in {cell.stack.image}", image=cell.stack.image)
+    if on_its_hardware:
+        return Plan("venv", evidence, "local venv with the stack's pins")
+    return Plan("venv", evidence,
+                f"host is {host_arch}: {cell.arch.id}'s policy runs emulated with the stack's transformers")
+
+
+def env_spec_for(cell: Cell, plan: Plan) -> envs.EnvSpec:
+    """The venv a cell runs in: the stack's pins on its own hardware, else host torch + stack transformers."""
+    stack = cell.stack
+    if plan.evidence == "hardware" and stack.torch_variant == "cpu":
+        return envs.EnvSpec(stack.python, f"{stack.torch}+cpu", stack.transformers)
+    host_py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return envs.EnvSpec(host_py, envs.host_torch_spec(), stack.transformers)
+
+
+def _log_dir() -> Path:
+    return Path(os.environ.get("PORTVLM_LOGS", envs.REPO_ROOT / ".portvlm" / "logs"))
+
+
+def _child_cmd(python: str, cell: Cell, out: str, matrix_path: str | None, fast: bool, suites: str,
+               in_container: bool = False) -> list[str]:
+    cmd = [python, "-m", "portvlm.run.cell", "--cell", cell.id, "--out", out, "--suites", suites]
+    if matrix_path:
+        cmd += ["--matrix", matrix_path]
+    if fast:
+        cmd.append("--fast")
+    if in_container:
+        cmd.append("--in-container")
+    return cmd
+
+
+def _base_result(cell: Cell, plan: Plan, started: str) -> CellResult:
+    from dataclasses import asdict
+
+    return CellResult(
+        cell=cell.id, arch=cell.arch.id, model=cell.model.id, stack=asdict(cell.stack),
+        expected=cell.expected, status="error", evidence=plan.evidence, reason=cell.reason, started_at=started,
+    )
+
+
+def run_cell(cell: Cell, plan: Plan, *, matrix_path: str | None, timeout: float, fast: bool,
+             suites: str, say=print) -> CellResult:
+    """Run one cell per ``plan``; always returns a result (crash/timeout included)."""
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    result = _base_result(cell, plan, started)
+    if plan.mode == "excluded":
+        result.status, result.evidence = "excluded", "none"
+        return result
+    t0 = time.perf_counter()
+    try:
+        if plan.mode == "venv":
+            say("  building/reusing environment …")
+            python = str(envs.ensure_env(env_spec_for(cell, plan)))
+        elif plan.mode == "python":
+            python = plan.python
+        else:
+            python = "python3"
+    except EnvironmentBuildError as exc:
+        result.error = str(exc)
+        result.evidence = "none"
+        result.timings = {"env_s": round(time.perf_counter() - t0, 2)}
+        return result
+    env_s = time.perf_counter() - t0
+    _log_dir().mkdir(parents=True, exist_ok=True)
+    log_path = _log_dir() / f"{cell.id}.log"
+    with tempfile.TemporaryDirectory(prefix="portvlm-cell-") as tmp:
+        out = os.path.join(tmp, "partial.json")
+        if plan.mode == "container":
+            from portvlm import containers  # lazy: engine code only when a container is asked for
+
+            # The image runs the same child entry point with `out`'s folder mounted read-write.
+            cmd = containers.cell_command(plan.image, cell.id, out, fast=fast, suites=suites)
+        else:
+            cmd = _child_cmd(python, cell, out, matrix_path, fast, suites)
+        say(f"  running suites ({suites}) …")
+        t1 = time.perf_counter()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        try:
+            with open(log_path, "w") as log:
+                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env,
+                                      cwd=str(envs.REPO_ROOT))
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+        run_s = time.perf_counter() - t1
+        result.timings = {"env_s": round(env_s, 2), "run_s": round(run_s, 2),
+                          "total_s": round(time.perf_counter() - t0, 2)}
+        if rc is None:
+            result.status = "timeout"
+            result.error = f"cell exceeded {timeout:.0f}s; log: {log_path}"
+            return result
+        partial = None
+        if os.path.exists(out):
+            try:
+                with open(out) as fh:
+                    partial = json.load(fh)
+            except json.JSONDecodeError:
+                partial = None
+    if partial is None:
+        tail = log_path.read_text()[-3000:] if log_path.exists() else ""
+        result.error = f"cell process exited {rc} without a result; log {log_path}:\n{tail}"
+        return result
+    if partial.get("error"):
+        result.error = partial["error"]
+        return result
+    result.evidence = partial.get("evidence", plan.evidence)
+    result.evidence_notes = partial.get("evidence_notes", [])
+    result.environment = partial.get("environment", {})
+    result.shims = partial.get("shims", [])
+    result.backends = partial.get("backends", {})
+    result.suites = {k: suite_from_json(v) for k, v in partial.get("suites", {}).items()}
+    result.timings.update({k: v for k, v in partial.get("timings", {}).items()})
+    result.status = overall_status(cell.expected, result.suites)
+    return result
+
+
+def keep_existing(results_dir: Path, result: CellResult) -> CellResult | None:
+    """A weaker-evidence run never replaces a stronger one (an emulated rerun keeps GPU hardware results)."""
+    path = results_dir / f"{result.cell}.json"
+    if not path.exists():
+        return None
+    try:
+        old = result_from_json(json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError):
+        return None
+    if EVIDENCE_RANK.get(old.evidence, 0) > EVIDENCE_RANK.get(result.evidence, 0):
+        return old
+    return None
+
+
+def _summary_line(r: CellResult) -> str:
+    parity = r.suites.get("parity")
+    err = parity.figures.get("max_abs_err") if parity else None
+    t = r.timings.get("total_s")
+    bits = [f"{r.status:<8}", f"{r.evidence:<9}"]
+    if err is not None:
+        bits.append(f"parity {err:.2e}")
+    if t is not None:
+        bits.append(f"{t:.1f}s")
+    why = r.reason if r.status in ("excluded", "xfail") else None
+    failing = [f"{n}:{s.status}" for n, s in r.suites.items() if s.status != "pass"]
+    if failing:
+        bits.append(" ".join(failing))
+    if why:
+        bits.append(f"({why})")
+    if r.error:
+        bits.append(r.error.strip().splitlines()[-1][:160])
+    return "  ".join(bits)
+
+
+def run_many(cells, *, results_dir: str | Path = "results", matrix_path: str | None = None,
+             host_arch: str | None = None, require_hardware: bool = False, python: str | None = None,
+             image: str | None = None, timeout: float = 900, fast: bool = False,
+             suites: str = "parity,training,streaming", say=print) -> list[CellResult]:
+    results_dir = Path(results_dir)
+    if host_arch is None:
+        from portvlm.platform import detect
+
+        host_arch = detect().arch_id
+    out: list[CellResult] = []
+    t_all = time.perf_counter()
+    for i, cell in enumerate(cells, 1):
+        plan = plan_cell(cell, host_arch, require_hardware=require_hardware, python=python, image=image)
+        say(f"[{i}/{len(cells)}] {cell.id}  ({plan.mode}, evidence {plan.evidence}; "
+            f"elapsed {time.perf_counter() - t_all:.0f}s)")
+        if plan.mode == "refuse":
+            say(f"  error: {plan.reason}")
+            raise SystemExit(2)
+        result = run_cell(cell, plan, matrix_path=matrix_path, timeout=timeout, fast=fast, suites=suites, say=say)
+        kept = keep_existing(results_dir, result)
+        if kept is not None:
+            say(f"  kept the existing {kept.evidence} result; this {result.evidence} run was not written")
+        else:
+            write_result(result, results_dir)
+        say(f"  → {_summary_line(result)}")
+        out.append(result)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="portvlm run", description="run matrix cells and write results/<cell>.json")
+    p.add_argument("--arch")
+    p.add_argument("--model")
+    p.add_argument("--stack")
+    p.add_argument("--ci", action="store_true", help="only the stacks marked ci: true")
+    p.add_argument("--matrix", default=None)
+    p.add_argument("--results", default="results")
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--fast", action="store_true", help="skip the slowest checks (recorded as skipped)")
+    p.add_argument("--suites", default="parity,training,streaming")
+    p.add_argument("--require-hardware", action="store_true",
+                   help="fail instead of emulating an arch this host does not have")
+    p.add_argument("--python", help="run cells with this interpreter instead of building venvs")
+    p.add_argument("--image", help="run cells inside this container image")
+    p.add_argument("--host-arch", help="override host detection (tests, device runs)")
+    a = p.parse_args(argv)
+    from portvlm.matrix import expand, load_matrix, select
+
+    try:
+        matrix = load_matrix(a.matrix)
+    except MatrixError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cells = select(expand(matrix), arch=a.arch, model=a.model, stack=a.stack, ci=True if a.ci else None)
+    if not cells:
+        print(f"error: no cell matches arch={a.arch} model={a.model} stack={a.stack}; `portvlm matrix` lists them",
+              file=sys.stderr)
+        return 2
+    results = run_many(cells, results_dir=a.results, matrix_path=a.matrix, host_arch=a.host_arch,
+                       require_hardware=a.require_hardware, python=a.python, image=a.image,
+                       timeout=a.timeout, fast=a.fast, suites=a.suites)
+    bad = [r for r in results if r.status not in OK_STATUSES]
+    print(f"\n{len(results) - len(bad)} ok, {len(bad)} not ok of {len(results)} cells; results in {a.results}/")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

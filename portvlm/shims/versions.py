@@ -1,0 +1,77 @@
+"""The one place portvlm parses the transformers version and declares the range its shims were verified on.
+
+Shims select themselves by feature probes (``hasattr(cache, "layers")``); the version is only a gate: outside
+the verified range ``patch`` refuses loudly (``UnsupportedError`` naming the range), unless
+``PORTVLM_ALLOW_UNVERIFIED=1`` downgrades that to a warning that the report records.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from portvlm.errors import UnsupportedError
+
+# Verified by reading/running every release in ../shared/research/transformers-breakpoints.md (4.49.0 … 5.23.0).
+VERIFIED_TRANSFORMERS = SpecifierSet(">=4.49.0,<5.24")
+VERIFIED_RANGE_TEXT = ">=4.49.0, <=5.23.x"
+ALLOW_UNVERIFIED_ENV = "PORTVLM_ALLOW_UNVERIFIED"
+
+# Model families portvlm handles, and the first transformers release that ships each one.
+FAMILY_MIN_TRANSFORMERS = {
+    "qwen2_5_vl": "4.49.0",
+    "qwen3_vl": "4.57.1",  # 4.57.0 was yanked from PyPI
+    "llava": "4.49.0",
+}
+
+
+def parse(version: str) -> Version:
+    """``packaging`` version of a version string (the only parser portvlm uses)."""
+    return Version(version)
+
+
+def transformers_version() -> Version:
+    """The installed transformers version."""
+    import transformers
+
+    return parse(transformers.__version__)
+
+
+def in_range(spec: str, version: Version | None = None) -> bool:
+    """Whether ``version`` (default: installed transformers) satisfies the PEP 440 specifier ``spec``."""
+    version = transformers_version() if version is None else version
+    return SpecifierSet(spec).contains(version, prereleases=True)
+
+
+@dataclass(frozen=True)
+class VersionGate:
+    version: str
+    verified: bool
+    warning: str | None  # set when an unverified version was allowed through the env override
+
+
+def check_transformers(version: Version | None = None, environ=None) -> VersionGate:
+    """Refuse an unverified transformers version (``UnsupportedError``) unless the env override allows it."""
+    version = transformers_version() if version is None else version
+    environ = os.environ if environ is None else environ
+    if VERIFIED_TRANSFORMERS.contains(version, prereleases=True):
+        return VersionGate(str(version), True, None)
+    problem = f"transformers {version} is outside the range portvlm's shims were verified on ({VERIFIED_RANGE_TEXT})"
+    if environ.get(ALLOW_UNVERIFIED_ENV) == "1":
+        return VersionGate(str(version), False, f"{problem}; allowed by {ALLOW_UNVERIFIED_ENV}=1 (unverified)")
+    raise UnsupportedError(f"{problem}; install a verified version or set {ALLOW_UNVERIFIED_ENV}=1 to try anyway")
+
+
+def family_reasons(model_type: str | None, version: Version | None = None) -> list[str]:
+    """Why portvlm cannot handle this model family on this transformers version (empty: it can)."""
+    if model_type not in FAMILY_MIN_TRANSFORMERS:
+        known = ", ".join(sorted(FAMILY_MIN_TRANSFORMERS))
+        return [f"model_type {model_type!r} is not a supported family (supported: {known})"]
+    version = transformers_version() if version is None else version
+    first = FAMILY_MIN_TRANSFORMERS[model_type]
+    if version < parse(first):
+        return [f"{model_type} needs transformers >={first}, found {version}"]
+    return []
