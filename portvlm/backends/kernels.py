@@ -134,11 +134,10 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, backend, scale=None, ca
     _check(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    impl = BUILTIN_IMPLS.get(backend)
-    if impl is None:
-        from portvlm.backends import get_backend
+    from portvlm.backends import get_backend
 
-        impl = get_backend(backend).impl
-        if impl is None:
-            raise KeyError(f"attention backend {backend!r} declares no implementation")
+    declared = get_backend(backend)  # registered (test) backends shadow built-ins; unknown names raise KeyError
+    impl = declared.impl or BUILTIN_IMPLS.get(backend)
+    if impl is None:
+        raise KeyError(f"attention backend {backend!r} declares no implementation")
     return impl(q, k, v, cu_seqlens, max_seqlen, scale, causal)

@@ -176,13 +176,18 @@ def result_reasons(result: CellResult, path: Path) -> list[str]:
     return reasons
 
 
-def build_table(cells, results: LoadedResults, archs: tuple[str, ...] | None = None) -> Table:
-    """Lay expanded cells and their results out as model × stack rows and arch columns."""
+def build_table(
+    cells, results: LoadedResults, archs: tuple[str, ...] | None = None, stacks: tuple[str, ...] | None = None
+) -> Table:
+    """Lay expanded cells and their results out as model × stack rows and arch columns.
+
+    ``archs``/``stacks`` give the declared column and row order (the matrix's); first-seen order otherwise.
+    """
     cells = tuple(cells)
-    if archs is None:
-        archs = tuple(dict.fromkeys(c.arch.id for c in cells))
+    archs = tuple(archs) if archs is not None else tuple(dict.fromkeys(c.arch.id for c in cells))
+    stacks = tuple(stacks or ()) + tuple(c.stack.id for c in cells)
     model_order = {m: i for i, m in enumerate(dict.fromkeys(c.model.id for c in cells))}
-    stack_order = {s: i for i, s in enumerate(dict.fromkeys(c.stack.id for c in _stack_declared_order(cells)))}
+    stack_order = {s: i for i, s in enumerate(dict.fromkeys(stacks))}
 
     slots: dict[tuple[str, str, str], Slot] = {}
     for cell in cells:
@@ -194,16 +199,9 @@ def build_table(cells, results: LoadedResults, archs: tuple[str, ...] | None = N
     known = {c.id for c in cells}
     problems = list(results.problems)
     problems += [f"{cid}.json: result for a cell not in the matrix" for cid in sorted(set(results.by_cell) - known)]
-    all_slots = [s for s in slots.values()]
-    platforms = tuple(summarise(name, members, all_slots) for name, members in PLATFORMS)
+    platforms = tuple(summarise(name, members, slots.values()) for name, members in PLATFORMS)
     n_results = sum(1 for cid in results.by_cell if cid in known)
     return Table(archs, rows, platforms, n_results, tuple(problems))
-
-
-def _stack_declared_order(cells):
-    # Stacks in the order the matrix declares them (cell.stack carries no index; expansion keeps arch order,
-    # so sort the first-seen order by arch, which groups each arch's stacks as matrix.yaml lists them).
-    return cells
 
 
 def make_slot(cell, result: CellResult | None) -> Slot:
@@ -257,6 +255,8 @@ def parity_error(result: CellResult) -> float | None:
         if value is not None:
             return value
     values = [v for v in (_finite(c.value) for c in suite.checks) if v is not None]
+    if any(math.isnan(v) for v in values):
+        return math.nan
     return max(values) if values else None
 
 
@@ -292,6 +292,8 @@ def _num(value: Any) -> str:
     if value is None:
         return "—"
     value = float(value)
+    if not math.isfinite(value):
+        return str(value)
     if value == 0:
         return "0"
     if abs(value) < 1e-3 or abs(value) >= 1e4:
@@ -302,15 +304,18 @@ def _num(value: Any) -> str:
 def format_seconds(value: float | None) -> str:
     if value is None:
         return "—"
+    if not math.isfinite(value):
+        return str(value)
     if value < 1:
         return f"{value * 1000:.3g} ms"
     return f"{value:.3g} s"
 
 
 def _finite(value: Any) -> float | None:
+    """A number from a figure, or None; NaN/inf are kept (a NaN parity error must show, not vanish)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value) if math.isfinite(value) else None
+    return float(value)
 
 
 def _one_line(text: Any) -> str:

@@ -1,0 +1,199 @@
+"""One accessor over every transformers KV-cache layout, and a sink + window streaming cache built on it.
+
+Shim ``kv_cache`` answers three upstream changes (../shared/research/transformers-breakpoints.md §5):
+
+- ≤4.53: ``DynamicCache.key_cache`` / ``value_cache`` are lists of ``[B, H_kv, S, D]`` tensors.
+- 4.54.0 (huggingface/transformers#39106, "layered cache"): ``cache.layers[i].keys`` / ``.values``;
+  ``key_cache`` became a deprecated property and was removed in 4.56.0.
+- 5.0.0: no legacy tuples, no ``cache[i]``; 5.15.0 reversed the meaning of ``Cache.crop``'s argument
+  (``crop(max_length)`` → ``crop(tokens_to_remove)``, which must be negative). A *negative* argument means
+  "remove that many tokens" in every version from 4.49 to 5.23, so the view crops with a negative count.
+
+The view probes the cache object (``layers`` first, then ``key_cache`` lists); it never branches on the version.
+Peers wrote ``self.key_cache`` / ``self._seen_tokens`` directly (StreamingVLM, VLM-MLA) and broke on 4.54 and v5;
+``SinkWindowCache`` only goes through the view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SEQ_DIM = -2  # every layout stores [batch, kv_heads, seq, head_dim]; a latent cache keeps seq at -2 too
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Which storage a cache object uses, found by probing it."""
+
+    name: str  # "layers" | "lists"
+    answers: str
+
+
+LAYERS = CacheLayout("layers", "transformers 4.54.0+: Cache.layers[i].keys/.values (layered cache refactor)")
+LISTS = CacheLayout("lists", "transformers <=4.53: DynamicCache.key_cache / value_cache lists")
+
+
+def layout_reasons(cache) -> list[str]:
+    """Why ``CacheView`` cannot read this cache (empty: it can)."""
+    if isinstance(getattr(cache, "layers", None), list):
+        return []
+    if isinstance(vars(cache).get("key_cache"), list) and isinstance(vars(cache).get("value_cache"), list):
+        return []
+    return [
+        f"{type(cache).__name__} has neither a `layers` list (transformers 4.54+) nor `key_cache`/`value_cache` "
+        "lists (<=4.53); kv_cache shim does not know this cache layout"
+    ]
+
+
+def layout_of(cache) -> CacheLayout:
+    """The storage layout of ``cache``; raises ``TypeError`` naming what was found when it is neither."""
+    reasons = layout_reasons(cache)
+    if reasons:
+        raise TypeError(reasons[0])
+    return LAYERS if isinstance(getattr(cache, "layers", None), list) else LISTS
+
+
+def _is_empty(t) -> bool:
+    # <=4.53 fills skipped layers with [] ; 4.54-4.57 layers start with keys=None; 5.x with an empty tensor.
+    return t is None or not isinstance(t, torch.Tensor) or t.numel() == 0
+
+
+class CacheView:
+    """Read/write one cache's keys and values per layer, whatever the transformers version stores them as."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.layout = layout_of(cache)
+
+    @property
+    def num_layers(self) -> int:
+        if self.layout is LAYERS:
+            return len(self.cache.layers)
+        return len(vars(self.cache)["key_cache"])
+
+    def keys(self, i: int) -> torch.Tensor | None:
+        """Keys of layer ``i`` (``[B, H_kv, S, D]``), ``None`` when the layer holds nothing yet."""
+        t = self.cache.layers[i].keys if self.layout is LAYERS else vars(self.cache)["key_cache"][i]
+        return None if _is_empty(t) else t
+
+    def values(self, i: int) -> torch.Tensor | None:
+        """Values of layer ``i``, ``None`` when the layer holds nothing yet."""
+        t = self.cache.layers[i].values if self.layout is LAYERS else vars(self.cache)["value_cache"][i]
+        return None if _is_empty(t) else t
+
+    def set(self, i: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace layer ``i``'s keys and values (the layer must exist)."""
+        if self.layout is LAYERS:
+            layer = self.cache.layers[i]
+            old = layer.keys
+            layer.keys, layer.values = keys, values
+            # 5.x layers initialise lazily (dtype/device/is_initialized); a layer that held nothing is now live.
+            if hasattr(layer, "is_initialized"):
+                layer.is_initialized = True
+            for attr in ("dtype", "device"):
+                if hasattr(layer, attr):
+                    setattr(layer, attr, getattr(keys, attr))
+            # Sliding layers count what they have seen; keep that count in step with what we removed/added.
+            if isinstance(getattr(layer, "cumulative_length", None), int):
+                layer.cumulative_length += keys.shape[SEQ_DIM] - (0 if _is_empty(old) else old.shape[SEQ_DIM])
+        else:
+            vars(self.cache)["key_cache"][i] = keys
+            vars(self.cache)["value_cache"][i] = values
+
+    def seq_length(self, i: int = 0) -> int:
+        """Number of tokens layer ``i`` holds."""
+        k = self.keys(i) if i < self.num_layers else None
+        return 0 if k is None else int(k.shape[SEQ_DIM])
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens in every layer, whatever the version's ``Cache.crop`` means."""
+        if max_length < 0:
+            raise ValueError(f"crop(max_length) wants a length >= 0, got {max_length}")
+        remove = self.seq_length() - max_length
+        if remove <= 0:
+            return
+        # A negative argument means "remove that many tokens" both for crop(max_length) (<=5.14) and
+        # crop(tokens_to_remove) (5.15+, huggingface/transformers#41857), so this one call is right on every version.
+        self.cache.crop(-remove)
+
+    def evict(self, start: int, end: int) -> None:
+        """Drop tokens ``[start, end)`` from every layer (what a sink + window streaming cache needs)."""
+        if not 0 <= start <= end:
+            raise ValueError(f"evict wants 0 <= start <= end, got [{start}, {end})")
+        for i in range(self.num_layers):
+            k, v = self.keys(i), self.values(i)
+            if k is None or start >= k.shape[SEQ_DIM] or start == end:
+                continue
+            self.set(i, _drop(k, start, end), _drop(v, start, end))
+
+
+def _drop(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    n = t.shape[SEQ_DIM]
+    end = min(end, n)
+    return torch.cat((t.narrow(SEQ_DIM, 0, start), t.narrow(SEQ_DIM, end, n - end)), dim=SEQ_DIM)
+
+
+def _dynamic_cache_class():
+    from transformers import DynamicCache
+
+    return DynamicCache
+
+
+def _make_sink_window_cache():
+    DynamicCache = _dynamic_cache_class()
+
+    class SinkWindowCache(DynamicCache):
+        """A ``DynamicCache`` keeping the first ``sink`` tokens and the last ``window`` tokens of every layer.
+
+        Attention at each step sees everything cached plus the new tokens; afterwards the layer is trimmed, so the
+        cache holds at most ``sink + window`` tokens. Subclasses override ``evict_layer`` (which tokens to drop) or
+        ``pack``/``unpack`` (what a layer stores, e.g. an MLA-style latent in place of values); everything goes
+        through ``CacheView``, so it works on ``key_cache`` lists (<=4.53), ``layers`` (4.54+) and 5.x.
+        """
+
+        def __init__(self, sink: int = 4, window: int = 1024, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if sink < 0 or window < 1:
+                raise ValueError(f"SinkWindowCache wants sink >= 0 and window >= 1, got sink={sink}, window={window}")
+            self.sink = sink
+            self.window = window
+            self.tokens_seen = 0  # tokens ever written to layer 0 (positions keep growing; the cache does not)
+
+        @property
+        def view(self) -> CacheView:
+            return CacheView(self)
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            # *args/**kwargs: <=5.3 pass cache_kwargs positionally, 5.4+ pass nothing (Cache.update(k, v, i, *a, **kw)).
+            if layer_idx == 0:
+                self.tokens_seen += key_states.shape[SEQ_DIM]
+            keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            self.evict_layer(layer_idx)
+            return keys, values  # this step attends over everything; only what is *kept* is bounded
+
+        def evict_layer(self, layer_idx: int) -> None:
+            """Trim layer ``layer_idx`` to its sink and its window."""
+            view = self.view
+            k, v = view.keys(layer_idx), view.values(layer_idx)
+            if k is None:
+                return
+            n = k.shape[SEQ_DIM]
+            if n > self.sink + self.window:
+                view.set(layer_idx, _drop(k, self.sink, n - self.window), _drop(v, self.sink, n - self.window))
+
+    return SinkWindowCache
+
+
+_SINK_WINDOW_CACHE = None
+
+
+def __getattr__(name: str):
+    # SinkWindowCache subclasses transformers' DynamicCache, which is only imported when first asked for.
+    global _SINK_WINDOW_CACHE
+    if name == "SinkWindowCache":
+        if _SINK_WINDOW_CACHE is None:
+            _SINK_WINDOW_CACHE = _make_sink_window_cache()
+        return _SINK_WINDOW_CACHE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,134 @@
+"""The runner's pure planning, result records, and crash/timeout handling (no torch: the child is faked)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from portvlm.matrix.schema import Arch, Cell, Model, Stack
+from portvlm.run import runner
+from portvlm.run.results import CellResult, SuiteResult, load_results, overall_status, write_result
+
+CPU = Arch(id="cpu", vendor="cpu", description="cpu", stacks=("s",))
+SM70 = Arch(id="sm70", vendor="nvidia", description="Volta", capability=(7, 0), dtypes=("float16", "float32"),
+            vision_backends=("efficient_varlen", "sdpa_masked"), runtime="container", stacks=("v",))
+STACK = Stack(id="s", python="3.11", torch="2.13.0", torch_variant="cpu", transformers="4.52.4")
+VSTACK = Stack(id="v", python="3.10", torch="2.3.1", torch_variant="cu118", transformers="4.50.3",
+               xformers="0.0.27", image="portvlm/sm70")
+MODEL = Model(id="qwen2_5vl", family="qwen2_5_vl", description="", min_transformers="4.49.0")
+
+
+def test_plan_cpu_cell_on_cpu_is_hardware_venv():
+    plan = runner.plan_cell(Cell(CPU, STACK, MODEL), "cpu")
+    assert (plan.mode, plan.evidence) == ("venv", "hardware")
+
+
+def test_plan_gpu_cell_on_cpu_is_emulated_and_says_so():
+    plan = runner.plan_cell(Cell(SM70, VSTACK, MODEL), "cpu")
+    assert (plan.mode, plan.evidence) == ("venv", "emulated")
+    assert "emulated" in plan.reason and "cpu" in plan.reason
+
+
+def test_plan_require_hardware_refuses_instead_of_emulating():
+    plan = runner.plan_cell(Cell(SM70, VSTACK, MODEL), "cpu", require_hardware=True)
+    assert plan.mode == "refuse" and "sm70" in plan.reason
+
+
+def test_plan_gpu_cell_on_its_gpu_uses_the_stack_image():
+    plan = runner.plan_cell(Cell(SM70, VSTACK, MODEL), "sm70")
+    assert (plan.mode, plan.evidence, plan.image) == ("container", "hardware", "portvlm/sm70")
+
+
+def test_plan_excluded_cell_carries_its_reason():
+    cell = Cell(CPU, STACK, MODEL, expected="excluded", reason="Qwen3-VL first ships in 4.57.1")
+    plan = runner.plan_cell(cell, "cpu")
+    assert plan.mode == "excluded" and "4.57.1" in plan.reason
+
+
+def test_emulated_env_uses_host_torch_and_stack_transformers(monkeypatch):
+    monkeypatch.setenv("PORTVLM_HOST_TORCH", "2.13.0+cpu")
+    spec = runner.env_spec_for(Cell(SM70, VSTACK, MODEL), runner.plan_cell(Cell(SM70, VSTACK, MODEL), "cpu"))
+    assert spec.torch == "2.13.0+cpu" and spec.transformers == "4.50.3"
+
+
+@pytest.mark.parametrize(
+    ("expected", "statuses", "want"),
+    [
+        ("pass", ["pass", "pass"], "pass"),
+        ("pass", ["pass", "fail"], "fail"),
+        ("pass", ["pass", "error"], "fail"),
+        ("pass", ["skipped", "skipped"], "skipped"),
+        ("xfail", ["fail", "pass"], "xfail"),
+        ("xfail", ["pass", "pass"], "xpass"),
+        ("pass", [], "error"),
+    ],
+)
+def test_overall_status_never_counts_skips_or_errors_as_pass(expected, statuses, want):
+    suites = {str(i): SuiteResult(name=str(i), status=s) for i, s in enumerate(statuses)}
+    assert overall_status(expected, suites) == want
+
+
+def _result(cell="c1", evidence="emulated", status="pass"):
+    return CellResult(cell=cell, arch="cpu", model="m", stack={}, expected="pass", status=status, evidence=evidence)
+
+
+def test_write_result_is_atomic_and_leaves_other_cells_alone(tmp_path):
+    write_result(_result("a"), tmp_path)
+    write_result(_result("b"), tmp_path)
+    write_result(_result("a", status="fail"), tmp_path)
+    got = {r.cell: r.status for r in load_results(tmp_path)}
+    assert got == {"a": "fail", "b": "pass"}
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_weaker_evidence_never_replaces_hardware_result(tmp_path):
+    write_result(_result("a", evidence="hardware"), tmp_path)
+    assert runner.keep_existing(tmp_path, _result("a", evidence="emulated")).evidence == "hardware"
+    assert runner.keep_existing(tmp_path, _result("a", evidence="hardware")) is None
+
+
+def _fake_child(tmp_path: Path, body: str) -> str:
+    script = tmp_path / "fakepython"
+    script.write_text(f"#!{sys.executable}\nimport sys, json, time\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def _argv_out():
+    return "out = sys.argv[sys.argv.index('--out') + 1]"
+
+
+def test_crashing_cell_is_recorded_as_error_with_log_tail(tmp_path, monkeypatch):
+    monkeypatch.setenv("PORTVLM_LOGS", str(tmp_path / "logs"))
+    py = _fake_child(tmp_path, "print('boom: segfault-ish'); sys.exit(139)")
+    cell = Cell(CPU, STACK, MODEL)
+    plan = runner.Plan("python", "hardware", python=py)
+    r = runner.run_cell(cell, plan, matrix_path=None, timeout=30, fast=True, suites="parity", say=lambda *_: None)
+    assert r.status == "error" and "139" in r.error and "boom" in r.error
+
+
+def test_hanging_cell_is_recorded_as_timeout(tmp_path, monkeypatch):
+    monkeypatch.setenv("PORTVLM_LOGS", str(tmp_path / "logs"))
+    py = _fake_child(tmp_path, "time.sleep(30)")
+    plan = runner.Plan("python", "hardware", python=py)
+    r = runner.run_cell(Cell(CPU, STACK, MODEL), plan, matrix_path=None, timeout=1, fast=True, suites="parity",
+                        say=lambda *_: None)
+    assert r.status == "timeout"
+
+
+def test_child_partial_result_is_folded_into_the_record(tmp_path, monkeypatch):
+    monkeypatch.setenv("PORTVLM_LOGS", str(tmp_path / "logs"))
+    partial = {"evidence": "hardware", "evidence_notes": [], "suites": {
+        "parity": {"name": "parity", "status": "pass", "figures": {"max_abs_err": 1e-6}, "checks": [
+            {"name": "logits", "ok": True, "detail": "", "value": 1e-6, "bound": 1e-4}]},
+        "training": {"name": "training", "status": "fail", "figures": {}, "checks": []}}}
+    py = _fake_child(tmp_path, f"{_argv_out()}\njson.dump({partial!r}, open(out, 'w'))")
+    plan = runner.Plan("python", "hardware", python=py)
+    r = runner.run_cell(Cell(CPU, STACK, MODEL), plan, matrix_path=None, timeout=30, fast=True, suites="parity",
+                        say=lambda *_: None)
+    assert r.status == "fail" and r.suites["parity"].checks[0].bound == 1e-4
+    written = write_result(r, tmp_path / "res")
+    assert json.loads(written.read_text())["schema"] == "portvlm.cell-result/1"
