@@ -215,23 +215,16 @@ def _probe_device_kernels(platform, dtype, head_dim):
     """The installed torch build carries kernels for the device they will run on (judged on the real device)."""
     import torch
 
+    from portvlm.platform import kernel_image_reasons, torch_arch_list
+
     capability, gfx = kernel_capability(platform)
-    archs = tuple(platform.torch_archs) if (platform.torch_archs and not platform.emulating) else ()
-    if not archs and torch.cuda.is_available():
-        archs = tuple(torch.cuda.get_arch_list())
+    if capability is None and gfx is None:
+        return f"needs a CUDA/ROCm device to run kernels on, found none (torch {torch.__version__})"
+    archs = tuple(platform.torch_archs) or torch_arch_list(torch)
     if not archs:
         return f"needs a CUDA/ROCm torch build, found torch {torch.__version__} without device kernels"
-    if gfx:
-        return None if any(a.split(":")[0] == gfx for a in archs) else f"needs kernels for {gfx}, torch build has {', '.join(archs)}"
-    if capability is None:
-        return "needs a GPU to run kernels on, found none"
-    want = capability[0] * 10 + capability[1]
-    sms = [int(a.split("_")[1].rstrip("a")) for a in archs if a.startswith("sm_") and a.split("_")[1].rstrip("a").isdigit()]
-    # A build for sm_X runs on sm_X.y of the same major (binary compatible within a major); PTX ("compute_") JITs up.
-    ok = any(s // 10 == want // 10 and s <= want for s in sms) or any(
-        a.startswith("compute_") and int(a.split("_")[1]) <= want for a in archs if a.split("_")[1].isdigit()
-    )
-    return None if ok else f"needs kernels for sm_{want}, torch {torch.__version__} was built for {', '.join(archs)}"
+    why = kernel_image_reasons(archs, capability, gfx)
+    return f"needs device kernels: {'; '.join(why)}" if why else None
 
 
 def _probe_torch_varlen(platform, dtype, head_dim):
@@ -398,8 +391,7 @@ def backend_reasons(
     if dtype not in b.dtypes:
         reasons.append(f"needs dtype {' or '.join(b.dtypes)}, found {dtype}")
     elif (
-        rules.vendor == "nvidia"
-        and rules.device == "cuda"
+        rules.vendor == "nvidia"  # also on a CPU host emulating sm70: the policy is the arch's
         and rules.capability is not None
         and tuple(rules.capability) < (8, 0)
         and dtype not in b.dtypes_below_sm80

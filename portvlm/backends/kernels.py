@@ -19,14 +19,14 @@ import torch.nn.functional as F
 # back to the host. Tests and benchmarks read ``sync_count()`` to assert ≤ 1 sync per forward.
 # --------------------------------------------------------------------------------------------------------------
 _SYNCS = 0
-# id(tensor) -> (weakref to tensor, tensor._version, value). Keyed by id because ``Tensor.__eq__`` is
-# elementwise (a WeakKeyDictionary could end up comparing tensors); the weakref + version guard against
-# a recycled id or an in-place edit.
-_MAX_SEQLEN_CACHE: dict[int, tuple[weakref.ref, int, int]] = {}
+# id(tensor) -> (weakref to tensor, tensor._version, host copy of cu_seqlens). Keyed by id because
+# ``Tensor.__eq__`` is elementwise (a WeakKeyDictionary could end up comparing tensors); the weakref + version
+# guard against a recycled id or an in-place edit. One ``.tolist()`` serves max_seqlen and xformers' seqlens.
+_HOST_CU: dict[int, tuple[weakref.ref, int, tuple[int, ...]]] = {}
 
 
 def sync_count() -> int:
-    """How many host syncs ``max_seqlen`` has made in this process."""
+    """How many host syncs portvlm's attention has made in this process (``host_cu_seqlens`` is the only one)."""
     return _SYNCS
 
 
@@ -37,29 +37,41 @@ def reset_sync_count() -> None:
 
 
 def clear_caches() -> None:
-    """Drop cached max-seqlens and flex block masks."""
-    _MAX_SEQLEN_CACHE.clear()
-    _FLEX_MASKS.clear()
+    """Drop cached host copies of cu_seqlens, flex block masks and xformers biases."""
+    _HOST_CU.clear()
+    _PER_CU.clear()
+
+
+def _cached(store: dict, tensor, key_extra, build):
+    """Per-tensor-object cache entry (weakref + version guarded)."""
+    key = (id(tensor), key_extra)
+    hit = store.get(key)
+    if hit is not None and hit[0]() is tensor and hit[1] == tensor._version:
+        return hit[2]
+    value = build()
+
+    def _drop(_ref, key=key):
+        store.pop(key, None)
+
+    store[key] = (weakref.ref(tensor, _drop), tensor._version, value)
+    return value
+
+
+def host_cu_seqlens(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
+    """``cu_seqlens`` on the host: the one sync, cached per tensor object (repeated layers reuse it)."""
+
+    def build():
+        global _SYNCS
+        _SYNCS += 1
+        return tuple(int(x) for x in cu_seqlens.tolist())
+
+    return _cached(_HOST_CU, cu_seqlens, None, build)
 
 
 def max_seqlen(cu_seqlens: torch.Tensor) -> int:
-    """Longest segment of ``cu_seqlens``: the one host sync, cached per tensor object (and its version)."""
-    global _SYNCS
-    key = id(cu_seqlens)
-    hit = _MAX_SEQLEN_CACHE.get(key)
-    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
-        return hit[2]
-    if cu_seqlens.numel() < 2:
-        value = 0
-    else:
-        value = int(cu_seqlens.diff().max().item())
-        _SYNCS += 1
-
-    def _drop(_ref, key=key):
-        _MAX_SEQLEN_CACHE.pop(key, None)
-
-    _MAX_SEQLEN_CACHE[key] = (weakref.ref(cu_seqlens, _drop), cu_seqlens._version, value)
-    return value
+    """Longest segment of ``cu_seqlens``: one host sync per tensor object, cached."""
+    cu = host_cu_seqlens(cu_seqlens)
+    return max((b - a for a, b in zip(cu[:-1], cu[1:], strict=False)), default=0)
 
 
 def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -121,12 +133,166 @@ def _sdpa_masked(q, k, v, cu_seqlens, max_seqlen, scale, causal):
     return out[0].transpose(0, 1)
 
 
+# ---- efficient_varlen -----------------------------------------------------------------------------------------
+# Why the autograd of the one-call varlen forward used to fail with "LSE is not correctly aligned (strideH)":
+# the forward was called with compute_log_sumexp=False, so aten returned an LSE of shape [n, H, 0]; its
+# contiguous strides are (H, 1, 1), and the backward (kernel_backward.h ``check_supported``) requires
+# ``num_heads <= 1 || lse_strideH % 8 == 0`` (and the same for strideB). With cu_seqlens the forward
+# (attention.cu) allocates the LSE as fp32 ``[n_segments, H, ceil(max_seqlen_q / kAlignLSE) * kAlignLSE]``
+# (kAlignLSE = 32) and writes ``lse[segment, head, row]``; the backward reads it at
+# ``segment * lse_strideB + head * lse_strideH + row``. So: compute the LSE whenever a gradient is needed and
+# hand exactly that buffer (fp32, padded to 32) to the backward together with the forward's max_seqlens.
+_LSE_ALIGN = 32
+
+
+def _aligned_lse(lse: torch.Tensor) -> torch.Tensor:
+    """fp32 LSE whose head/segment strides satisfy the backward's ``% 8`` check (pad rows to a multiple of 32)."""
+    if lse.numel() == 0 and lse.shape[-1] == 0:
+        raise RuntimeError("efficient_varlen backward needs the forward's log-sum-exp; the forward ran without it")
+    lse = lse.float()
+    if getattr(torch.version, "hip", None):  # AOTriton reads the LSE by its own layout: pass it through untouched
+        return lse.contiguous()
+    if lse.is_contiguous() and lse.stride(1) % 8 == 0 and lse.stride(0) % 8 == 0:
+        return lse
+    rows = -(-lse.shape[-1] // _LSE_ALIGN) * _LSE_ALIGN
+    padded = lse.new_zeros(*lse.shape[:-1], rows)
+    padded[..., : lse.shape[-1]] = lse
+    return padded
+
+
+def _efficient_fwd(*args, **kwargs):
+    """aten._efficient_attention_forward (indirection: CPU tests substitute a layout-faithful emulation)."""
+    return torch.ops.aten._efficient_attention_forward(*args, **kwargs)
+
+
+def _efficient_bwd(*args, **kwargs):
+    """aten._efficient_attention_backward (indirection: CPU tests substitute a layout-faithful emulation)."""
+    return torch.ops.aten._efficient_attention_backward(*args, **kwargs)
+
+
+class _EfficientVarlen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal):
+        q4, k4, v4 = (t.contiguous().unsqueeze(0) for t in (q, k, v))  # [1, S, H, D]; cu_seqlens marks segments
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+        mask_type = 1 if causal else 0  # 1 = CausalFromTopLeft, per segment (q and k lengths are equal)
+        need_lse = any(ctx.needs_input_grad[:3])
+        out, lse, seed, offset, mq, mk = _efficient_fwd(
+            q4, k4, v4, None, cu, cu, max_seqlen, max_seqlen, 0.0, mask_type, need_lse, scale=scale
+        )
+        if need_lse:
+            ctx.save_for_backward(q4, k4, v4, out, lse, cu, seed, offset)
+            ctx.meta = (int(mq), int(mk), mask_type, scale)
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q4, k4, v4, out, lse, cu, seed, offset = ctx.saved_tensors
+        mq, mk, mask_type, scale = ctx.meta
+        dq, dk, dv, _ = _efficient_bwd(
+            grad_out.contiguous().unsqueeze(0), q4, k4, v4, None, out, cu, cu, mq, mk,
+            _aligned_lse(lse), 0.0, seed, offset, mask_type, False, scale=scale,
+        )
+        return dq[0], dk[0], dv[0], None, None, None, None
+
+
+def _efficient_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal):
+    """torch's mem-efficient (cutlass / AOTriton) kernel over cu_seqlens: one call, any arch from sm50."""
+    k, v = _repeat_kv(q, k, v)  # the kernel has no GQA; autograd sums the repeated heads' grads back
+    return _EfficientVarlen.apply(q, k, v, cu_seqlens, int(max_seqlen), float(scale), bool(causal))
+
+
+# ---- xformers_blockdiag ---------------------------------------------------------------------------------------
+_PER_CU: dict = {}
+
+
+def _xformers_blockdiag(q, k, v, cu_seqlens, max_seqlen, scale, causal):
+    """xformers.ops.memory_efficient_attention with a BlockDiagonal(Causal)Mask on 4-D ``[1, S, H, D]`` inputs."""
+    import xformers.ops as xops
+    from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask, BlockDiagonalMask
+
+    def build():
+        cu = host_cu_seqlens(cu_seqlens)  # from_seqlens wants host ints: shares max_seqlen's one sync
+        lens = [b - a for a, b in zip(cu[:-1], cu[1:], strict=False)]
+        return (BlockDiagonalCausalMask if causal else BlockDiagonalMask).from_seqlens(lens)
+
+    bias = _cached(_PER_CU, cu_seqlens, ("xformers", bool(causal)), build)
+    k, v = _repeat_kv(q, k, v)
+    # 4-D, never 3-D: a 3-D [S, H, D] call is read as [B=S, M=H, K=D] (batch of tokens, no mask) by xformers.
+    out = xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, p=0.0, scale=scale)
+    return out[0]
+
+
+# ---- torch_varlen ---------------------------------------------------------------------------------------------
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal):
+    """torch.nn.attention.varlen.varlen_attn (FlashAttention-2 inside torch, sm80+)."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    kwargs = {"scale": scale}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:  # torch 2.12+
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = _repeat_kv(q, k, v)
+    if causal:
+        if "window_size" in params:
+            kwargs["window_size"] = (-1, 0)
+        else:  # early 2.10 docs spell it is_causal
+            kwargs["is_causal"] = True
+    return varlen_attn(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), **kwargs)
+
+
+# ---- flex_document --------------------------------------------------------------------------------------------
+_FLEX_FN: list = []
+
+
+def _flex_fn():
+    if not _FLEX_FN:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        # Uncompiled flex_attention materialises the scores; compiled it is the Triton kernel.
+        _FLEX_FN.append(torch.compile(flex_attention, dynamic=False))
+    return _FLEX_FN[0]
+
+
+def flex_block_mask(cu_seqlens: torch.Tensor, total: int, *, causal: bool = False):
+    """Document (segment) block mask for flex_attention, cached per cu_seqlens tensor object; no host sync."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def build():
+        seg = segment_ids(cu_seqlens, total)
+
+        def document(b, h, q_idx, kv_idx):
+            same = seg[q_idx] == seg[kv_idx]
+            return same & (kv_idx <= q_idx) if causal else same
+
+        return create_block_mask(document, None, None, total, total, device=cu_seqlens.device)
+
+    return _cached(_PER_CU, cu_seqlens, ("flex", total, bool(causal)), build)
+
+
+def _flex_document(q, k, v, cu_seqlens, max_seqlen, scale, causal):
+    """flex_attention over ``[1, H, S, D]`` with a document block mask (Triton)."""
+    mask = flex_block_mask(cu_seqlens, q.shape[0], causal=causal)
+    kwargs = {"block_mask": mask, "scale": scale}
+    if q.shape[1] != k.shape[1]:
+        kwargs["enable_gqa"] = True
+    out = _flex_fn()(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], **kwargs)
+    return out[0].transpose(0, 1)
+
+
 BUILTIN_IMPLS: dict[str, Callable] = {
     "eager": _eager,
     "sdpa_masked": _sdpa_masked,
+    "efficient_varlen": _efficient_varlen,
+    "xformers_blockdiag": _xformers_blockdiag,
+    "torch_varlen": _torch_varlen,
+    "flex_document": _flex_document,
 }
-
-_FLEX_MASKS: dict = {}
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, backend, scale=None, causal=False):

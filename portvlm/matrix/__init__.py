@@ -1,0 +1,22 @@
+"""The support matrix: matrix.yaml → Matrix (load) → cells (expand), both pure apart from reading the file."""
+
+from __future__ import annotations
+
+from portvlm.matrix.expand import cells_to_json, expand, select
+from portvlm.matrix.load import load_matrix, parse_matrix
+from portvlm.matrix.schema import Arch, Cell, Expectation, Matrix, Model, Stack, cell_id
+
+__all__ = [
+    "Arch",
+    "Cell",
+    "Expectation",
+    "Matrix",
+    "Model",
+    "Stack",
+    "cell_id",
+    "cells_to_json",
+    "expand",
+    "load_matrix",
+    "parse_matrix",
+    "select",
+]

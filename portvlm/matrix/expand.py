@@ -27,7 +27,9 @@ def expand(matrix: Matrix) -> tuple[Cell, ...]:
                     cells.append(Cell(arch=arch, stack=stack, model=model))
                 else:
                     cells.append(
-                        Cell(arch=arch, stack=stack, model=model, expected=expectation.outcome, reason=expectation.reason)
+                        Cell(
+                            arch=arch, stack=stack, model=model, expected=expectation.outcome, reason=expectation.reason
+                        )
                     )
     return tuple(cells)
 

@@ -1,0 +1,158 @@
+"""Publish results: SUPPORT.md, a static site/index.html and per-platform badges, all generated.
+
+    results/<cell>.json + matrix.yaml → table.build_table() → SUPPORT.md, site/index.html, site/badges/*
+
+Every expanded cell of the matrix appears, run or not. Unreadable results are noted, never fatal. The output
+is deterministic: the same results and matrix give byte-identical files (no timestamps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from portvlm.publish.badges import endpoint, svg_geometry
+from portvlm.publish.table import (
+    EVIDENCE_STYLE,
+    PLATFORMS,
+    STATUS_STYLE,
+    Slot,
+    Table,
+    build_table,
+    format_number,
+    format_seconds,
+    read_results,
+)
+
+__all__ = ["publish", "main", "build_table", "read_results", "PLATFORMS"]
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def publish(results_dir="results", matrix=None, out_dir=".") -> dict[str, Path]:
+    """Write SUPPORT.md, site/index.html, site/results/*.json and site/badges/*; return {relative name: path}."""
+    return write_all(results_dir, matrix, out_dir)[0]
+
+
+def write_all(results_dir="results", matrix=None, out_dir=".") -> tuple[dict[str, Path], Table]:
+    """publish(), also returning the table it rendered (the CLI reports from it)."""
+    matrix = _matrix(matrix)
+    from portvlm.matrix import expand
+
+    results_dir, out_dir = Path(results_dir), Path(out_dir)
+    loaded = read_results(results_dir)
+    table = build_table(expand(matrix), loaded, archs=tuple(a.id for a in matrix.archs),
+                        stacks=tuple(s.id for s in matrix.stacks))
+    context = {
+        "table": table,
+        "matrix_name": Path(getattr(matrix, "path", "matrix.yaml") or "matrix.yaml").name,
+        "results_name": results_dir.name or "results",
+        "status_style": STATUS_STYLE,
+        "evidence_style": EVIDENCE_STYLE,
+    }
+    env = _jinja_env()
+    link = Path(os.path.relpath(results_dir, out_dir)).as_posix()
+    env.globals["md_slot"] = lambda slot: md_slot(slot, link)
+
+    site = out_dir / "site"
+    written: dict[str, Path] = {}
+
+    def write(name: str, text: str) -> None:
+        path = out_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8", newline="\n")
+        written[name] = path
+
+    write("SUPPORT.md", env.get_template("support.md.j2").render(context))
+    write("site/index.html", env.get_template("index.html.j2").render(context))
+    for summary in table.platforms:
+        write(f"site/badges/{summary.platform}.json", json.dumps(endpoint(summary), indent=2, ensure_ascii=False) + "\n")
+        write(f"site/badges/{summary.platform}.svg", env.get_template("badge.svg.j2").render(b=svg_geometry(summary)))
+    written.update(_copy_results(table, loaded.files, site / "results"))
+    return written, table
+
+
+def _copy_results(table: Table, files: dict[str, Path], target: Path) -> dict[str, Path]:
+    """Copy each shown result next to the page (so every cell link resolves); drop copies of stale ones."""
+    target.mkdir(parents=True, exist_ok=True)
+    shown = {s.cell_id for s in table.slots if s.has_result}
+    for old in sorted(target.glob("*.json")):
+        if old.stem not in shown:
+            old.unlink()
+    out = {}
+    for cell_id in sorted(shown):
+        dest = target / f"{cell_id}.json"
+        shutil.copyfile(files[cell_id], dest)
+        out[f"site/results/{cell_id}.json"] = dest
+    return out
+
+
+def _matrix(matrix):
+    """A Matrix as given, or loaded from a path (None: the usual lookup)."""
+    if matrix is not None and not isinstance(matrix, (str, os.PathLike)):
+        return matrix
+    from portvlm.matrix import load_matrix
+
+    return load_matrix(matrix)
+
+
+def _jinja_env():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2", "svg.j2"), default_for_string=False),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(md=md_escape, num=format_number, secs=format_seconds, slug=lambda s: s.replace(" ", "-"))
+    return env
+
+
+def md_escape(text) -> str:
+    """Text safe inside a Markdown table cell: one line, no pipes, no raw HTML."""
+    text = " ".join(str(text).split())
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
+def md_slot(slot: Slot | None, link: str) -> str:
+    """One Markdown table cell: status (linked to its result) · evidence · numbers · reason."""
+    if slot is None:
+        return ""
+    icon = STATUS_STYLE[slot.status]["icon"]
+    ev = EVIDENCE_STYLE[slot.evidence]
+    head = f"[{icon} {slot.status}]({link}/{slot.cell_id}.json)" if slot.has_result else f"{icon} {slot.status}"
+    parts = [f"{head} {ev['glyph']} {ev['short']}"]
+    if slot.has_result:
+        parts.append(f"err {format_number(slot.parity_err)} · step {format_seconds(slot.step_s)}")
+    if slot.reason and slot.status != "pass":
+        parts.append(md_escape(slot.reason))
+    return "<br>".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`portvlm publish [--results DIR] [--out DIR] [--matrix PATH]`."""
+    p = argparse.ArgumentParser(prog="portvlm publish", description="render SUPPORT.md, site/ and badges from results")
+    p.add_argument("--results", default="results", help="folder of <cell-id>.json results (default: results)")
+    p.add_argument("--out", default=".", help="where SUPPORT.md and site/ go (default: .)")
+    p.add_argument("--matrix", default=None, help="matrix.yaml to lay the table out from (default: the usual lookup)")
+    a = p.parse_args(argv)
+    from portvlm.errors import MatrixError
+
+    try:
+        written, table = write_all(a.results, a.matrix, a.out)
+    except MatrixError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    badges = [p.platform for p in table.platforms]
+    print(f"generated from {table.n_results} results ({len(table.slots)} cells): wrote SUPPORT.md, "
+          f"site/index.html, badges {', '.join(badges)} under {a.out}")
+    for summary in table.platforms:
+        print(f"  {summary.platform:<7} {summary.message}")
+    for problem in table.problems:
+        print(f"note: {problem}", file=sys.stderr)
+    return 0

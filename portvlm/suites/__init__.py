@@ -1,0 +1,79 @@
+"""What a cell runs against its model family on its stack: numeric parity, a training step, a streaming smoke.
+
+Each suite is ``run(ctx) -> portvlm.run.results.SuiteResult`` with checks (measured value and bound) and figures
+(max errors, losses, cache sizes, times). The reference is always an *unpatched* fp32 eager model with the same
+state dict, independent of portvlm; the model under test is ``portvlm.patch(model, arch=ctx.arch_id)`` in
+``ctx.dtype``. Nothing here imports torch until a suite runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+SUITES = ("parity", "training", "streaming")
+
+
+@dataclass
+class SuiteContext:
+    """Where and how a cell runs its suites."""
+
+    model_id: str  # "qwen2_5vl" | "qwen3vl" | "llava"
+    arch_id: str  # matrix arch id whose policy applies ("cpu", "sm70", "sm90", "gfx942", ...)
+    device: str = "cpu"
+    dtype: Any = "float32"  # torch dtype or its name
+    vision_backend: str | None = None  # force a vision backend (negative controls); None = the arch's policy
+    text_backend: str | None = None
+    evidence: str = "hardware"  # "hardware" | "emulated" (an arch's policy on another device)
+    fast: bool = False  # skip the slow parts (FSDP over 2 processes), each skip recorded with its reason
+    seed: int = 0
+    real_arch_id: str | None = None  # arch of the device actually used; tolerance kind follows it when emulated
+    patcher: Callable | None = field(default=None, repr=False)  # tests only: replaces portvlm.patch
+
+    @property
+    def device_kind(self) -> str:
+        """Tolerance device kind: the real device's (an emulated run rounds like the hardware it runs on)."""
+        from portvlm.suites.tolerances import device_kind
+
+        if self.device == "cpu":
+            return "cpu"
+        return device_kind(self.real_arch_id or self.arch_id, self.device)
+
+
+def run_suite(ctx: SuiteContext, name: str):
+    """Run one suite; its exception becomes status "error" (traceback tail), a ``SuiteSkip`` becomes "skipped"."""
+    from portvlm.run.results import SuiteResult
+
+    t0 = time.perf_counter()
+    try:
+        from portvlm.suites import tiny
+        from portvlm.suites._common import SuiteSkip
+
+        reasons = tiny.is_available(ctx.model_id)
+        if reasons:
+            result = SuiteResult(name=name, status="skipped", reason="; ".join(reasons))
+        else:
+            module = importlib.import_module(f"portvlm.suites.{name}")
+            try:
+                result = module.run(ctx)
+            except SuiteSkip as skip:
+                result = SuiteResult(name=name, status="skipped", reason=str(skip))
+    except Exception:  # noqa: BLE001 - a suite's crash is its result, never the cell's
+        tail = traceback.format_exc()[-4000:]
+        result = SuiteResult(name=name, status="error", error=tail)
+    result.wall_s = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def run_suites(ctx: SuiteContext, names=SUITES) -> dict:
+    """Run the named suites in order; ``{name: SuiteResult}``."""
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        raise KeyError(f"unknown suite(s) {unknown}; known: {', '.join(SUITES)}")
+    return {name: run_suite(ctx, name) for name in names}
+
+
+__all__ = ["SUITES", "SuiteContext", "run_suite", "run_suites"]

@@ -6,6 +6,8 @@ The same dicts build on transformers 4.50 … 5.23; no weights are downloaded.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import transformers
 
@@ -67,8 +69,10 @@ CLASSES = {
 }
 
 PATCH = {"qwen2_5_vl": 14, "qwen3_vl": 16}
-# Different sizes, a windowed-with-padding image, and a 2-frame video (t=2), packed into one sequence.
+# Different sizes, a windowed-with-padding image, and a 2-frame video (t=2), packed into one vision call.
 GRIDS = [(1, 4, 4), (1, 12, 8), (2, 4, 8)]
+# What the full model gets: images only (video prompts need per-family frame/timestamp framing).
+IMAGE_GRIDS = [(1, 4, 4), (1, 12, 8), (1, 8, 4)]
 
 
 def available(family: str) -> list[str]:
@@ -80,7 +84,11 @@ def available(family: str) -> list[str]:
 
 def build(family: str, attn_implementation: str = "eager", seed: int = 0):
     cfg_cls, model_cls = (getattr(transformers, n) for n in CLASSES[family])
-    cfg = cfg_cls(**CONFIGS[family])
+    kwargs = dict(CONFIGS[family])
+    if family == "qwen2_5_vl" and "text_config" not in getattr(cfg_cls, "sub_configs", {}):
+        # <=4.51: Qwen2_5_VLConfig is flat (text fields at the top level), see breakpoints §2.
+        kwargs.update(kwargs.pop("text_config"))
+    cfg = cfg_cls(**kwargs)
     torch.manual_seed(seed)
     return model_cls._from_config(cfg, attn_implementation=attn_implementation).eval()
 
@@ -102,7 +110,7 @@ def vision_tokens(family: str, grids=GRIDS) -> list[int]:
     return [t * h * w // 4 for t, h, w in grids]
 
 
-def inputs(family: str, grids=GRIDS, seed: int = 1) -> dict:
+def inputs(family: str, grids=IMAGE_GRIDS, seed: int = 1) -> dict:
     """Model inputs: a short prompt with every image of ``grids`` in one sequence (LLaVA: one image each row)."""
     pv, grid = pixels(family, grids, seed)
     if family == "llava":
@@ -112,7 +120,11 @@ def inputs(family: str, grids=GRIDS, seed: int = 1) -> dict:
     for (t, _, _), n in zip(grids, vision_tokens(family, grids)):
         ids += [VSTART] + [IMG] * n + [VEND, 5]
     ids = torch.tensor([ids + [6, 7]])
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grid)
+    out = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grid)
+    if "mm_token_type_ids" in inspect.signature(getattr(transformers, CLASSES[family][1]).forward).parameters:
+        # 5.x Qwen: multimodal RoPE wants the token types (text 0, image 1, video 2) the processor would return.
+        out["mm_token_type_ids"] = (ids == IMG).int()
+    return out
 
 
 def vision_features(family: str, tower, pv, grid):

@@ -1,0 +1,516 @@
+"""``portvlm.patch``: apply the shims a model needs on this transformers version and arch, report why, revert.
+
+    with portvlm.patch(model, arch="sm70") as handle:   # arch=None: the host's arch
+        out = model(**inputs)
+    print(handle.report)
+    portvlm.patch(model).revert()                       # also usable without `with`
+
+Every mutation goes through a ``Patcher`` that records the old value (or that there was none) and restores in
+reverse order — on ``revert()``, on leaving the ``with`` block, and when applying fails half-way. No
+``importlib.reload``. Shims are declared records (name, the upstream change they answer, version range, probe);
+the probe returns reasons, empty meaning "applies", and the report lists both sides.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from portvlm.errors import UnsupportedError
+from portvlm.shims import versions
+
+_ABSENT = object()
+
+
+class Patcher:
+    """Records every attribute / mapping entry it changes and restores them in reverse order."""
+
+    def __init__(self):
+        self._undo: list[tuple[str, object, object, object]] = []  # (kind, target, key, old value or _ABSENT)
+        self.touched: list[tuple[object, str]] = []  # (object or mapping, attribute or key), for tests and the report
+
+    def record_attr(self, obj, name: str) -> None:
+        """Remember ``obj.name`` as it is now (its own ``__dict__`` entry, or that it had none)."""
+        own = vars(obj) if hasattr(obj, "__dict__") else {}
+        self._undo.append(("attr", obj, name, own.get(name, _ABSENT)))
+        self.touched.append((obj, name))
+
+    def set_attr(self, obj, name: str, value) -> None:
+        """``setattr(obj, name, value)``, restored on revert (deleted again if ``obj`` did not own it)."""
+        self.record_attr(obj, name)
+        setattr(obj, name, value)
+
+    def record_item(self, mapping, key) -> None:
+        """Remember ``mapping[key]`` as it is now (or that the key was absent)."""
+        self._undo.append(("item", mapping, key, mapping.get(key, _ABSENT)))
+        self.touched.append((mapping, key))
+
+    def set_item(self, mapping, key, value) -> None:
+        self.record_item(mapping, key)
+        mapping[key] = value
+
+    def restore(self) -> None:
+        """Undo everything, newest first; idempotent."""
+        errors = []
+        while self._undo:
+            kind, target, key, old = self._undo.pop()
+            try:
+                if kind == "attr":
+                    if old is _ABSENT:
+                        if key in vars(target):
+                            delattr(target, key)
+                    else:
+                        setattr(target, key, old)
+                elif old is _ABSENT:
+                    target.pop(key, None)
+                else:
+                    target[key] = old
+            except Exception as exc:  # keep restoring the rest; report at the end
+                errors.append(f"{kind} {key!r} on {type(target).__name__}: {exc}")
+        if errors:
+            raise RuntimeError("portvlm could not restore: " + "; ".join(errors))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Declarations
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shim:
+    """One shim: what upstream change it answers, where it is meant to apply, and how to tell (reasons)."""
+
+    name: str
+    answers: str  # the upstream change, with the version it happened in
+    transformers: str  # PEP 440 range the shim is written for
+    probe: Callable  # (context) -> list[str]; empty = applies
+    apply: Callable | None = None  # (context, patcher) -> list[str] targets; None for accessor-only shims
+
+
+@dataclass(frozen=True)
+class Applied:
+    shim: str
+    target: str
+    why: str
+
+
+@dataclass(frozen=True)
+class NotApplied:
+    shim: str
+    reasons: tuple[str, ...]
+
+
+@dataclass
+class Report:
+    """What ``patch`` did, and why everything else was not done."""
+
+    transformers: str
+    family: str | None
+    arch: str
+    platform: str
+    emulation: str | None  # set when the arch's policy is judged on other hardware
+    dtype: str
+    dtype_why: str
+    vision_backend: object | None = None  # portvlm.backends.Selection
+    text_backend: object | None = None
+    applied: list[Applied] = field(default_factory=list)
+    not_applied: list[NotApplied] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def shim_names(self) -> set[str]:
+        return {a.shim for a in self.applied}
+
+    def to_dict(self) -> dict:
+        def sel(s):
+            return None if s is None else {"name": s.name, "lost": dict(s.lost)}
+
+        return {
+            "transformers": self.transformers,
+            "family": self.family,
+            "arch": self.arch,
+            "platform": self.platform,
+            "emulation": self.emulation,
+            "dtype": self.dtype,
+            "dtype_why": self.dtype_why,
+            "vision_backend": sel(self.vision_backend),
+            "text_backend": sel(self.text_backend),
+            "applied": [a.__dict__ for a in self.applied],
+            "not_applied": [{"shim": n.shim, "reasons": list(n.reasons)} for n in self.not_applied],
+            "warnings": list(self.warnings),
+        }
+
+    def __str__(self) -> str:
+        lines = [
+            f"portvlm patch: {self.family or 'no model'} on transformers {self.transformers}, arch {self.arch} ({self.platform})",
+            f"  dtype {self.dtype}: {self.dtype_why}",
+        ]
+        if self.emulation:
+            lines.append(f"  emulation: {self.emulation}")
+        for label, s in (("vision", self.vision_backend), ("text", self.text_backend)):
+            if s is not None:
+                lines.append(f"  {label} backend {s.name}")
+                lines += [f"    not {n}: {'; '.join(r)}" for n, r in s.lost.items()]
+        lines.append("  applied:")
+        lines += [f"    {a.shim} -> {a.target}: {a.why}" for a in self.applied] or ["    (none)"]
+        lines.append("  not applied:")
+        lines += [f"    {n.shim}: {'; '.join(n.reasons)}" for n in self.not_applied] or ["    (none)"]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+@dataclass
+class Context:
+    """What the probes look at: the model (or None), its resolved parts, the policy, the attention state."""
+
+    model: object | None
+    family: str | None
+    paths: object | None  # LayerPaths
+    state: object  # attention.AttentionState
+    arch: object  # portvlm.matrix.Arch
+    platform: object  # portvlm.platform.Platform
+    dtype: str
+
+
+# -- shim probes and appliers -----------------------------------------------------------------------------------
+
+
+def _kv_cache_probe(ctx) -> list[str]:
+    from transformers import DynamicCache
+
+    from portvlm.shims import kv_cache
+
+    return kv_cache.layout_reasons(DynamicCache())
+
+
+def _kv_cache_apply(ctx, patcher) -> list[str]:
+    from transformers import DynamicCache
+
+    from portvlm.shims import kv_cache
+
+    layout = kv_cache.layout_of(DynamicCache())
+    return [f"CacheView/SinkWindowCache over {layout.name} ({layout.answers})"]
+
+
+def _layer_paths_probe(ctx) -> list[str]:
+    if ctx.model is None:
+        return ["no model given (patch(model=None) prepares classes and registries only)"]
+    return [] if ctx.paths is not None else ["layer paths did not resolve"]
+
+
+def _layer_paths_apply(ctx, patcher) -> list[str]:
+    return [f"{part} = model.{path}" for part, path in ctx.paths.paths.items()]
+
+
+def _vision_targets(ctx):
+    """Vision attention modules of the model (Qwen ViT blocks' ``attn``), grouped by class."""
+    groups: dict[type, list] = {}
+    if ctx.paths is None:
+        return groups
+    for block in ctx.paths.vision_blocks:
+        attn = getattr(block, "attn", None)
+        if attn is not None:
+            groups.setdefault(type(attn), []).append(attn)
+    return groups
+
+
+def _vision_probe(ctx) -> list[str]:
+    from portvlm.shims import attention
+
+    if ctx.model is None:
+        return ["no model given: the vision attention classes are found on the model instance"]
+    groups = _vision_targets(ctx)
+    if not groups:
+        block = type(ctx.paths.vision_blocks[0]).__name__ if ctx.paths is not None else "?"
+        return [
+            f"{ctx.family}'s vision blocks ({block}) have no packed varlen attention: one image per batch row, "
+            "nothing to make block-diagonal; the tower's attention follows the text shim where the version routes it "
+            "through the registry (CLIP: 4.52+), else stays on the tower's own sdpa/eager classes"
+        ]
+    reasons = []
+    for cls, mods in groups.items():
+        reasons += attention.vision_module_reasons(mods[0])
+    return reasons
+
+
+def _vision_apply(ctx, patcher) -> list[str]:
+    from portvlm.shims import attention
+
+    forward = attention.make_vision_forward(ctx.state)
+    tower = ctx.paths.vision_tower
+    bound = attention.window_bound(tower)
+    full = attention.full_block_indexes(tower)
+    targets = []
+    for cls in _vision_targets(ctx):
+        ctx.state.rotary[cls] = attention.rotary_of(cls)
+        patcher.set_attr(cls, "forward", forward)
+        targets.append(f"{cls.__module__}.{cls.__qualname__}.forward")
+    windowed = 0
+    if bound is not None and full is not None:
+        for i, block in enumerate(ctx.paths.vision_blocks):
+            if i not in full and getattr(block, "attn", None) is not None:
+                ctx.state.bounds[block.attn] = bound
+                windowed += 1
+    if windowed:
+        targets.append(f"{windowed} window block(s): max_seqlen bound {bound} (no host sync)")
+    return targets
+
+
+def _dense_mask_probe(ctx) -> list[str]:
+    if ctx.paths is None:
+        return ["no model given"]
+    tower = ctx.paths.vision_tower
+    if not callable(getattr(type(tower), "_prepare_attention_mask", None)):
+        return [f"{type(tower).__name__} builds no dense vision mask (only transformers 4.53.1-4.53.x does)"]
+    if not _vision_targets(ctx):
+        return ["vision attention is not portvlm's; the tower's own mask is still needed"]
+    return []
+
+
+def _dense_mask_apply(ctx, patcher) -> list[str]:
+    from portvlm.shims import attention
+
+    cls = type(ctx.paths.vision_tower)
+    patcher.set_attr(cls, "_prepare_attention_mask", attention._no_dense_mask)
+    return [f"{cls.__qualname__}._prepare_attention_mask -> None"]
+
+
+def _text_probe(ctx) -> list[str]:
+    from portvlm.shims import attention
+
+    reasons = attention.registry_reasons()
+    if reasons:
+        reasons.append(
+            "text attention stays on the model's own sdpa/eager classes (<=4.52 picks classes from "
+            "*_ATTENTION_CLASSES at build time; a custom name raises KeyError); packed rows need 4.53+"
+        )
+    return reasons
+
+
+def _text_apply(ctx, patcher) -> list[str]:
+    from portvlm.shims import attention
+
+    return attention.install_text(patcher, ctx.model, ctx.state)
+
+
+SHIMS: tuple[Shim, ...] = (
+    Shim(
+        name="kv_cache",
+        answers="4.54.0 layered cache (Cache.layers[i].keys/.values; key_cache lists before, removed 4.56.0); "
+        "5.0.0 no legacy tuples / cache[i]; 5.15.0 Cache.crop(tokens_to_remove)",
+        transformers=">=4.49.0",
+        probe=_kv_cache_probe,
+        apply=_kv_cache_apply,
+    ),
+    Shim(
+        name="layer_paths",
+        answers="4.52.0 *Model split out of *ForConditionalGeneration (m.model.language_model, m.model.visual); "
+        "5.0.0 removed the visual/language_model BC properties",
+        transformers=">=4.49.0",
+        probe=_layer_paths_probe,
+        apply=_layer_paths_apply,
+    ),
+    Shim(
+        name="vision_varlen",
+        answers="<=4.52 per-backend vision classes with a looped [S,S] mask; 4.53 dense mask through the registry; "
+        "4.54.0+ one call per segment (split + .tolist()) for every non-flash backend",
+        transformers=">=4.49.0",
+        probe=_vision_probe,
+        apply=_vision_apply,
+    ),
+    Shim(
+        name="vision_dense_mask",
+        answers="4.53.1-4.53.x Qwen2_5_VisionTransformerPretrainedModel._prepare_attention_mask builds [1,1,S,S] "
+        "with a Python loop over cu_seqlens for every non-flash backend",
+        transformers=">=4.53.0",  # the probe finds the method; it exists in 4.53.1-4.53.x only
+        probe=_dense_mask_probe,
+        apply=_dense_mask_apply,
+    ),
+    Shim(
+        name="text_registry",
+        answers="4.53.0 AttentionMaskInterface (masks per registered name; unregistered names get mask=None); "
+        "4.54.0 set_attn_implementation; 5.x 'flash' in a name selects the flash path",
+        transformers=">=4.53.0",
+        probe=_text_probe,
+        apply=_text_apply,
+    ),
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Policy: arch -> platform, dtype, backend priorities
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_arch(arch):
+    """``(Arch, Platform, emulation text or None)`` for ``arch`` (None: the host's)."""
+    from portvlm.matrix import load_matrix
+    from portvlm.platform import detect, emulated
+
+    host = detect()
+    matrix = load_matrix()
+    known = ", ".join(a.id for a in matrix.archs)
+    wanted = arch if arch is not None else host.arch_id
+    if wanted is None:
+        raise UnsupportedError(f"host {host.name} matches no arch portvlm has a policy for (known: {known}); pass arch=")
+    try:
+        spec = matrix.arch(wanted)
+    except KeyError:
+        raise UnsupportedError(f"arch {wanted!r} has no policy in matrix.yaml (known: {known})") from None
+    if host.arch_id == spec.id:
+        return spec, host, None
+    platform = emulated(spec, host)
+    text = (
+        f"policy of {spec.id} (dtype rule, backend priority) emulated on {host.name} ({host.device}); "
+        f"kernel availability judged on the real {host.device}"
+    )
+    return spec, platform, text
+
+
+def _dtype_policy(spec, platform, dtype) -> tuple[str, str]:
+    from portvlm.backends import normalize_dtype
+
+    allowed = tuple(spec.dtypes)
+    cap = platform.capability
+    if dtype is None:
+        chosen = allowed[0]
+        why = f"{spec.id} policy dtype (first of {', '.join(allowed)})"
+    else:
+        chosen = normalize_dtype(dtype)
+        why = "requested"
+    if chosen == "bfloat16" and platform.vendor == "nvidia" and cap is not None and tuple(cap) < (8, 0):
+        raise UnsupportedError(
+            f"dtype bfloat16 needs compute capability >= 8.0, {spec.id} has {cap[0]}.{cap[1]} "
+            "(Volta: no bf16 units; torch.cuda.is_bf16_supported() counts emulation); use float16 or float32"
+        )
+    if chosen not in allowed:
+        raise UnsupportedError(f"dtype {chosen} is not in {spec.id}'s policy (supported: {', '.join(allowed)})")
+    if chosen == "float16" and cap is not None and tuple(cap) < (8, 0):
+        why += "; no bf16 below sm80"
+    return chosen, why
+
+
+def _describe_platform(platform) -> str:
+    if platform.capability is not None:
+        arch = f"sm{platform.capability[0]}{platform.capability[1]}"
+    else:
+        arch = platform.gfx or platform.arch_id or platform.device
+    return f"{arch} policy on {platform.device}: {platform.name}"
+
+
+def _head_dims(model) -> tuple[int, int]:
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    t = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    vision = getattr(cfg, "vision_config", None)
+    heads = getattr(vision, "num_heads", None) or getattr(vision, "num_attention_heads", None)
+    v = vision.hidden_size // heads if vision is not None and heads else t
+    return int(v), int(t)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The public entry point
+# --------------------------------------------------------------------------------------------------------------
+
+
+class PatchHandle:
+    """The result of ``patch``: a context manager; ``.report`` says what was applied and why; ``.revert()`` undoes."""
+
+    def __init__(self, report: Report, patcher: Patcher, state, dtype: str):
+        self.report = report
+        self._patcher = patcher
+        self.state = state
+        self.dtype_name = dtype
+        self.reverted = False
+
+    @property
+    def dtype(self):
+        """The policy's compute dtype as a ``torch.dtype`` (casting the model is the caller's choice)."""
+        import torch
+
+        return getattr(torch, self.dtype_name)
+
+    @property
+    def touched(self) -> list[tuple[object, str]]:
+        """Every (object, attribute-or-key) the patch changed."""
+        return list(self._patcher.touched)
+
+    def revert(self) -> None:
+        """Restore every class, function, config and registry entry the patch changed; idempotent."""
+        self._patcher.restore()
+        self.reverted = True
+
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.revert()
+
+    def __repr__(self) -> str:
+        state = "reverted" if self.reverted else "active"
+        return f"<portvlm.PatchHandle {state}: {', '.join(sorted(self.report.shim_names())) or 'nothing applied'}>"
+
+
+def patch(model=None, arch: str | None = None, *, dtype=None) -> PatchHandle:
+    """Apply portvlm's shims for ``arch``'s policy (``None``: the host) to ``model``; returns a ``PatchHandle``."""
+    gate = versions.check_transformers()
+    family = None
+    paths = None
+    if model is not None:
+        from portvlm.shims import layer_paths
+
+        family = getattr(getattr(model, "config", None), "model_type", None)
+        reasons = versions.family_reasons(family)
+        if reasons:
+            raise UnsupportedError(
+                f"{'; '.join(reasons)}. portvlm supports "
+                + ", ".join(f"{f} (transformers >={v})" for f, v in versions.FAMILY_MIN_TRANSFORMERS.items())
+                + f" on transformers {versions.VERIFIED_RANGE_TEXT}"
+            )
+        paths = layer_paths.resolve(model)
+
+    spec, platform, emulation = _resolve_arch(arch)
+    chosen_dtype, dtype_why = _dtype_policy(spec, platform, dtype)
+
+    from portvlm.backends import select
+    from portvlm.shims.attention import AttentionState
+
+    training = bool(getattr(model, "training", False))
+    v_head, t_head = _head_dims(model) if model is not None else (64, 64)
+    vision_sel = select(spec.vision_backends, platform, chosen_dtype, v_head, training)
+    text_sel = select(spec.text_backends, platform, chosen_dtype, t_head, training)
+    state = AttentionState(vision_backend=vision_sel.name, text_backend=text_sel.name)
+
+    report = Report(
+        transformers=gate.version,
+        family=family,
+        arch=spec.id,
+        platform=_describe_platform(platform),
+        emulation=emulation,
+        dtype=chosen_dtype,
+        dtype_why=dtype_why,
+        vision_backend=vision_sel,
+        text_backend=text_sel,
+    )
+    if gate.warning:
+        report.warnings.append(gate.warning)
+        warnings.warn(gate.warning, stacklevel=2)
+
+    ctx = Context(model, family, paths, state, spec, platform, chosen_dtype)
+    patcher = Patcher()
+    version = versions.transformers_version()
+    try:
+        for shim in SHIMS:
+            reasons = []
+            if not versions.in_range(shim.transformers, version):
+                reasons.append(f"written for transformers {shim.transformers}, found {version}")
+            reasons += shim.probe(ctx) if not reasons else []
+            if reasons:
+                report.not_applied.append(NotApplied(shim.name, tuple(reasons)))
+                continue
+            for target in shim.apply(ctx, patcher) if shim.apply else []:
+                report.applied.append(Applied(shim.name, target, shim.answers))
+    except BaseException:
+        patcher.restore()
+        raise
+    return PatchHandle(report, patcher, state, chosen_dtype)

@@ -1,0 +1,98 @@
+"""The one tolerance table the suites hold results to: ``(device_kind, dtype, backend, direction) -> (atol, rtol)``.
+
+A comparison passes where ``|patched - reference| <= atol + rtol * |reference|`` elementwise (``torch.allclose``).
+The reference is always an unpatched fp32 eager model, so the tolerance budgets the *patched model's dtype and
+kernels*, not the attention op alone.
+
+Where the numbers come from (../shared/research/peers.md §3):
+- transformers ``tests/test_modeling_common.py::_test_eager_matches_sdpa_inference``: atol fp32 1e-6, fp16 5e-3,
+  bf16 1e-2; rtol fp32 1e-4, fp16 5e-3, bf16 1e-2 (3e-2 on CUDA with kernels on). Forward only.
+- Liger-Kernel's multimodal mini-model convergence tests (``mini_qwen2_5_vl`` bf16): loss 5e-2/5e-2,
+  logprobs 1e-1/1e-2, params 1e-2/1e-2.
+Our comparisons are whole-model logits (O(1) magnitudes, two text layers, four ViT blocks) rather than one
+attention call, so fp32 starts from 1e-5 absolute (summation-order noise of a masked vs split softmax is ~1e-6
+per layer) and low precision from transformers' numbers widened by the depth of the model. Backward (gradients of
+every parameter) gets 10× the forward budget, as gradient errors compound through both passes.
+
+Device kinds: ``cpu``, ``sm70`` (Volta: fp16 with fp32 softmax/rotary upcasts, mem-efficient kernels),
+``sm80+`` (Ampere/Hopper: flash-class kernels, bf16), ``gfx9`` (CDNA2/3 through AOTriton). An emulated run (an
+arch's policy on other hardware) uses the kind of the *real* device it runs on: the kernels, hence the rounding,
+are the host's.
+
+Fallbacks, in order: the exact key; the same key with backend ``"*"``; for a GPU kind with no entry for that
+dtype, the ``sm80+`` entry. An unknown device kind or dtype raises ``KeyError`` — never a silent default.
+"""
+
+from __future__ import annotations
+
+DEVICE_KINDS = ("cpu", "sm70", "sm80+", "gfx9")
+DIRECTIONS = ("fwd", "bwd")
+ANY = "*"
+
+# (device_kind, dtype, backend, direction) -> (atol, rtol)
+TABLE: dict[tuple[str, str, str, str], tuple[float, float]] = {
+    # CPU: fp32 is the CI lane; fp16/bf16 appear when a GPU arch's policy is emulated on a CPU host.
+    ("cpu", "float32", ANY, "fwd"): (1e-5, 1e-4),
+    ("cpu", "float32", ANY, "bwd"): (1e-4, 1e-3),
+    ("cpu", "float16", ANY, "fwd"): (5e-2, 5e-2),  # transformers 5e-3 for one op; ×10 for a whole model in fp16
+    ("cpu", "float16", ANY, "bwd"): (5e-1, 1e-1),
+    ("cpu", "bfloat16", ANY, "fwd"): (1e-1, 5e-2),  # transformers 1e-2…3e-2 per op; Liger logprobs 1e-1
+    ("cpu", "bfloat16", ANY, "bwd"): (1.0, 1e-1),
+    # Volta: fp16 only (no bf16 units); fp32 softmax and rotary are upcast by the sm70 policy.
+    ("sm70", "float32", ANY, "fwd"): (1e-4, 1e-3),  # TF32 is off on Volta, but kernels reorder sums
+    ("sm70", "float32", ANY, "bwd"): (1e-3, 1e-2),
+    ("sm70", "float16", ANY, "fwd"): (5e-2, 5e-2),
+    ("sm70", "float16", ANY, "bwd"): (5e-1, 1e-1),
+    # Ampere/Hopper: flash-class kernels; fp32 may run through TF32 matmuls.
+    ("sm80+", "float32", ANY, "fwd"): (1e-4, 1e-3),
+    ("sm80+", "float32", ANY, "bwd"): (1e-3, 1e-2),
+    ("sm80+", "float16", ANY, "fwd"): (5e-2, 5e-2),
+    ("sm80+", "float16", ANY, "bwd"): (5e-1, 1e-1),
+    ("sm80+", "bfloat16", ANY, "fwd"): (1e-1, 5e-2),
+    ("sm80+", "bfloat16", ANY, "bwd"): (1.0, 1e-1),
+    # CDNA: AOTriton kernels; transformers reuses CUDA's numbers for ROCm, so do we until measured otherwise.
+    ("gfx9", "float32", ANY, "fwd"): (1e-4, 1e-3),
+    ("gfx9", "float32", ANY, "bwd"): (1e-3, 1e-2),
+}
+
+# Scalar losses (mean cross-entropy) compared between runs: transformers-free, Liger's 5e-2 for bf16.
+LOSS = {"float32": (1e-5, 1e-5), "float16": (2e-2, 2e-2), "bfloat16": (5e-2, 5e-2)}
+
+
+def device_kind(arch_id: str | None, device: str = "cpu") -> str:
+    """Map a matrix arch id (``"cpu"``, ``"sm70"``, ``"sm90"``, ``"gfx942"``) to a tolerance device kind."""
+    if device == "cpu" or arch_id in (None, "cpu"):
+        return "cpu"
+    if arch_id.startswith("gfx9"):
+        return "gfx9"
+    if arch_id.startswith("sm"):
+        major = int(arch_id[2:-1] or 0) if arch_id[2:].isdigit() else 0
+        return "sm70" if major < 8 else "sm80+"
+    raise KeyError(f"no tolerance device kind for arch {arch_id!r}; known kinds: {', '.join(DEVICE_KINDS)}")
+
+
+def _dtype_name(dtype) -> str:
+    text = str(dtype).removeprefix("torch.")
+    return {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}.get(text, text)
+
+
+def tolerance(device_kind: str, dtype, backend: str | None, direction: str) -> tuple[float, float]:
+    """``(atol, rtol)`` for comparing a patched model on ``device_kind`` in ``dtype`` to the fp32 eager reference."""
+    if device_kind not in DEVICE_KINDS:
+        raise KeyError(f"unknown device kind {device_kind!r}; known: {', '.join(DEVICE_KINDS)}")
+    if direction not in DIRECTIONS:
+        raise KeyError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    dt = _dtype_name(dtype)
+    for key in (
+        (device_kind, dt, backend or ANY, direction),
+        (device_kind, dt, ANY, direction),
+        ("sm80+", dt, ANY, direction) if device_kind in ("sm70", "gfx9") else None,
+    ):
+        if key is not None and key in TABLE:
+            return TABLE[key]
+    raise KeyError(f"no tolerance for ({device_kind}, {dt}, {backend}, {direction}); add it to portvlm.suites.tolerances.TABLE")
+
+
+def loss_tolerance(dtype) -> tuple[float, float]:
+    """``(atol, rtol)`` for scalar losses of the patched model against the reference."""
+    return LOSS[_dtype_name(dtype)]

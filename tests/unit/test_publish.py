@@ -1,0 +1,336 @@
+"""portvlm.publish: SUPPORT.md, site/index.html and badges from results + matrix (no torch, no browser)."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from portvlm.matrix import expand, load_matrix, parse_matrix
+from portvlm.publish import main as publish_main
+from portvlm.publish import publish
+from portvlm.publish.table import EVIDENCE_STYLE, NOT_RUN, STATUS_STYLE, build_table, read_results
+from portvlm.run.results import EVIDENCE, STATUSES, CellResult, Check, SuiteResult, write_result
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The cpu arch has one stack per result status and one model per evidence level, so every status × evidence
+# pair is one cell; the GPU archs feed the per-platform badges (sm80 and sm90 fold into sm80+).
+MATRIX_YAML = """
+version: 1
+archs:
+  - {id: cpu, vendor: cpu, description: CPU lane, dtypes: [float32], runtime: host,
+     stacks: [st-pass, st-fail, st-xfail, st-xpass, st-error, st-timeout, st-excluded, st-skipped]}
+  - {id: sm70, vendor: nvidia, description: Volta, capability: [7, 0], dtypes: [float16], runtime: host,
+     stacks: [gpu-old, gpu-new]}
+  - {id: sm80, vendor: nvidia, description: Ampere, capability: [8, 0], dtypes: [bfloat16], stacks: [gpu-new]}
+  - {id: sm90, vendor: nvidia, description: Hopper, capability: [9, 0], dtypes: [bfloat16], stacks: [gpu-new]}
+  - {id: gfx90a, vendor: amd, description: MI200, gfx: gfx90a, dtypes: [bfloat16], stacks: [gpu-new]}
+  - {id: gfx942, vendor: amd, description: MI300, gfx: gfx942, dtypes: [bfloat16], stacks: [gpu-new]}
+stacks:
+  - {id: st-pass, python: "3.11", torch: 2.13.0, torch_variant: cpu, transformers: 4.57.6}
+  - {id: st-fail, python: "3.11", torch: 2.13.0, torch_variant: cpu, transformers: 4.57.6}
+  - {id: st-xfail, python: "3.11", torch: 2.13.0, torch_variant: cpu, transformers: 4.57.6}
+  - {id: st-xpass, python: "3.11", torch: 2.13.0, torch_variant: cpu, transformers: 4.57.6}
+  - {id: st-error, python: "3.11", torch: 2.13.0, torch_variant: cpu, transformers: 4.57.6}
+  - {id: st-timeout, python: "3.11", torch: 2.13.0, torch_variant: cpu, transformers: 4.57.6}
+  - {id: st-excluded, python: "3.11", torch: 2.13.0, torch_variant: cpu, transformers: 4.57.6}
+  - {id: st-skipped, python: "3.11", torch: 2.13.0, torch_variant: cpu, transformers: 4.57.6, ci: false}
+  - {id: gpu-old, python: "3.10", torch: 2.3.1, torch_variant: cu118, transformers: 4.50.3,
+     image: portvlm/sm70-old, base_image: "nvidia/cuda:11.8.0-runtime-ubuntu22.04"}
+  - {id: gpu-new, python: "3.12", torch: 2.11.0, torch_variant: cu130, transformers: 5.17.0}
+models:
+  - {id: mhardware, family: qwen2_5_vl, description: model A, min_transformers: 4.49.0}
+  - {id: memulated, family: qwen2_5_vl, description: model B, min_transformers: 4.49.0}
+  - {id: mbuilt, family: llava, description: model C, min_transformers: 4.49.0}
+  - {id: mnone, family: qwen3_vl, description: model D, min_transformers: 4.57.1}
+expectations:
+  - outcome: excluded
+    models: [mnone]
+    transformers: "<4.57.1"
+    reason: "model D first ships in 4.57.1 | piped <b>bold</b>"
+  - outcome: xfail
+    archs: [cpu]
+    stacks: [st-xfail, st-xpass]
+    reason: "declared xfail: upstream bug #123"
+"""
+EVIDENCE_OF_MODEL = {"mhardware": "hardware", "memulated": "emulated", "mbuilt": "built", "mnone": "none"}
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    return parse_matrix(MATRIX_YAML, "matrix.yaml")
+
+
+def fake_result(cell, status: str, evidence: str, *, parity=1.5e-6, step=0.25, reason=None, **extra) -> CellResult:
+    """A result as the runner writes it, with a parity figure and a training step time."""
+    suites = {
+        "parity": SuiteResult("parity", "pass", figures={"max_abs_err": parity},
+                              checks=[Check("logits", True, value=parity, bound=1e-4)]),
+        "training": SuiteResult("training", "pass", figures={"step_time_s": step}),
+    }
+    if status in ("fail", "xfail"):
+        suites["parity"] = SuiteResult("parity", "fail", figures={"max_abs_err": 0.5},
+                                       checks=[Check("vision_packed", False, detail="max abs err 0.5 > atol 1e-4",
+                                                     value=0.5, bound=1e-4)])
+    return CellResult(
+        cell=cell.id, arch=cell.arch.id, model=cell.model.id, stack={"id": cell.stack.id},
+        expected=cell.expected, status=status, evidence=evidence, reason=reason, suites=suites, **extra,
+    )
+
+
+def every_status_by_evidence(matrix, results_dir: Path) -> dict[str, CellResult]:
+    """One result per status × evidence on the cpu arch (32 cells) plus a few GPU ones."""
+    written = {}
+    for cell in expand(matrix):
+        if cell.arch.id == "cpu":
+            status = cell.stack.id.removeprefix("st-")
+            evidence = EVIDENCE_OF_MODEL[cell.model.id]
+            kwargs = {}
+            if status == "error":
+                kwargs = {"suites": {}, "error": "Traceback (most recent call last):\n  ...\nRuntimeError: boom in cell"}
+                r = CellResult(cell=cell.id, arch="cpu", model=cell.model.id, stack={}, expected=cell.expected,
+                               status="error", evidence=evidence, **kwargs)
+            elif status == "timeout":
+                r = CellResult(cell=cell.id, arch="cpu", model=cell.model.id, stack={}, expected=cell.expected,
+                               status="timeout", evidence=evidence, error="cell exceeded 900s; log: x.log")
+            elif status == "skipped":
+                r = fake_result(cell, status, evidence, reason="needs a CUDA device, found cpu")
+            elif status == "excluded":
+                r = fake_result(cell, status, evidence, reason="excluded by hand in this test")
+            else:
+                r = fake_result(cell, status, evidence)
+        elif cell.arch.id == "sm80" and cell.model.id in ("mhardware", "memulated"):
+            r = fake_result(cell, "pass", "hardware" if cell.model.id == "mhardware" else "emulated")
+        elif cell.arch.id == "sm90" and cell.model.id == "mhardware":
+            r = fake_result(cell, "pass", "hardware", parity=float("nan"))
+        elif cell.arch.id == "gfx942":
+            r = fake_result(cell, "pass", "hardware") if cell.expected != "excluded" else None
+        else:
+            r = None
+        if r is not None:
+            write_result(r, results_dir)
+            written[cell.id] = r
+    return written
+
+
+@pytest.fixture()
+def published(tmp_path, matrix):
+    results = tmp_path / "results"
+    written = every_status_by_evidence(matrix, results)
+    out = publish(results, matrix, tmp_path)
+    return {"tmp": tmp_path, "results": results, "written": written, "out": out,
+            "html": (tmp_path / "site" / "index.html").read_text(), "md": (tmp_path / "SUPPORT.md").read_text()}
+
+
+def cells_of(page: str) -> dict[str, str]:
+    """cell id -> the <td> markup of that cell."""
+    return {m.group(1): m.group(0) for m in re.finditer(r'<td class="cell[^"]*" id="([^"]+)".*?</td>', page, re.S)}
+
+
+def test_every_expanded_cell_appears_once_run_or_not(published, matrix):
+    tds = cells_of(published["html"])
+    assert sorted(tds) == sorted(c.id for c in expand(matrix))
+    for cell in expand(matrix):
+        assert published["md"].count(f"`{cell.stack.id}`") >= 1
+    not_run = [c for c in expand(matrix) if c.id not in published["written"] and c.expected != "excluded"]
+    assert not_run, "the fixture should leave some cells without a result"
+    for cell in not_run:
+        assert f'data-status="{NOT_RUN}"' in tds[cell.id] and 'data-evidence="none"' in tds[cell.id]
+        assert "href=" not in tds[cell.id]
+
+
+def test_every_status_and_evidence_is_shown_and_linked(published):
+    tds = cells_of(published["html"])
+    seen = set()
+    for cell_id, result in published["written"].items():
+        td = tds[cell_id]
+        assert f'data-status="{result.status}"' in td and f'data-evidence="{result.evidence}"' in td
+        assert f'href="results/{cell_id}.json"' in td
+        assert EVIDENCE_STYLE[result.evidence]["glyph"] in td
+        assert (published["tmp"] / "site" / "results" / f"{cell_id}.json").is_file()
+        assert f"[{STATUS_STYLE[result.status]['icon']} {result.status}](results/{cell_id}.json)" in published["md"]
+        seen.add((result.status, result.evidence))
+    assert seen >= {(s, e) for s in STATUSES for e in EVIDENCE}
+
+
+def test_each_evidence_level_has_its_own_glyph_and_colour(published):
+    glyphs = [v["glyph"] for v in EVIDENCE_STYLE.values()]
+    assert sorted(EVIDENCE_STYLE) == sorted(EVIDENCE) and len(set(glyphs)) == len(glyphs)
+    for level in EVIDENCE:
+        assert re.search(rf"\.ev\.ev-{level} {{ color: #[0-9a-f]{{6}}; }}", published["html"])
+
+
+def test_failures_and_expected_failures_carry_their_reason(published, matrix):
+    tds = cells_of(published["html"])
+    by_id = {c.id: c for c in expand(matrix)}
+    for cell_id, result in published["written"].items():
+        td = tds[cell_id]
+        if result.status in ("fail", "xfail"):
+            assert "parity: vision_packed: max abs err 0.5 &gt; atol 1e-4" in td
+        elif result.status == "error":
+            assert "RuntimeError: boom in cell" in td
+        elif result.status == "timeout":
+            assert "cell exceeded 900s" in td
+        elif result.status == "skipped":
+            assert "needs a CUDA device, found cpu" in td
+        elif result.status == "pass":
+            assert 'class="reason"' not in td
+    # Excluded by the matrix and never run: the declared reason, as data, escaped in both renderings.
+    excluded = [c for c in by_id.values() if c.expected == "excluded" and c.id not in published["written"]]
+    assert excluded
+    for cell in excluded:
+        assert 'data-status="excluded"' in tds[cell.id]
+        assert "model D first ships in 4.57.1 | piped &lt;b&gt;bold&lt;/b&gt;" in tds[cell.id]
+    assert "model D first ships in 4.57.1 \\| piped &lt;b&gt;bold&lt;/b&gt;" in published["md"]
+    assert "<b>bold</b>" not in published["html"] + published["md"]
+
+
+def test_key_numbers(published):
+    tds = cells_of(published["html"])
+    pass_hw = next(i for i, r in published["written"].items() if r.status == "pass" and r.arch == "cpu")
+    assert "err 1.5e-06 · step 250 ms" in tds[pass_hw]
+    fail = next(i for i, r in published["written"].items() if r.status == "fail")
+    assert "err 0.5 · step 250 ms" in tds[fail]
+    error = next(i for i, r in published["written"].items() if r.status == "error")
+    assert "err — · step —" in tds[error]
+    nan = "sm90--mhardware--gpu-new"
+    assert "err nan" in tds[nan], "a NaN parity error must show, not vanish"
+
+
+def test_badges_follow_the_shields_endpoint_schema(published):
+    schema = {
+        "type": "object",
+        "required": ["schemaVersion", "label", "message", "color"],
+        "properties": {"schemaVersion": {"const": 1}, "label": {"type": "string"}, "message": {"type": "string"},
+                       "color": {"type": "string"}},
+    }
+    badges = {}
+    for platform in ("cpu", "sm70", "sm80+", "gfx90a", "gfx942"):
+        doc = json.loads((published["tmp"] / "site" / "badges" / f"{platform}.json").read_text())
+        jsonschema.validate(doc, schema)
+        svg = (published["tmp"] / "site" / "badges" / f"{platform}.svg").read_text()
+        assert svg.startswith("<svg") and html.escape(doc["message"]) in svg
+        assert f'src="badges/{platform}.svg"' in published["html"]
+        badges[platform] = doc
+    # cpu: 32 cells; the 4 whose result says "excluded" do not count; 4 pass (one per evidence level).
+    assert badges["cpu"]["message"].startswith("4/28 pass · 4 fail · 4 error · 4 timeout · 4 xpass · 4 xfail")
+    assert "1 emulated" in badges["cpu"]["message"] and "1 built" in badges["cpu"]["message"]
+    assert badges["cpu"]["color"] == "red"
+    # sm80+ folds sm80 and sm90: 3 passes (2 hardware, 1 emulated) of 8 cells, the rest not run.
+    assert badges["sm80+"]["message"] == "3/8 pass · 1 emulated" and badges["sm80+"]["color"] == "yellow"
+    # gfx942: every cell passed on hardware.
+    assert badges["gfx942"]["message"] == "4/4 pass" and badges["gfx942"]["color"] == "brightgreen"
+    # sm70: the excluded cell does not count; nothing ran.
+    assert badges["sm70"]["message"] == "not run (7 cells)" and badges["sm70"]["color"] == "lightgrey"
+
+
+def test_missing_and_corrupt_results_are_noted_not_fatal(tmp_path, matrix):
+    results = tmp_path / "results"
+    results.mkdir()
+    good = next(c for c in expand(matrix) if c.arch.id == "gfx90a" and c.expected == "pass")
+    write_result(fake_result(good, "pass", "hardware"), results)
+    (results / "broken.json").write_text("{not json")
+    (results / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
+    (results / "list.json").write_text("[1, 2]")
+    (results / "oldschema.json").write_text(json.dumps({"schema": "portvlm.cell-result/0", "cell": "x"}))
+    (results / "unknownfield.json").write_text(json.dumps({"schema": "portvlm.cell-result/1", "bogus": 1}))
+    stray = CellResult(cell="cpu--nosuchmodel--st-pass", arch="cpu", model="nosuchmodel", stack={},
+                       expected="pass", status="pass", evidence="hardware")
+    write_result(stray, results)
+    weird = fake_result(good, "pass", "hardware")
+    weird.status, weird.evidence = "great", "vibes"
+    (results / "weird.json").write_text(json.dumps(weird.to_json()))
+    misnamed = fake_result(good, "pass", "hardware")
+    (results / "misnamed.json").write_text(json.dumps(misnamed.to_json()))
+
+    out = publish(results, matrix, tmp_path)
+    page = out["site/index.html"].read_text()
+    md = out["SUPPORT.md"].read_text()
+    assert "Generated from 1 result over" in md and "Generated from 1 result over" in page
+    for name in ("broken.json", "binary.json", "list.json", "oldschema.json", "unknownfield.json", "weird.json",
+                 "misnamed.json", "cpu--nosuchmodel--st-pass.json"):
+        assert name in md and name in page, name
+    assert "status 'great' is not one of" in md and "evidence 'vibes' is not one of" in md
+    assert sorted(p.name for p in (tmp_path / "site" / "results").iterdir()) == [f"{good.id}.json"]
+
+    # No results folder at all: still a full table, every cell "not run".
+    out = publish(tmp_path / "nowhere", matrix, tmp_path / "empty")
+    page = out["site/index.html"].read_text()
+    assert "Generated from 0 results" in page and "no results directory" in page
+    assert page.count(f'data-status="{NOT_RUN}"') == sum(1 for c in expand(matrix) if c.expected != "excluded")
+
+
+def test_output_is_deterministic(tmp_path, matrix):
+    results = tmp_path / "results"
+    every_status_by_evidence(matrix, results)
+    a = publish(results, matrix, tmp_path / "a")
+    b = publish(results, matrix, tmp_path / "b")
+    again = publish(results, matrix, tmp_path / "a")
+    assert sorted(a) == sorted(b) == sorted(again)
+    for name in a:
+        assert a[name].read_bytes() == b[name].read_bytes() == again[name].read_bytes(), name
+    text = a["SUPPORT.md"].read_text() + a["site/index.html"].read_text()
+    assert not re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d", text), "no timestamps in the output"
+    assert "Generated from 39 results" in text
+
+
+def test_stale_copies_are_dropped(tmp_path, matrix):
+    results = tmp_path / "results"
+    every_status_by_evidence(matrix, results)
+    publish(results, matrix, tmp_path)
+    victim = sorted(results.glob("*.json"))[0]
+    victim.unlink()
+    out = publish(results, matrix, tmp_path)
+    assert not (tmp_path / "site" / "results" / victim.name).exists()
+    assert f"site/results/{victim.name}" not in out
+
+
+def test_table_rows_are_model_by_stack_and_columns_archs(matrix):
+    table = build_table(expand(matrix), read_results("/nonexistent"),
+                        archs=tuple(a.id for a in matrix.archs), stacks=tuple(s.id for s in matrix.stacks))
+    assert table.archs == ("cpu", "sm70", "sm80", "sm90", "gfx90a", "gfx942")
+    assert [(r.model, r.stack) for r in table.rows][:3] == [("mhardware", "st-pass"), ("mhardware", "st-fail"),
+                                                           ("mhardware", "st-xfail")]
+    gpu_new = next(r for r in table.rows if r.model == "mbuilt" and r.stack == "gpu-new")
+    assert [s is not None for s in gpu_new.slots] == [False, True, True, True, True, True]
+    xfail = next(s for s in table.slots if s.stack == "st-xfail")
+    assert xfail.status == NOT_RUN and xfail.reason == "declared xfail: upstream bug #123"
+
+
+def test_cli_writes_everything_and_reports(tmp_path, matrix, capsys):
+    results = tmp_path / "results"
+    every_status_by_evidence(matrix, results)
+    (results / "broken.json").write_text("{")
+    mpath = tmp_path / "matrix.yaml"
+    mpath.write_text(MATRIX_YAML)
+    from portvlm.cli import main as cli_main
+
+    rc = cli_main(["publish", "--results", str(results), "--out", str(tmp_path / "out"), "--matrix", str(mpath)])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "generated from 39 results" in captured.out and "sm80+" in captured.out
+    assert "broken.json" in captured.err
+    assert (tmp_path / "out" / "SUPPORT.md").is_file() and (tmp_path / "out" / "site" / "badges" / "sm80+.svg").is_file()
+
+
+def test_cli_bad_matrix_exits_2(tmp_path, capsys):
+    bad = tmp_path / "matrix.yaml"
+    bad.write_text("version: 2\n")
+    assert publish_main(["--matrix", str(bad), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_real_matrix_publishes_with_no_results(tmp_path):
+    matrix = load_matrix(ROOT / "matrix.yaml")
+    out = publish(tmp_path / "results", matrix, tmp_path)
+    page = out["site/index.html"].read_text()
+    assert len(cells_of(page)) == len(expand(matrix))
+    for cell in expand(matrix):
+        if cell.expected != "pass":
+            assert html.escape(cell.reason) in cells_of(page)[cell.id]
+    assert "/work/" not in page + out["SUPPORT.md"].read_text()
