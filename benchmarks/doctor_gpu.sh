@@ -3,6 +3,10 @@
 # Run from the repository root:   bash benchmarks/doctor_gpu.sh            (PYTHON=... to pick an interpreter)
 # Prints the one-screen report, the --json record (validated against portvlm/data/doctor.schema.json when
 # jsonschema is installed), and the --strict exit code. Writes doctor-<host>.json under ${OUT:-.}.
+# The matrix loader needs jsonschema (a pyproject dependency). If the GPU venv lacks it and cannot reach PyPI,
+# unpack the cp312 wheels of jsonschema + deps into .portvlm/gpu-site and run with
+#   PYTHONPATH=$(pwd)/.portvlm/gpu-site bash benchmarks/doctor_gpu.sh
+# (without it the report still prints, with a `matrix` WARN and no families).
 set -u
 PY="${PYTHON:-python}"
 OUTDIR="${OUT:-.}"

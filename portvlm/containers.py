@@ -458,9 +458,33 @@ def pip_platforms(glibc_minor: int = 28) -> list[str]:
     return tags + [name for m, name in legacy.items() if m <= glibc_minor]
 
 
+def lock_hashes(lock_text: str) -> dict[str, set[str]]:
+    """``{name==version: {sha256, ...}}`` of every requirement in a hashed lock."""
+    out: dict[str, set[str]] = {}
+    for block in re.split(r"\n(?=[A-Za-z0-9])", lock_text):
+        m = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*==\S+)", block)
+        if m:
+            out[m.group(1)] = set(re.findall(r"--hash=sha256:([0-9a-f]{64})", block))
+    return out
+
+
+def wheelhouse_reasons(lock: Path, dest: Path) -> list[str]:
+    """Which locked requirements have no wheel with an allowed hash in ``dest`` (empty = complete)."""
+    have = set()
+    for whl in dest.glob("*.whl") if dest.is_dir() else ():
+        h = hashlib.sha256()
+        with whl.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        have.add(h.hexdigest())
+    return [req for req, hashes in lock_hashes(lock.read_text()).items() if not hashes & have]
+
+
 def wheelhouse(spec: ImageSpec, lock: Path, dest: Path) -> Path:
     """Download the lock's wheels for the image's platform into ``dest`` (host side; hashes checked)."""
     dest.mkdir(parents=True, exist_ok=True)
+    if not wheelhouse_reasons(lock, dest):
+        return dest
     abi = "cp" + spec.stack.python.replace(".", "")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--only-binary=:all:"]
     for tag in pip_platforms():
@@ -486,11 +510,7 @@ def stage_context(spec: ImageSpec, out: Path = Path(OUT_DIR), extra_ca: str | os
     dist = ctx / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     dist.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(REPO_ROOT)],
-        capture_output=True,
-        text=True,
-    )
+    proc = subprocess.run([_uv(), "build", "--wheel", "-q", "--out-dir", str(dist), str(REPO_ROOT)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"building portvlm's wheel failed:\n{proc.stderr.strip()[-3000:]}")
     ca = ctx / "extra-ca"
@@ -509,34 +529,40 @@ class BuildRecord:
     seconds: float
     image_id: str
     size_bytes: int | None
+    stage_seconds: float = 0.0  # wheelhouse download + portvlm wheel (host side)
+    steps: tuple[tuple[str, float], ...] = ()  # (build step, seconds) as the engine reported them
 
 
 def build(spec: ImageSpec, engine: Engine | None, *, out: Path = Path(OUT_DIR), extra_ca=None, no_cache=False) -> BuildRecord:
     """Build ``spec`` with ``engine``; writes .portvlm/containers/<slug>/build.json only on success."""
     if engine is None:
         raise EngineMissing(NO_ENGINE)
+    start0 = time.monotonic()
     ctx = stage_context(spec, out, extra_ca)
+    staged = time.monotonic()
     args = ["-t", spec.tag, "-f", str(ctx / "Dockerfile"), "--build-arg", f"REVISION={_git_revision()}"]
     args += ["--build-arg", f"CREATED={_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}"]
     if no_cache:
         args.append("--no-cache")
     start = time.monotonic()
-    proc = subprocess.run(engine.cmd("build", *args, str(ctx)))
+    returncode, steps = _stream(engine.cmd("build", *args, str(ctx)))
     seconds = time.monotonic() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{engine.name} build of {spec.tag} failed (exit {proc.returncode})")
+    if returncode != 0:
+        raise RuntimeError(f"{engine.name} build of {spec.tag} failed (exit {returncode})")
     info = _inspect(engine, spec.tag)
-    record = BuildRecord(spec.tag, engine.name, round(seconds, 1), info.get("Id", ""), info.get("Size"))
+    record = BuildRecord(
+        spec.tag, engine.name, round(seconds, 1), info.get("Id", ""), info.get("Size"), round(staged - start0, 1), steps
+    )
     state = state_dir(spec)
     (state / "build.json").write_text(json.dumps(dataclasses.asdict(record), indent=2) + "\n")
     return record
 
 
 def pull(spec: ImageSpec, engine: Engine | None, registry: str | None = None) -> int:
-    """Pull the published image (``registry``/$PORTVLM_REGISTRY prefix, default docker.io)."""
+    """Pull the published image (``registry``/$PORTVLM_REGISTRY prefix, default ghcr.io)."""
     if engine is None:
         raise EngineMissing(NO_ENGINE)
-    registry = registry or os.environ.get("PORTVLM_REGISTRY", "docker.io")
+    registry = registry or os.environ.get("PORTVLM_REGISTRY", "ghcr.io")
     return subprocess.run(engine.cmd("pull", f"{registry}/{spec.tag}")).returncode
 
 
@@ -567,6 +593,25 @@ def cell_command(cell_id: str, out: str) -> list[str]:
 
 class EngineMissing(RuntimeError):
     """No container engine on this host."""
+
+
+def _stream(cmd: list[str]) -> tuple[int, tuple[tuple[str, float], ...]]:
+    """Run ``cmd``, echoing its output, and time each "STEP" line podman/buildah prints."""
+    steps: list[tuple[str, float]] = []
+    current, since = None, time.monotonic()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            if re.match(r"^(\[\d+/\d+\] )?STEP \d+/\d+: ", line):
+                now = time.monotonic()
+                if current:
+                    steps.append((current, round(now - since, 2)))
+                current, since = line.strip()[:120], now
+        returncode = proc.wait()
+    if current:
+        steps.append((current, round(time.monotonic() - since, 2)))
+    return returncode, tuple(steps)
 
 
 def _inspect(engine: Engine, tag: str) -> dict:
@@ -665,8 +710,9 @@ def main(argv: list[str] | None = None) -> int:
     return run_in(spec, cmd or ["portvlm", "doctor", "--json"], engine, volumes=args.volume, gpu_vendor=args.gpu).returncode
 
 
-# The one Dockerfile template. Stages: `os` (distro + Python + user), `build` (venv from the wheelhouse,
-# proxy CAs only here), final (venv + portvlm, non-root, doctor as its first check).
+# The one Dockerfile template. One stage: the wheelhouse, portvlm's wheel and proxy CAs are bind-mounted into
+# the steps that need them (RUN --mount: BuildKit or podman/buildah), so none of them lands in a layer, and a
+# cached rebuild does not re-copy a multi-GB venv between stages.
 _TEMPLATE = r"""
 # {{ spec.tag }}: portvlm's image for stack {{ stack.id }} (archs: {{ spec.arch_ids | join(", ") }}).
 # Rendered from matrix.yaml by `portvlm containers render`: do not edit; a test checks it matches.
@@ -677,8 +723,9 @@ _TEMPLATE = r"""
 #                                     --platform manylinux_2_28_x86_64 (pip<24: also each older manylinux tag) \
 #                                     --python-version {{ stack.python }} --implementation cp \
 #                                     --abi {{ py_abi }} --abi abi3 --abi none -r requirements.lock -d wheelhouse
-#   dist/                           pip wheel --no-deps -w dist <portvlm checkout>
-#   extra-ca/                       *.crt of a TLS-intercepting proxy, or empty (--build-arg EXTRA_CA=other-dir)
+#   dist/                           portvlm's wheel: uv build --wheel --out-dir dist <portvlm checkout>
+#   extra-ca/                       *.crt of a TLS-intercepting proxy, or empty; used while installing only
+# then: podman build -t {{ spec.tag }} .   (or docker buildx build; RUN --mount needs BuildKit)
 {%- if stack.base_image.startswith("localhost/") %}
 # Base: made locally by scripts/bootstrap-podman.sh (debootstrap --variant=minbase bookworm + import).
 {%- endif %}
@@ -687,12 +734,14 @@ _TEMPLATE = r"""
 FROM {{ uv_image }} AS uv
 {%- endif %}
 
-FROM {{ stack.base_image }} AS os
+FROM {{ stack.base_image }}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH \
+    HF_HOME=/home/{{ user }}/.cache/huggingface
 # Distro packages float within the pinned base's release: pinning Debian/Ubuntu revisions breaks on every
 # point release, and the base tag already fixes the release.
 # hadolint ignore=DL3008
@@ -701,59 +750,49 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid {{ uid }} {{ user }} \
  && useradd --create-home --uid {{ uid }} --gid {{ uid }} --shell /bin/bash {{ user }}
-
-FROM os AS build
-ARG EXTRA_CA=extra-ca
-COPY ${EXTRA_CA}/ /usr/local/share/ca-certificates/portvlm-extra/
-ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
-    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
-    PATH=/opt/venv/bin:$PATH
 {%- if python_source == "uv" %}
-# The base's distro has no Python {{ stack.python }} package: use a standalone build from uv.
+# The base's distro has no Python {{ stack.python }} package: a standalone build from uv.
 COPY --from=uv /uv /usr/local/bin/uv
 ENV UV_PYTHON_INSTALL_DIR=/opt/python
-RUN update-ca-certificates \
- && uv python install {{ stack.python }} \
- && uv venv --seed --python {{ stack.python }} /opt/venv
-{%- else %}
-RUN update-ca-certificates \
- && python3 -m venv /opt/venv
 {%- endif %}
 {%- if index_pins %}
-# torch and friends are not in the lock: {{ torch_index }} was unreachable where it was resolved,
-# so they are pinned by version only (no hashes) and fetched from that index, with their dependencies.
+# Not in the lock: {{ torch_index }} was not resolvable where the lock was made, so these are pinned by
+# version only (no hashes) and fetched from that index here, with their own dependencies.
 ARG TORCH_INDEX_URL={{ torch_index }}
 {%- endif %}
-# Everything requirements.lock pins is hashed and installed offline from the host's wheelhouse.
-COPY requirements.lock /tmp/requirements.lock
-COPY wheelhouse/ /tmp/wheelhouse/
-RUN pip install --no-cache-dir --no-index --find-links /tmp/wheelhouse --require-hashes --no-deps \
-      -r /tmp/requirements.lock
-{%- if index_pins %} \
- && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" {{ index_pins | join(" ") }}
-{%- endif %}
-
-FROM os
+COPY requirements.lock /opt/portvlm/requirements.lock
+# Every requirement the lock pins is hashed and installed offline from the host's wheelhouse. Proxy CAs join
+# pip's bundle for this step only.
+RUN --mount=type=bind,source=wheelhouse,target=/tmp/wheelhouse \
+    --mount=type=bind,source=extra-ca,target=/tmp/extra-ca \
+    cp /etc/ssl/certs/ca-certificates.crt /tmp/ca.pem \
+ && find /tmp/extra-ca -name '*.crt' -exec cat {} + >> /tmp/ca.pem \
+ && export PIP_CERT=/tmp/ca.pem SSL_CERT_FILE=/tmp/ca.pem \
 {%- if python_source == "uv" %}
-COPY --from=build /opt/python /opt/python
+ && uv python install {{ stack.python }} \
+ && uv venv --seed --python {{ stack.python }} /opt/venv \
+{%- else %}
+ && python3 -m venv /opt/venv \
 {%- endif %}
-COPY --from=build /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH \
-    HF_HOME=/home/{{ user }}/.cache/huggingface
-COPY dist/ /tmp/dist/
-RUN pip install --no-cache-dir --no-index --no-deps --find-links /tmp/dist "portvlm=={{ labels['org.opencontainers.image.version'] }}" \
- && rm -rf /tmp/dist \
+ && pip install --no-cache-dir --no-index --find-links /tmp/wheelhouse --require-hashes --no-deps \
+      -r /opt/portvlm/requirements.lock \
+{%- if index_pins %}
+ && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" {{ index_pins | join(" ") }} \
+{%- endif %}
+ && rm /tmp/ca.pem
+RUN --mount=type=bind,source=dist,target=/tmp/dist \
+    pip install --no-cache-dir --no-index --no-deps --find-links /tmp/dist "portvlm=={{ labels['org.opencontainers.image.version'] }}" \
  && pip check \
- && install -d -o {{ uid }} -g {{ uid }} /opt/portvlm
+ && chown {{ uid }}:{{ uid }} /opt/portvlm
 USER {{ uid }}:{{ uid }}
 WORKDIR /home/{{ user }}
 {%- if spec.is_gpu %}
-# First check. The builder usually has no {{ "GPU" }}: the verdict is recorded, not enforced (run the image's
+# First check. The builder usually has no GPU: the verdict is recorded, not enforced (run the image's
 # default command on the target machine for the real one).
 RUN portvlm doctor --json > /opt/portvlm/doctor-build.json \
  || echo "portvlm doctor: verdict on a GPU-less builder is not enforced (see /opt/portvlm/doctor-build.json)"
 {%- else %}
-# First check: the builder is this image's target (x86-64 CPU), so a failing doctor fails the build.
+# First check: the builder is this image's target (x86-64 CPU), so a crashing doctor fails the build.
 RUN portvlm doctor --json > /opt/portvlm/doctor-build.json
 {%- endif %}
 CMD ["portvlm", "doctor", "--json"]

@@ -453,7 +453,7 @@ def _check_gpu(info: EnvInfo) -> list[Check]:
     if not p.is_gpu:
         why = "; ".join(info.gpu_reasons[:6]) or "no GPU probe found a device"
         return [Check("gpu", "info", f"no GPU ({why})")]
-    memory = f", {p.memory_mib // 1024} GiB" if p.memory_mib else ""
+    memory = f", {p.memory_mib / 1024:.0f} GiB" if p.memory_mib else ""
     more = f" (+{p.count - 1} more)" if p.count > 1 else ""
     via = f"via {p.source}" + ("; a CUDA context was created" if p.source == "torch" else "")
     return [Check("gpu", "ok", f"{p.name} ({_device_arch(p)}{memory}){more}, {via}")]
@@ -579,17 +579,47 @@ def predicted_shims(transformers_version: str | None, family: str) -> tuple[Shim
     return tuple(shims)
 
 
-def _shims_for(info: EnvInfo, family: str) -> tuple[Shim, ...]:
-    try:
-        from portvlm import shims as shim_pkg
+def _shim_label(name: str, v: Version) -> str:
+    """A few words for the one-screen view of a declared shim on version ``v``."""
+    if name == "kv_cache":
+        return "key_cache lists" if v < Version("4.54") else "crop() inverted, layers" if v >= Version("5.15") \
+            else "cache.layers"
+    if name == "layer_paths":
+        return "≤4.51 paths" if v < Version("4.52") else "4.52+ paths" if v < Version("5.0") else "5.x paths"
+    if name == "vision_varlen":
+        return "class patching" if v < Version("4.53") else "one block-diagonal call"
+    if name == "text_registry":
+        return "AttentionInterface + masks"
+    if name == "vision_dense_mask":
+        return "skip the looped [S,S] mask"
+    return ""
 
-        listing = getattr(shim_pkg, "applicable", None)  # a pure listing, if the shims package exposes one
-        if callable(listing):
-            return tuple(Shim(str(getattr(s, "name", s)), str(getattr(s, "reason", getattr(s, "detail", ""))),
-                              "declared") for s in listing(info.transformers.version, family))
+
+def _shims_for(info: EnvInfo, family: str) -> tuple[Shim, ...]:
+    """Declared shims (``portvlm.shims.patch.SHIMS``) whose transformers range admits the installed version.
+
+    The declarations' own probes need a built model, so only the version range is judged here; the
+    ``vision_dense_mask`` method exists only in 4.53.1-4.53.x (breakpoints §3), so it is listed only there.
+    Without an importable listing, :func:`predicted_shims` answers from the breakpoints research.
+    """
+    v = facts.version_or_none(info.transformers.version)
+    if v is None:
+        return ()
+    try:
+        from portvlm.shims.patch import SHIMS
     except Exception:
-        pass
-    return predicted_shims(info.transformers.version, family)
+        return predicted_shims(info.transformers.version, family)
+    out = []
+    try:
+        for shim in SHIMS:
+            if not SpecifierSet(shim.transformers).contains(v, prereleases=True):
+                continue
+            if shim.name == "vision_dense_mask" and not (Version("4.53.1") <= v < Version("4.54")):
+                continue
+            out.append(Shim(shim.name, str(shim.answers), "declared", _shim_label(shim.name, v)))
+    except Exception:
+        return predicted_shims(info.transformers.version, family)
+    return tuple(out)
 
 
 def _match_stack(info: EnvInfo, arch, matrix):

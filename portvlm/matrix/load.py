@@ -192,7 +192,7 @@ def _compose(text: str, path: str) -> yaml.Node | None:
         raise _fail(
             path,
             line,
-            f"character {exc.character!r} is not allowed in YAML; delete it (control characters and unpaired surrogates cannot appear)",
+            f"character U+{_code(exc.character):04X} is not allowed in YAML; delete it (control characters and unpaired surrogates cannot appear)",
         ) from None
     except yaml.YAMLError as exc:
         raise _fail(path, None, f"invalid YAML: {_clip(str(exc))}; {_SYNTAX_FIX}") from None
@@ -804,7 +804,13 @@ def _kind(value: Any) -> str:
     return names.get(type(value), f"a {type(value).__name__}")
 
 
+def _code(character: int | str) -> int:
+    return character if isinstance(character, int) else ord(character[:1] or "\0")
+
+
 def _show(value: Any) -> str:
+    if value is None:
+        return "null"
     if isinstance(value, (dict, list)):
         return _clip(json.dumps(value, default=str, ensure_ascii=False))
     if isinstance(value, bool):

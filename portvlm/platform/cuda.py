@@ -6,6 +6,7 @@ one with none and the reasons why; nothing raises.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -68,10 +69,8 @@ def probe_nvml(probes: Probes):
     except Exception as exc:
         return Detection(reasons=(f"NVML: query failed: {describe_error(exc)}",))
     finally:
-        try:
+        with contextlib.suppress(Exception):
             nvml.nvmlShutdown()
-        except Exception:
-            pass
 
 
 _SMI_QUERY = ["nvidia-smi", "--query-gpu=index,name,compute_cap,memory.total,driver_version",

@@ -6,6 +6,7 @@ amdsmi is imported here only, lazily. gfx targets are reported without feature s
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -45,10 +46,8 @@ def probe_amdsmi(probes: Probes):
                 memory_mib = int((smi.amdsmi_get_gpu_vram_info(handle) or {}).get("vram_size"))
             except Exception:
                 memory_mib = None
-            try:
+            with contextlib.suppress(Exception):
                 driver = driver or (smi.amdsmi_get_gpu_driver_info(handle) or {}).get("driver_version")
-            except Exception:
-                pass
             gpus.append(
                 Gpu(
                     index=i,
@@ -65,10 +64,8 @@ def probe_amdsmi(probes: Probes):
     except Exception as exc:
         return Detection(reasons=(f"amdsmi: query failed: {describe_error(exc)}",))
     finally:
-        try:
+        with contextlib.suppress(Exception):
             smi.amdsmi_shut_down()
-        except Exception:
-            pass
 
 
 def probe_rocminfo(probes: Probes):

@@ -3,7 +3,7 @@
 Shim ``kv_cache`` answers three upstream changes (../shared/research/transformers-breakpoints.md §5):
 
 - ≤4.53: ``DynamicCache.key_cache`` / ``value_cache`` are lists of ``[B, H_kv, S, D]`` tensors.
-- 4.54.0 (huggingface/transformers#39106, "layered cache"): ``cache.layers[i].keys`` / ``.values``;
+- 4.54.0 ("layered cache"): ``cache.layers[i].keys`` / ``.values``;
   ``key_cache`` became a deprecated property and was removed in 4.56.0.
 - 5.0.0: no legacy tuples, no ``cache[i]``; 5.15.0 reversed the meaning of ``Cache.crop``'s argument
   (``crop(max_length)`` → ``crop(tokens_to_remove)``, which must be negative). A *negative* argument means
@@ -115,7 +115,7 @@ class CacheView:
         if remove <= 0:
             return
         # A negative argument means "remove that many tokens" both for crop(max_length) (<=5.14) and
-        # crop(tokens_to_remove) (5.15+, huggingface/transformers#41857), so this one call is right on every version.
+        # crop(tokens_to_remove) (5.15+), so this one call is right on every version.
         self.cache.crop(-remove)
 
     def evict(self, start: int, end: int) -> None:

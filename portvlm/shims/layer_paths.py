@@ -1,6 +1,6 @@
 """Where a VLM keeps its decoder layers, vision tower, vision blocks, projector and lm_head, on every version.
 
-Shim ``layer_paths`` answers huggingface/transformers#37033 (4.52.0: ``*Model`` split out of
+Shim ``layer_paths`` answers the 4.52.0 layout change (``*Model`` split out of
 ``*ForConditionalGeneration``; ``m.model.layers`` → ``m.model.language_model.layers``, ``m.visual`` →
 ``m.model.visual``, LLaVA ``m.language_model.model.layers`` → ``m.model.language_model.layers``) and the 5.0.0
 removal of the backward-compatible ``visual`` / ``language_model`` properties. Paths are probed in order (the

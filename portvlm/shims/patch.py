@@ -152,7 +152,14 @@ class Report:
                 lines.append(f"  {label} backend {s.name}")
                 lines += [f"    not {n}: {'; '.join(r)}" for n, r in s.lost.items()]
         lines.append("  applied:")
-        lines += [f"    {a.shim} -> {a.target}: {a.why}" for a in self.applied] or ["    (none)"]
+        by_shim: dict[str, list[Applied]] = {}
+        for a in self.applied:
+            by_shim.setdefault(a.shim, []).append(a)
+        for name, items in by_shim.items():
+            lines.append(f"    {name} (answers: {items[0].why})")
+            lines += [f"      -> {a.target}" for a in items]
+        if not by_shim:
+            lines.append("    (none)")
         lines.append("  not applied:")
         lines += [f"    {n.shim}: {'; '.join(n.reasons)}" for n in self.not_applied] or ["    (none)"]
         lines += [f"  warning: {w}" for w in self.warnings]

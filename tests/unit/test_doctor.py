@@ -7,6 +7,7 @@ stack) plus the lanes: V100+cu130 (kernel image), V100+cu126 (+flash-attn), H100
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from pathlib import Path
@@ -122,10 +123,8 @@ def machine(modules=None, versions=None, requires=None, commands=None, env=None,
         value = commands.get(key)
         return value
 
-    try:
+    with contextlib.suppress(Exception):  # no torch, a failing import, or a hostile facade
         versions.setdefault("torch", modules["torch"].__version__)
-    except BaseException:  # no torch, a failing import, or a hostile facade
-        pass
     return Probes(
         import_module=import_module,
         run=run,
@@ -176,8 +175,21 @@ def test_cpu_is_ok_with_an_evidence_note():
     assert fam.cell == "cpu--qwen2_5vl--cpu-tf5.23.0" and fam.match == "exact"
     assert fam.vision.chosen == "sdpa_masked" and fam.text.chosen == "sdpa_masked"
     assert fam.dtype == "float32"
-    assert {s.name for s in fam.shims} == {"layer_paths", "attention", "kv_cache"}
-    assert all(s.source == "predicted" for s in fam.shims)
+    names = {s.name for s in fam.shims}
+    assert {"layer_paths", "kv_cache"} <= names and "vision_dense_mask" not in names
+    assert all(s.source == "declared" for s in fam.shims)  # portvlm.shims.patch.SHIMS, filtered by range
+
+
+def test_shims_listing_follows_the_transformers_version():
+    from portvlm.doctor.diagnose import predicted_shims
+
+    report = report_for(machine(fake_torch(), versions={"transformers": "4.53.3"}))
+    names = [s.name for s in family(report).shims]
+    assert "vision_dense_mask" in names and "text_registry" in names
+    old = report_for(machine(fake_torch(), versions={"transformers": "4.50.3"}))
+    assert "text_registry" not in [s.name for s in family(old).shims]  # no AttentionMaskInterface before 4.53
+    predicted = {s.name: s for s in predicted_shims("4.52.4", "qwen2_5_vl")}
+    assert predicted["attention"].label == "class patching" and predicted["kv_cache"].source == "predicted"
 
 
 def test_h100_cu130_is_ok_and_chooses_torch_varlen():

@@ -182,6 +182,7 @@ def _check(source: str | bytes) -> None:
         text = str(err)
         assert ERROR.match(text), text
         assert "\n" not in text and err.path == PATH and err.message.strip(), text
+        assert "report this message" not in text, f"no specific message for this input: {text}"
         newline = b"\n" if isinstance(source, bytes) else "\n"
         assert err.line is None or 1 <= err.line <= source.count(newline) + 1, text
         return

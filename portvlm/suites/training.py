@@ -1,0 +1,370 @@
+"""Training step: gradients of the patched model against the reference, several optimizer steps on a fixed batch,
+a frozen vision tower, two samples packed into one row (position ids reset; no flash-attn), FSDP2 over two gloo
+processes on the CPU, and — in fp16 (the sm70 policy) — loss scaling with fp32 master weights.
+
+The reference (unpatched fp32 eager, same state dict) runs before ``portvlm.patch`` is entered: the patch swaps
+class-level forwards, which would otherwise reach the reference instance too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+
+import torch
+
+from portvlm.suites import tiny, tolerances
+from portvlm.suites._common import (
+    PATCHED_BUILD_ATTN,
+    Recorder,
+    Timer,
+    check_from,
+    compare,
+    logits_of,
+    patched,
+    report_summary,
+    resolve_paths,
+    tol,
+    torch_dtype,
+)
+
+STEPS = 5
+LR = 3e-3
+FSDP_STEPS = 2
+FSDP_WORLD = 2
+
+
+def batch(model_id: str, dtype, seed: int = 0) -> dict:
+    """The fixed training batch: the one-image sequence, labels = input ids with vision tokens ignored."""
+    inp = tiny.inputs(model_id, "image", dtype, seed=seed)
+    labels = inp["input_ids"].clone()
+    for tok in (tiny.IMG, tiny.VID, tiny.VSTART, tiny.VEND, tiny.LLAVA_IMG):
+        labels[labels == tok] = -100
+    inp["labels"] = labels
+    return inp
+
+
+def _reset_rope(model):
+    for m in (model, getattr(model, "model", None)):
+        if m is not None and hasattr(m, "rope_deltas"):
+            m.rope_deltas = None
+
+
+def loss_of(model, inp) -> torch.Tensor:
+    _reset_rope(model)
+    out = model(**inp, use_cache=False)
+    return out.loss
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+class LossScaler:
+    """Dynamic loss scaling with fp32 master weights: what fp16 training needs where there is no bf16 (Volta)."""
+
+    def __init__(self, model, lr: float, init_scale: float = 2.0**12):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        self.opt = torch.optim.AdamW(self.master, lr=lr, weight_decay=0.0)
+        self.scale = init_scale
+        self.skipped = 0
+        self.scales: list[float] = []
+
+    def step(self, loss: torch.Tensor) -> bool:
+        (loss * self.scale).backward()
+        grads = [None if p.grad is None else p.grad.float() / self.scale for p in self.params]
+        finite = all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+        self.scales.append(self.scale)
+        if finite:
+            for m, g in zip(self.master, grads, strict=True):
+                m.grad = g
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for p, m in zip(self.params, self.master, strict=True):
+                    p.copy_(m.to(p.dtype))
+        else:
+            self.skipped += 1
+            self.scale /= 2.0
+        for p in self.params:
+            p.grad = None
+        return finite
+
+
+def train_steps(model, inp, steps: int, dtype) -> tuple[list[float], dict]:
+    """``steps`` optimizer steps on one batch; fp16 goes through ``LossScaler``. Returns losses and extras."""
+    extra: dict = {}
+    times = []
+    if dtype == torch.float16:
+        scaler = LossScaler(model, LR)
+        losses = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            loss = loss_of(model, inp)
+            losses.append(float(loss.detach().float()))
+            scaler.step(loss)
+            times.append(time.perf_counter() - t0)
+        extra.update(loss_scales=scaler.scales, skipped_steps=scaler.skipped)
+    else:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+        losses = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            loss = loss_of(model, inp)
+            losses.append(float(loss.detach().float()))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+    extra["step_times_s"] = [round(t, 4) for t in times]
+    return losses, extra
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packing: two samples in one row, position ids reset per sample, no padding (lmms-engine's rmpad, portably)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pack_samples(model_id: str, dtype, seed: int = 0) -> tuple[dict, list[dict], list[int]]:
+    """``(packed_kwargs, [sample_kwargs, ...], lengths)``: an image sample and a text sample in one row."""
+    samples = [tiny.inputs(model_id, "image", dtype, seed=seed), tiny.inputs(model_id, "text", dtype, seed=seed + 1)]
+    lengths = [s["input_ids"].shape[1] for s in samples]
+    packed = {
+        "input_ids": torch.cat([s["input_ids"] for s in samples], 1),
+        "position_ids": torch.cat([s["position_ids"] for s in samples], -1),  # reset to 0 at every sample
+    }
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [s[key] for s in samples if key in s]
+        if parts:
+            packed[key] = torch.cat(parts, 0)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    # The packed-row kwargs transformers' attention functions receive (FlashAttentionKwargs); portvlm's text
+    # attention reads them for a block-diagonal causal call with no flash-attn (portvlm.shims.attention).
+    packed.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
+    return packed, samples, lengths
+
+
+def _packing_reasons(handle) -> list[str]:
+    """Why the patched model cannot take a packed row here (empty: it can) — read from the patch report."""
+    rep = getattr(handle, "report", None)
+    if rep is None or not hasattr(rep, "shim_names"):
+        return []
+    if "text_registry" in rep.shim_names():
+        return []
+    why = [f"{n.shim}: {'; '.join(n.reasons)}" for n in getattr(rep, "not_applied", []) if n.shim == "text_registry"]
+    return why or ["portvlm's text attention is not installed, so a packed row has no block-diagonal causal path"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP2 over 2 CPU processes (gloo)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fsdp_worker(rank: int, world: int, port: int, spec: dict) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from portvlm.suites import SuiteContext
+
+        ctx = SuiteContext(**spec["ctx"])
+        model = tiny.build(ctx.model_id, attn_implementation=PATCHED_BUILD_ATTN)
+        model.load_state_dict(torch.load(spec["state"], weights_only=True))
+        model.train()
+        with patched(model, ctx):
+            paths = resolve_paths(model)
+            classes = tuple(paths.decoder_layer_classes)
+            mesh = init_device_mesh("cpu", (world,))
+            wrapped = [m for m in model.modules() if isinstance(m, classes)]
+            for layer in wrapped:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            inp = batch(ctx.model_id, torch.float32, seed=ctx.seed)
+            losses, _ = train_steps(model, inp, spec["steps"], torch.float32)
+        if rank == 0:
+            with open(spec["out"], "w") as fh:
+                json.dump({"losses": losses, "wrapped": len(wrapped), "classes": [c.__name__ for c in classes]}, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_losses(ctx, state_dict: dict, steps: int = FSDP_STEPS) -> dict:
+    """Run ``steps`` optimizer steps under FSDP2 (``fully_shard`` per decoder layer + root) in 2 gloo processes."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="portvlm-fsdp-") as tmp:
+        state = os.path.join(tmp, "state.pt")
+        out = os.path.join(tmp, "out.json")
+        torch.save(state_dict, state)
+        spec = {
+            "ctx": {k: getattr(ctx, k) for k in ("model_id", "arch_id", "device", "vision_backend", "text_backend", "evidence", "seed")}
+            | {"dtype": "float32"},
+            "state": state,
+            "out": out,
+            "steps": steps,
+        }
+        mp.spawn(_fsdp_worker, args=(FSDP_WORLD, _free_port(), spec), nprocs=FSDP_WORLD, join=True)
+        with open(out) as fh:
+            return json.load(fh)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _to(v, dtype, device):
+    if not isinstance(v, torch.Tensor):
+        return v
+    return (v.to(dtype) if v.is_floating_point() else v).to(device)
+
+
+def _fresh(ref, mid, ctx):
+    return tiny.clone(ref, attn_implementation=PATCHED_BUILD_ATTN, model_id=mid).to(ctx.device)
+
+
+def run(ctx):
+    rec = Recorder("training")
+    timer = Timer()
+    dtype = torch_dtype(ctx.dtype)
+    mid = ctx.model_id
+    atol_b, rtol_b = tol(ctx, "bwd")
+    atol_f, rtol_f = tol(ctx, "fwd")
+    l_atol, l_rtol = tolerances.loss_tolerance(dtype)
+    rec.figures.update(dtype=str(dtype).removeprefix("torch."), steps=STEPS, lr=LR, bwd_atol=atol_b, bwd_rtol=rtol_b)
+    skipped: dict[str, str] = {}
+
+    # ---- reference (unpatched fp32 eager), all before the patch is entered ----
+    with timer("reference"):
+        ref = tiny.build(mid, attn_implementation="eager", seed=ctx.seed).train()
+        state_dict = {k: v.clone() for k, v in ref.state_dict().items()}
+        inp32 = batch(mid, torch.float32, seed=ctx.seed)
+        ref_loss = loss_of(ref, inp32)
+        ref_loss.backward()
+        ref_grads = _grads(ref)
+        ref.zero_grad(set_to_none=True)
+        ref_losses, _ = train_steps(tiny.clone(ref, model_id=mid).train(), inp32, STEPS, torch.float32)
+        packed, samples, lengths = pack_samples(mid, torch.float32, seed=ctx.seed)
+        with torch.no_grad():
+            alone = [logits_of(ref(**s, use_cache=False))[0] for s in samples]
+    rec.figures["reference_losses"] = ref_losses
+
+    model = _fresh(ref, mid, ctx).train()
+    with patched(model, ctx) as handle:
+        model.to(dtype)
+        rec.figures["patch_report"] = report_summary(handle)
+        inp = {k: (v.to(dtype) if v.is_floating_point() else v).to(ctx.device) for k, v in batch(mid, dtype, seed=ctx.seed).items()}
+
+        # 1. gradients of the patched model vs the reference
+        with timer("grads"):
+            loss = loss_of(model, inp)
+            loss.backward()
+            grads = _grads(model)
+            model.zero_grad(set_to_none=True)
+        lc = compare(loss.detach().float().cpu().view(1), ref_loss.detach().view(1), l_atol, l_rtol)
+        rec.add(check_from("loss_matches_reference", lc))
+        missing = sorted(set(ref_grads) ^ set(grads))
+        rec.check("grads.same_parameters", not missing, detail=f"{len(grads)} parameters with gradients" + (f"; differ: {missing[:5]}" if missing else ""))
+        worst, per_group = None, {}
+        for name, g in ref_grads.items():
+            if name not in grads:
+                continue
+            c = compare(grads[name].cpu(), g, atol_b, rtol_b)
+            group = "vision" if ("visual" in name or "vision" in name) else ("projector" if "projector" in name else "text")
+            per_group[group] = max(per_group.get(group, 0.0), c.max_abs_err)
+            if worst is None or c.ratio > worst[1].ratio:
+                worst = (name, c)
+        rec.figures["grad_max_abs_err"] = max(per_group.values()) if per_group else None
+        rec.figures["grad_max_abs_err_by_group"] = per_group
+        if worst is not None:
+            rec.figures["grad_max_rel_err"] = worst[1].max_rel_err
+            rec.add(check_from("grads.match_reference", worst[1], what=f"worst parameter {worst[0]}: "))
+
+        # 2. two samples packed into one row, position ids reset, no flash-attn
+        why = _packing_reasons(handle)
+        if why:
+            skipped["packing"] = "; ".join(why)
+        else:
+            with timer("packing"), torch.no_grad():
+                model.eval()
+                pk = {k: _to(v, dtype, ctx.device) for k, v in packed.items()}
+                _reset_rope(model)
+                got = logits_of(model(**pk, use_cache=False))[0].float().cpu()
+                model.train()
+            starts = [0, lengths[0]]
+            errs = []
+            for i, (a, n) in enumerate(zip(alone, lengths, strict=True)):
+                c = compare(got[starts[i] : starts[i] + n], a, atol_f, rtol_f)
+                errs.append(c)
+                rec.add(check_from(f"packing.sample{i}_matches_alone", c, what=f"sample {i} ({n} tokens) in a packed row of {sum(lengths)}; "))
+            rec.figures["packing_max_abs_err"] = max(c.max_abs_err for c in errs)
+            calls = getattr(getattr(handle, "state", None), "calls", None)
+            if isinstance(calls, dict):
+                rec.figures["packing_text_packed_calls"] = calls.get("text_packed")
+
+        # 3. several optimizer steps (after packing: the steps change the weights) on the fixed batch: finite, falling
+        with timer("steps"):
+            losses, extra = train_steps(model, inp, STEPS, dtype)
+        rec.figures["losses"] = losses
+        rec.figures.update(extra)
+        rec.check("steps.finite", all(math.isfinite(x) for x in losses), detail=f"losses {['%.4f' % x for x in losses]}")
+        rec.check("steps.loss_falls", losses[-1] < losses[0], detail=f"{losses[0]:.4f} -> {losses[-1]:.4f} over {STEPS} steps", value=losses[-1], bound=losses[0])
+        if dtype == torch.float32:
+            lc = compare(torch.tensor(losses), torch.tensor(ref_losses), max(l_atol, 1e-4), max(l_rtol, 1e-4))
+            rec.figures["steps_vs_reference_max_abs_err"] = lc.max_abs_err
+            rec.add(check_from("steps.match_reference_trajectory", lc))
+        if dtype == torch.float16:
+            rec.check("fp16.no_skipped_steps_at_end", extra["skipped_steps"] < STEPS, detail=f"{extra['skipped_steps']} of {STEPS} steps skipped by the loss scaler; scales {extra['loss_scales']}")
+            upcasts = [a for a in (rec.figures["patch_report"] or {}).get("applied", []) if "fp32" in json.dumps(a) or "upcast" in json.dumps(a)]
+            rec.figures["fp16_upcasts_reported"] = upcasts
+
+    # 3. frozen vision tower (its own instance, its own patch: the text attention is switched per instance)
+    frozen = _fresh(ref, mid, ctx).train()
+    with patched(frozen, ctx):
+        with timer("frozen_vision"):
+            frozen.to(dtype)
+            tower = resolve_paths(frozen).vision_tower
+            for p in tower.parameters():
+                p.requires_grad_(False)
+            before_v = {n: p.detach().clone() for n, p in tower.named_parameters()}
+            before_t = {n: p.detach().clone() for n, p in frozen.named_parameters() if p.requires_grad}
+            f_losses, _ = train_steps(frozen, inp, 3, dtype)
+            v_same = all(torch.equal(p, before_v[n]) for n, p in tower.named_parameters())
+            t_moved = sum(not torch.equal(p, before_t[n]) for n, p in frozen.named_parameters() if p.requires_grad)
+        rec.figures["frozen_vision_losses"] = f_losses
+        rec.check("frozen_vision.tower_unchanged", v_same, detail=f"{len(before_v)} vision parameters")
+        rec.check("frozen_vision.text_trains", t_moved > 0 and f_losses[-1] < f_losses[0], detail=f"{t_moved} of {len(before_t)} trainable parameters moved; loss {f_losses[0]:.4f} -> {f_losses[-1]:.4f}")
+        del frozen
+
+    # 5. FSDP2 across 2 gloo processes: loss equal to the single-process run (fp32)
+    if ctx.fast:
+        skipped["fsdp2"] = "fast=True: FSDP2 over 2 processes not run"
+    elif ctx.device != "cpu":
+        skipped["fsdp2"] = f"FSDP2 check runs on the CPU with gloo; this cell's device is {ctx.device}"
+    else:
+        with timer("fsdp2"):
+            got = fsdp_losses(ctx, state_dict)
+            single = _fresh(ref, mid, ctx).train()
+            with patched(single, ctx):
+                single_losses, _ = train_steps(single, batch(mid, torch.float32, seed=ctx.seed), FSDP_STEPS, torch.float32)
+        rec.figures["fsdp2"] = {"losses": got["losses"], "single_process_losses": single_losses, "wrapped_layers": got["wrapped"], "layer_classes": got["classes"]}
+        c = compare(torch.tensor(got["losses"]), torch.tensor(single_losses), 1e-5, 1e-5)
+        rec.add(check_from("fsdp2.loss_equals_single_process", c, what=f"{FSDP_WORLD} gloo processes, fully_shard on {got['wrapped']} {got['classes']} + root, {FSDP_STEPS} steps; "))
+    if skipped:
+        rec.figures["skipped"] = skipped
+    rec.figures["times_s"] = timer.t
+    return rec.result()
