@@ -586,9 +586,25 @@ def run_in(
     return subprocess.run(engine.cmd("run", *args, spec.tag, *cmd), capture_output=capture, text=True)
 
 
-def cell_command(cell_id: str, out: str) -> list[str]:
-    """The command that runs one matrix cell inside an image (the lead's cell runner)."""
-    return ["python", "-m", "portvlm.run.cell", "--cell", cell_id, "--out", out]
+def cell_command(cell_id: str, out: str, *extra: str) -> list[str]:
+    """The command that runs one matrix cell inside an image (portvlm.run.cell, the runner's child)."""
+    return ["python", "-m", "portvlm.run.cell", "--cell", cell_id, "--out", out, "--in-container", *extra]
+
+
+def container_reasons(spec: ImageSpec, host_arch: str | None, engine: Engine | None) -> list[str]:
+    """Why ``spec``'s cells cannot run in its image on this host (empty = they can)."""
+    reasons = []
+    if engine is None:
+        reasons.append(NO_ENGINE)
+    if spec.is_gpu and host_arch not in spec.arch_ids:
+        reasons.append(f"{spec.tag} serves {', '.join(spec.arch_ids)}; this host is {host_arch or 'an unknown arch'}")
+    elif engine is not None and not image_present(engine, spec.tag):
+        reasons.append(f"{spec.tag} is not present: `nox -s \"build(image='{spec.stack.image}')\"` or pull it")
+    return reasons
+
+
+def image_present(engine: Engine, tag: str) -> bool:
+    return subprocess.run([engine.exe, "image", "inspect", tag], capture_output=True).returncode == 0
 
 
 class EngineMissing(RuntimeError):
@@ -780,8 +796,10 @@ RUN --mount=type=bind,source=wheelhouse,target=/tmp/wheelhouse \
  && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" {{ index_pins | join(" ") }} \
 {%- endif %}
  && rm /tmp/ca.pem
-RUN --mount=type=bind,source=dist,target=/tmp/dist \
-    pip install --no-cache-dir --no-index --no-deps --find-links /tmp/dist "portvlm=={{ labels['org.opencontainers.image.version'] }}" \
+# COPY, not a bind mount: a changed portvlm wheel must invalidate this step's cache (podman does not hash mounts).
+COPY dist/ /tmp/dist/
+RUN pip install --no-cache-dir --no-index --no-deps --find-links /tmp/dist "portvlm=={{ labels['org.opencontainers.image.version'] }}" \
+ && rm -rf /tmp/dist \
  && pip check \
  && chown {{ uid }}:{{ uid }} /opt/portvlm
 USER {{ uid }}:{{ uid }}

@@ -66,7 +66,7 @@ def _host() -> tuple[str | None, str, dict[str, Any]]:
     try:
         from portvlm import doctor
 
-        env = doctor.collect().to_json()
+        env = doctor.record()
     except Exception as exc:  # noqa: BLE001 - the record says why it is missing
         env = {"error": f"doctor unavailable: {type(exc).__name__}: {exc}"}
     try:

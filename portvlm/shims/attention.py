@@ -237,7 +237,14 @@ def install_text(patcher, model, state: AttentionState) -> list[str]:
     for cfg in configs:
         patcher.record_attr(cfg, "_attn_implementation_internal")
     if callable(getattr(model, "set_attn_implementation", None)):  # 4.54+
+        # set_attn_implementation also memoises on classes/modules (5.x: `_can_set_attn_implementation_cached_value`);
+        # whatever it adds is recorded as "was absent" so revert leaves no trace.
+        owners = {c for m in model.modules() for c in type(m).__mro__ if c is not object} | set(model.modules())
+        before = {id(o): set(vars(o)) for o in owners}
         model.set_attn_implementation(ATTN_NAME)
+        for o in owners:
+            for name in sorted(set(vars(o)) - before[id(o)]):
+                patcher.record_added(o, name)
         how = "model.set_attn_implementation"
     else:  # 4.53: the config property's setter writes _attn_implementation_internal
         for cfg in configs:

@@ -36,6 +36,11 @@ class Patcher:
         self._undo.append(("attr", obj, name, own.get(name, _ABSENT)))
         self.touched.append((obj, name))
 
+    def record_added(self, obj, name: str) -> None:
+        """Remember that ``obj`` did not own ``name`` before (a value someone else added while we patched)."""
+        self._undo.append(("attr", obj, name, _ABSENT))
+        self.touched.append((obj, name))
+
     def set_attr(self, obj, name: str, value) -> None:
         """``setattr(obj, name, value)``, restored on revert (deleted again if ``obj`` did not own it)."""
         self.record_attr(obj, name)

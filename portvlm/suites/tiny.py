@@ -111,6 +111,10 @@ def _qwen_config(model_id: str):
         cfg = cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
     else:  # ≤4.51: one flat config for the text model (transformers 4.52 added Qwen2_5_VLTextConfig)
         cfg = cls(vision_config=vision, **text, **ids)
+    if not hasattr(cfg, "vocab_size"):
+        # 4.52-4.56 (text_config split out, no forwarding __getattribute__ until 4.57) compute the loss with
+        # `self.config.vocab_size` on the top-level config: give it the text model's.
+        cfg.vocab_size = cfg.get_text_config().vocab_size
     return cfg
 
 

@@ -138,6 +138,9 @@ def pack_samples(model_id: str, dtype, seed: int = 0) -> tuple[dict, list[dict],
         "input_ids": torch.cat([s["input_ids"] for s in samples], 1),
         "position_ids": torch.cat([s["position_ids"] for s in samples], -1),  # reset to 0 at every sample
     }
+    # An all-ones mask, so no version infers segments from position ids itself (4.53's packed-sequence
+    # detection expands 3-D mrope position ids and crashes); the segments travel as cu_seq_lens below.
+    packed["attention_mask"] = torch.ones_like(packed["input_ids"])
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         parts = [s[key] for s in samples if key in s]
         if parts:
@@ -348,9 +351,8 @@ def run(ctx):
         rec.figures["frozen_vision_losses"] = f_losses
         rec.check("frozen_vision.tower_unchanged", v_same, detail=f"{len(before_v)} vision parameters")
         rec.check("frozen_vision.text_trains", t_moved > 0 and f_losses[-1] < f_losses[0], detail=f"{t_moved} of {len(before_t)} trainable parameters moved; loss {f_losses[0]:.4f} -> {f_losses[-1]:.4f}")
-        del frozen
 
-    # 5. FSDP2 across 2 gloo processes: loss equal to the single-process run (fp32)
+    # 4. FSDP2 across 2 gloo processes: loss equal to the single-process run (fp32)
     if ctx.fast:
         skipped["fsdp2"] = "fast=True: FSDP2 over 2 processes not run"
     elif ctx.device != "cpu":

@@ -1,0 +1,103 @@
+"""The suites themselves, run per cell venv: tiny models, tolerance table, and all three suites on every model.
+
+    .portvlm/envs/py3.11-torch2.13.0cpu-tf5.23.0/bin/python -m pytest tests/torch/test_suites.py -q -p no:cacheprovider
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from portvlm.suites import SuiteContext, run_suite, run_suites, tiny, tolerances  # noqa: E402
+
+MODELS = [pytest.param(m, marks=pytest.mark.skipif(bool(tiny.is_available(m)), reason="; ".join(tiny.is_available(m)) or "-")) for m in tiny.MODEL_IDS]
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_tiny_builds_are_reproducible_and_shaped(model_id):
+    a, b = tiny.build(model_id, seed=3), tiny.build(model_id, seed=3)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    c = tiny.build(model_id, seed=4)
+    assert any(not torch.equal(sa[k], v) for k, v in c.state_dict().items() if v.is_floating_point())
+    text = a.config.get_text_config()
+    assert text.num_attention_heads > text.num_key_value_heads  # GQA, as in the real models
+    for kind in tiny.KINDS:
+        inp = tiny.inputs(model_id, kind)
+        with torch.no_grad():
+            out = a(**inp, use_cache=False)
+        assert torch.isfinite(out.logits).all()
+        assert out.logits.shape[:2] == inp["input_ids"].shape
+
+
+def test_qwen25_packed_input_spans_windows_and_full_blocks():
+    if tiny.is_available("qwen2_5vl"):
+        pytest.skip("qwen2_5vl unavailable")
+    cfg = tiny.config("qwen2_5vl").vision_config
+    assert cfg.fullatt_block_indexes and len(cfg.fullatt_block_indexes) < cfg.depth
+    grids = [*tiny.PACKED_IMAGES, tiny.PACKED_VIDEO]
+    assert len(tiny.PACKED_IMAGES) >= 3 and len(set(tiny.PACKED_IMAGES)) == len(tiny.PACKED_IMAGES)
+    assert tiny.PACKED_VIDEO[0] >= 2
+    assert max(tiny.num_windows(g, cfg.window_size // cfg.patch_size) for g in grids) > 1
+    items = tiny.vision_items("qwen2_5vl")
+    assert len(items) == 4 and sum(i["pixel_values"].shape[0] for i in items) == tiny.vision_batch("qwen2_5vl")["pixel_values"].shape[0]
+
+
+def test_tolerance_table_lookup_and_fallbacks():
+    assert tolerances.tolerance("cpu", torch.float32, "sdpa_masked", "fwd") == (1e-5, 1e-4)
+    assert tolerances.tolerance("cpu", "float32", None, "bwd")[0] > tolerances.tolerance("cpu", "float32", None, "fwd")[0]
+    assert tolerances.tolerance("gfx9", "bfloat16", "efficient_varlen", "fwd") == tolerances.tolerance("sm80+", "bfloat16", None, "fwd")
+    for fp16 in ("float16", torch.float16, "fp16"):
+        assert tolerances.tolerance("sm70", fp16, "efficient_varlen", "fwd")[0] >= 5e-3
+    with pytest.raises(KeyError):
+        tolerances.tolerance("tpu", "float32", None, "fwd")
+    with pytest.raises(KeyError):
+        tolerances.tolerance("cpu", "float32", None, "sideways")
+    assert tolerances.device_kind("sm70", "cuda") == "sm70" and tolerances.device_kind("sm90", "cuda") == "sm80+"
+    assert tolerances.device_kind("gfx942", "cuda") == "gfx9" and tolerances.device_kind("sm90", "cpu") == "cpu"
+
+
+def test_a_crashing_suite_is_error_and_an_unavailable_model_is_skipped(monkeypatch):
+    from portvlm.suites import parity
+
+    def boom(ctx):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(parity, "run", boom)
+    r = run_suite(SuiteContext("llava", "cpu"), "parity")
+    assert r.status == "error" and "kaboom" in r.error
+    monkeypatch.setattr(tiny, "is_available", lambda m: ["not here"])
+    r = run_suite(SuiteContext("llava", "cpu"), "parity")
+    assert r.status == "skipped" and r.reason == "not here"
+    with pytest.raises(KeyError):
+        run_suites(SuiteContext("llava", "cpu"), names=("nope",))
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_all_three_suites_pass(model_id):
+    results = run_suites(SuiteContext(model_id, "cpu", fast=True))
+    for name, r in results.items():
+        assert r.status == "pass", (name, r.status, r.reason, r.error, [c for c in r.checks if not c.ok])
+        assert r.checks and all(c.ok for c in r.checks)
+    par, trn, stm = results["parity"].figures, results["training"].figures, results["streaming"].figures
+    assert par["max_abs_err"] <= par["atol"] * 10 and par["packed_vs_alone_err"] is not None
+    assert trn["losses"][-1] < trn["losses"][0]
+    assert stm["cache_sizes"][-1] == stm["sink"] + stm["window"]
+    assert trn["skipped"]["fsdp2"].startswith("fast=True")
+
+
+def test_fsdp2_over_two_gloo_processes_matches_single_process():
+    from portvlm.suites import training
+
+    ctx = SuiteContext("llava", "cpu")
+    ref = tiny.build("llava")
+    got = training.fsdp_losses(ctx, ref.state_dict(), steps=2)
+    single = tiny.clone(ref, attn_implementation="sdpa", model_id="llava").train()
+    from portvlm.suites._common import patched
+
+    with patched(single, ctx):
+        want, _ = training.train_steps(single, training.batch("llava", torch.float32), 2, torch.float32)
+    assert got["wrapped"] == 2 and got["classes"] == ["LlamaDecoderLayer"]
+    assert torch.allclose(torch.tensor(got["losses"]), torch.tensor(want), atol=1e-5, rtol=1e-5), (got, want)
