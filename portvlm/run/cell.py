@@ -80,18 +80,27 @@ def _host() -> tuple[str | None, str, dict[str, Any]]:
 
 
 def _patch_report(cell: Cell) -> tuple[list[dict], dict]:
-    """Which shims/backends portvlm applies for this cell, from a dry patch of a tiny model."""
+    """Which shims/backends portvlm applies for this cell, from a patch of the cell's tiny model."""
     try:
         import portvlm
         from portvlm.suites import tiny
 
         model = tiny.build(cell.model.id)
         with portvlm.patch(model, arch=cell.arch.id) as handle:
-            report = handle.report
-        data = report.to_json() if hasattr(report, "to_json") else dict(report)
-        return list(data.get("shims", [])), dict(data.get("backends", {}))
-    except Exception as exc:  # noqa: BLE001
-        return [{"name": "patch", "applied": False, "reason": f"{type(exc).__name__}: {exc}"}], {}
+            data = handle.report.to_dict()
+    except Exception as exc:  # noqa: BLE001 - recorded, the suites still run and say what they saw
+        return [{"shim": "patch", "applied": False, "reasons": [f"{type(exc).__name__}: {exc}"]}], {}
+    shims = [{"shim": a["shim"], "applied": True, "target": a["target"], "why": a["why"]} for a in data["applied"]]
+    shims += [{"shim": n["shim"], "applied": False, "reasons": n["reasons"]} for n in data["not_applied"]]
+    backends = {
+        "vision": data["vision_backend"],
+        "text": data["text_backend"],
+        "dtype": data["dtype"],
+        "dtype_why": data["dtype_why"],
+        "emulation": data["emulation"],
+        "warnings": data["warnings"],
+    }
+    return shims, backends
 
 
 def run(cell: Cell, suites: tuple[str, ...], fast: bool, in_container: bool) -> dict[str, Any]:

@@ -25,6 +25,7 @@ CELL_REQUIREMENTS = ("numpy", "pyyaml", "packaging", "jsonschema", "rich", "jinj
 # A CPU torch wheel is not on PyPI (its +cpu builds live on PyTorch's own index). A machine that keeps
 # wheels locally (PIP_FIND_LINKS, as CI images often do) is used first.
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+ENV_RECIPE = "2"
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ def ensure_env(spec: EnvSpec, *, quiet: bool = True) -> Path:
     root = envs_root()
     path = root / spec.key
     stamp = path / ".portvlm-spec"
-    wanted = hashlib.sha256("\n".join(spec.requirements()).encode()).hexdigest()
+    # The recipe version is part of the stamp: bump it when how envs are built changes.
+    wanted = hashlib.sha256("\n".join([ENV_RECIPE, *spec.requirements()]).encode()).hexdigest()
     if stamp.exists() and stamp.read_text().strip() == wanted and env_python(path).exists():
         return env_python(path)
     root.mkdir(parents=True, exist_ok=True)

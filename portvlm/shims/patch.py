@@ -240,7 +240,7 @@ def _vision_probe(ctx) -> list[str]:
             "through the registry (CLIP: 4.52+), else stays on the tower's own sdpa/eager classes"
         ]
     reasons = []
-    for cls, mods in groups.items():
+    for mods in groups.values():
         reasons += attention.vision_module_reasons(mods[0])
     return reasons
 

@@ -117,7 +117,7 @@ def inputs(family: str, grids=IMAGE_GRIDS, seed: int = 1) -> dict:
         ids = torch.tensor([[2, 3] + [IMG] * 4 + [5, 6, 7]] * len(grids))
         return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv)
     ids = [2, 3]
-    for (t, _, _), n in zip(grids, vision_tokens(family, grids)):
+    for n in vision_tokens(family, grids):
         ids += [VSTART] + [IMG] * n + [VEND, 5]
     ids = torch.tensor([ids + [6, 7]])
     out = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grid)

@@ -64,7 +64,7 @@ def test_vision_packed_equals_alone_and_eager(models, family, arch):
         alone = [_features(family, model, p, g) for p, g in _each(family, pv, grid, grids)]
     oracle = [_features(family, ref, p, g) for p, g in _each(family, pv, grid, grids)]  # fp32 eager, one at a time
     err = 0.0
-    for p, a, o in zip(packed, alone, oracle):
+    for p, a, o in zip(packed, alone, oracle, strict=True):
         torch.testing.assert_close(p, a, atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(p, o, atol=ATOL, rtol=RTOL)
         err = max(err, (p - a).abs().max().item(), (p - o).abs().max().item())
@@ -161,9 +161,8 @@ def raising_flash_attn(monkeypatch):
 def test_flash_attn_never_reached(models, family, arch, raising_flash_attn):
     _skip_unavailable(family)
     _, model = models[family]
-    with portvlm.patch(model, arch=arch) as handle:
-        with torch.no_grad():
-            model(**_tiny.inputs(family))
+    with portvlm.patch(model, arch=arch) as handle, torch.no_grad():
+        model(**_tiny.inputs(family))
     assert "flash" not in handle.report.vision_backend.name and "flash" not in handle.report.text_backend.name
 
 

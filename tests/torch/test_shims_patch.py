@@ -73,10 +73,9 @@ def test_context_manager_reverts_on_error():
     before = _registries()
     attn_cls = type(model.get_submodule(_tiny_first_vision_attn(model)))
     forward = vars(attn_cls)["forward"]
-    with pytest.raises(RuntimeError, match="boom"):
-        with portvlm.patch(model, arch="cpu"):
-            assert vars(attn_cls)["forward"] is not forward
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), portvlm.patch(model, arch="cpu"):
+        assert vars(attn_cls)["forward"] is not forward
+        raise RuntimeError("boom")
     assert vars(attn_cls)["forward"] is forward
     assert _registries() == before
 
