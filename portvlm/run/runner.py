@@ -91,6 +91,22 @@ def _child_cmd(python: str, cell: Cell, out: str, matrix_path: str | None, fast:
     return cmd
 
 
+def _container_cmd(image: str, cell: Cell, tmp: str, fast: bool, suites: str) -> list[str] | None:
+    """The engine command that runs the cell's child inside ``image`` with ``tmp`` mounted at /results."""
+    from portvlm import containers  # lazy: engine code only when a container is asked for
+    from portvlm.matrix import load_matrix
+
+    engine = containers.find_engine()
+    if engine is None:
+        return None
+    spec = containers.find_spec(load_matrix(), image)
+    os.chmod(tmp, 0o777)  # the image runs as a non-root user
+    extra = ["--suites", suites] + (["--fast"] if fast else [])
+    gpu = () if cell.arch.vendor == "cpu" else containers.gpu_run_flags(engine, cell.arch.vendor)
+    return engine.cmd("run", "--rm", "-v", f"{tmp}:/results", *gpu, spec.tag,
+                      *containers.cell_command(cell.id, "/results/partial.json", *extra))
+
+
 def _base_result(cell: Cell, plan: Plan, started: str) -> CellResult:
     from dataclasses import asdict
 
@@ -128,10 +144,13 @@ def run_cell(cell: Cell, plan: Plan, *, matrix_path: str | None, timeout: float,
     with tempfile.TemporaryDirectory(prefix="portvlm-cell-") as tmp:
         out = os.path.join(tmp, "partial.json")
         if plan.mode == "container":
-            from portvlm import containers  # lazy: engine code only when a container is asked for
+            cmd = _container_cmd(plan.image, cell, tmp, fast, suites)
+            if cmd is None:
+                from portvlm.containers import NO_ENGINE
 
-            # The image runs the same child entry point with `out`'s folder mounted read-write.
-            cmd = containers.cell_command(plan.image, cell.id, out, fast=fast, suites=suites)
+                result.error, result.evidence = NO_ENGINE, "none"
+                return result
+            out = os.path.join(tmp, "partial.json")
         else:
             cmd = _child_cmd(python, cell, out, matrix_path, fast, suites)
         say(f"  running suites ({suites}) …")

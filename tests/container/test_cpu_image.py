@@ -73,3 +73,18 @@ def test_a_cpu_cell_runs_inside(built, tmp_path):
     result = json.loads((tmp_path / "cell.json").read_text())
     assert result["evidence"] == "hardware"
     assert {name: s["status"] for name, s in result["suites"].items()} == dict.fromkeys(result["suites"], "pass")
+
+
+def test_runner_runs_a_cell_in_the_image_and_records_it(built, tmp_path):
+    """`portvlm run --image cpu` goes through the runner: results/<cell>.json with hardware evidence."""
+    from portvlm.run import runner
+    from portvlm.run.results import load_results
+
+    spec = built[0]
+    cell = spec.cells[0]
+    arch, model, stack = cell.split("--")
+    rc = runner.main(["--arch", arch, "--model", model, "--stack", stack, "--image", spec.slug, "--fast",
+                      "--results", str(tmp_path)])
+    (result,) = load_results(tmp_path)
+    assert rc == 0 and result.status == "pass"
+    assert result.evidence == "hardware" and "ran inside the stack's container image" in result.evidence_notes
