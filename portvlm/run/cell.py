@@ -57,6 +57,12 @@ def _installed_versions() -> dict[str, Any]:
             out[key] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[key] = None
+    try:  # the metadata version drops the build tag (+cu130); the module's own string keeps it
+        import torch
+
+        out["torch"] = torch.__version__
+    except ImportError:
+        pass
     return out
 
 

@@ -195,8 +195,14 @@ def run_cell(cell: Cell, plan: Plan, *, matrix_path: str | None, timeout: float,
     return result
 
 
+def _strength(r: CellResult) -> tuple[int, int]:
+    """Evidence rank, then whether it ran on a GPU (an arch's policy emulated on a GPU runs real GPU kernels)."""
+    host = (r.environment.get("arch") or {}).get("id") if isinstance(r.environment, dict) else None
+    return EVIDENCE_RANK.get(r.evidence, 0), int(host not in (None, "cpu"))
+
+
 def keep_existing(results_dir: Path, result: CellResult) -> CellResult | None:
-    """A weaker-evidence run never replaces a stronger one (an emulated rerun keeps GPU hardware results)."""
+    """A weaker run never replaces a stronger one (a CPU rerun keeps GPU results, emulated or hardware)."""
     path = results_dir / f"{result.cell}.json"
     if not path.exists():
         return None
@@ -204,9 +210,7 @@ def keep_existing(results_dir: Path, result: CellResult) -> CellResult | None:
         old = result_from_json(json.loads(path.read_text()))
     except (ValueError, TypeError, KeyError):
         return None
-    if EVIDENCE_RANK.get(old.evidence, 0) > EVIDENCE_RANK.get(result.evidence, 0):
-        return old
-    return None
+    return old if _strength(old) > _strength(result) else None
 
 
 def _summary_line(r: CellResult) -> str:
@@ -250,7 +254,7 @@ def run_many(cells, *, results_dir: str | Path = "results", matrix_path: str | N
         result = run_cell(cell, plan, matrix_path=matrix_path, timeout=timeout, fast=fast, suites=suites, say=say)
         kept = keep_existing(results_dir, result)
         if kept is not None:
-            say(f"  kept the existing {kept.evidence} result; this {result.evidence} run was not written")
+            say(f"  kept the existing {kept.evidence} result (stronger evidence); this {result.evidence} run was not written")
         else:
             write_result(result, results_dir)
         say(f"  → {_summary_line(result)}")

@@ -132,3 +132,13 @@ def test_child_partial_result_is_folded_into_the_record(tmp_path, monkeypatch):
     assert r.status == "fail" and r.suites["parity"].checks[0].bound == 1e-4
     written = write_result(r, tmp_path / "res")
     assert json.loads(written.read_text())["schema"] == "portvlm.cell-result/1"
+
+
+def test_emulated_on_gpu_is_kept_over_emulated_on_cpu(tmp_path):
+    gpu = _result("a", evidence="emulated")
+    gpu.environment = {"arch": {"id": "sm90"}}
+    write_result(gpu, tmp_path)
+    cpu = _result("a", evidence="emulated")
+    cpu.environment = {"arch": {"id": "cpu"}}
+    assert runner.keep_existing(tmp_path, cpu) is not None
+    assert runner.keep_existing(tmp_path, gpu) is None
