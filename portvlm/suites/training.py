@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from portvlm.suites import tiny, tolerances
+from portvlm.suites import precision, tiny, tolerances
 from portvlm.suites._common import (
     PATCHED_BUILD_ATTN,
     Recorder,
@@ -102,6 +102,23 @@ def _sync(model) -> None:
     p = next(model.parameters(), None)
     if p is not None and p.is_cuda:
         torch.cuda.synchronize(p.device)
+
+
+def _vision_backend(rec, ctx) -> str:
+    """The vision backend the patch chose (the report's), else the context's."""
+    chosen = ((rec.figures.get("patch_report") or {}).get("vision_backend") or {})
+    return (chosen.get("name") if isinstance(chosen, dict) else None) or ctx.vision_backend or "sdpa_masked"
+
+
+def _vision_rotary(model):
+    """The rotary function portvlm's vision forward applies for this model, if its tower has one."""
+    from portvlm.shims.attention import rotary_of
+
+    for module in model.modules():
+        fn = rotary_of(type(module)) if type(module).__name__.endswith("VisionAttention") else None
+        if fn is not None:
+            return fn
+    return None
 
 
 def train_steps(model, inp, steps: int, dtype) -> tuple[list[float], dict]:
@@ -344,8 +361,12 @@ def run(ctx):
             rec.add(check_from("steps.match_reference_trajectory", lc))
         if dtype == torch.float16:
             rec.check("fp16.no_skipped_steps_at_end", extra["skipped_steps"] < STEPS, detail=f"{extra['skipped_steps']} of {STEPS} steps skipped by the loss scaler; scales {extra['loss_scales']}")
-            upcasts = [a for a in (rec.figures["patch_report"] or {}).get("applied", []) if "fp32" in json.dumps(a) or "upcast" in json.dumps(a)]
-            rec.figures["fp16_upcasts_reported"] = upcasts
+            rec.add(precision.softmax_check(_vision_backend(rec, ctx), device=ctx.device))
+            rope = _vision_rotary(model)
+            if rope is not None:
+                rec.add(precision.rotary_check(rope, device=ctx.device))
+            else:
+                rec.figures["fp16_rotary"] = "no vision rotary in this family (CLIP tower): not checked"
 
     # 3. frozen vision tower (its own instance, its own patch: the text attention is switched per instance)
     frozen = _fresh(ref, mid, ctx).train()
