@@ -295,7 +295,11 @@ def main(argv: list[str] | None = None) -> int:
                        require_hardware=a.require_hardware, python=a.python, image=a.image,
                        timeout=a.timeout, fast=a.fast, suites=a.suites)
     bad = [r for r in results if r.status not in OK_STATUSES]
-    print(f"\n{len(results) - len(bad)} ok, {len(bad)} not ok of {len(results)} cells; results in {a.results}/")
+    width = max(len(r.cell) for r in results)
+    print("\nsummary")
+    for r in results:
+        print(f"  {r.cell:<{width}}  {_summary_line(r)}")
+    print(f"{len(results) - len(bad)} ok, {len(bad)} not ok of {len(results)} cells; results in {a.results}/")
     return 1 if bad else 0
 
 
