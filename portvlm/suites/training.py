@@ -115,7 +115,8 @@ def _vision_rotary(model):
     from portvlm.shims.attention import rotary_of
 
     for module in model.modules():
-        fn = rotary_of(type(module)) if type(module).__name__.endswith("VisionAttention") else None
+        name = type(module).__name__  # Qwen2_5_VLVisionAttention, …VisionSdpaAttention (<=4.52), Qwen3VLVisionAttention
+        fn = rotary_of(type(module)) if "Vision" in name and name.endswith("Attention") else None
         if fn is not None:
             return fn
     return None
