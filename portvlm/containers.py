@@ -480,13 +480,26 @@ def wheelhouse_reasons(lock: Path, dest: Path) -> list[str]:
     return [req for req, hashes in lock_hashes(lock.read_text()).items() if not hashes & have]
 
 
+def _pip() -> list[str]:
+    """This interpreter's pip, else the host's (uv-made venvs, nox's included, carry no pip)."""
+    import importlib.util
+
+    if importlib.util.find_spec("pip") is not None:
+        return [sys.executable, "-m", "pip"]
+    for name in ("pip3", "pip"):
+        exe = shutil.which(name)
+        if exe:
+            return [exe]
+    raise RuntimeError("no pip found for `pip download` (the wheelhouse step): install pip, or run from a venv that has it")
+
+
 def wheelhouse(spec: ImageSpec, lock: Path, dest: Path) -> Path:
     """Download the lock's wheels for the image's platform into ``dest`` (host side; hashes checked)."""
     dest.mkdir(parents=True, exist_ok=True)
     if not wheelhouse_reasons(lock, dest):
         return dest
     abi = "cp" + spec.stack.python.replace(".", "")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--only-binary=:all:"]
+    cmd = [*_pip(), "download", "--no-deps", "--require-hashes", "--only-binary=:all:"]
     for tag in pip_platforms():
         cmd += ["--platform", tag]
     cmd += ["--python-version", spec.stack.python]
