@@ -19,9 +19,10 @@ from pathlib import Path
 from portvlm.errors import EnvironmentBuildError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# The cell envs' own runtime needs: portvlm's dependencies plus numpy (torch warns without it) and pytest
-# (the cell-side drift tests run there).
-CELL_REQUIREMENTS = ("numpy", "pyyaml", "packaging", "jsonschema", "rich", "jinja2", "pytest", "pytest-xdist", "hypothesis")
+# The cell envs' own needs: portvlm's runtime dependencies (pyproject.toml; a test keeps the two in step — the
+# images `pip check` them), numpy (torch warns without it) and the test runner (the torch tests run there).
+CELL_REQUIREMENTS = ("numpy", "pyyaml", "packaging", "jsonschema", "rich", "jinja2", "uv",
+                     "pytest", "pytest-xdist", "hypothesis")
 # A CPU torch wheel is not on PyPI (its +cpu builds live on PyTorch's own index). A machine that keeps
 # wheels locally (PIP_FIND_LINKS, as CI images often do) is used first.
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"

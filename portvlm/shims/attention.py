@@ -18,11 +18,32 @@ for Qwen2.5-VL window layers (no sync), ``max_seqlen(cu_seqlens)`` (one cached s
 
 Text — shim ``text_registry`` (4.53.0+: ``AttentionInterface`` + ``AttentionMaskInterface``) registers ONE function
 under ``ATTN_NAME`` and points the model at it. Names containing "flash" are routed to the flash path in 5.x, names
-with "/" or ":" are hub kernels: ``ATTN_NAME`` has neither.
+with "/" or ":" are hub kernels: ``ATTN_NAME`` has neither. Before 4.53 there is no ``AttentionMaskInterface``, and
+the text side splits in two (breakpoints §3, §4):
+
+- shim ``text_registry_legacy`` (4.49–4.52): backbones that already call ``ALL_ATTENTION_FUNCTIONS[...]`` (LLaVA's
+  llama/qwen2/mistral; a plain dict in 4.49/4.50, ``AttentionInterface`` from 4.51) get the same function under
+  ``ATTN_NAME``, set on the text backbone's configs only (the tower keeps its own). The mask is the model's own:
+  ``_update_causal_mask`` short-cuts only for "flash_attention_2", "flex_attention" and "sdpa", so any other name
+  gets the eager-style 4-D float additive causal mask (padding included) — which the function adds as it is.
+  Packed rows arrive as ``cu_seq_lens_q`` kwargs: these models pass ``**kwargs`` down to the attention.
+- shim ``text_classes`` (4.49–4.52, Qwen2.5-VL): the text attention class is picked from
+  ``QWEN2_5_VL_ATTENTION_CLASSES[config._attn_implementation]`` at build time (a custom name raises KeyError), and
+  no forward from the model down passes extra kwargs. So the sdpa and eager classes' ``forward`` are replaced
+  (class-level, through the Patcher) by one that runs the original unchanged unless a packed row is declared;
+  then it runs q/k/v, the module's ``apply_multimodal_rotary_pos_emb`` and ONE ``varlen_attention(causal=True)``.
+  A packed row is declared by ``cu_seq_lens_q`` (+ ``max_length_q``) passed to the patched model's forward, which
+  the shim makes accept them (they are taken out before the original forward runs), or by ``packed_rows(cu)``
+  around any call. The declaration is also remembered for the forward's rotary tensor (a new object every model
+  forward, handed unchanged to gradient-checkpoint recomputation), so a checkpointed layer recomputed during
+  backward, outside the ``with``, takes the same packed path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import inspect
 import math
 import sys
@@ -43,6 +64,8 @@ class AttentionState:
     bounds: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
     rotary: dict = field(default_factory=dict)  # vision attention class -> apply_rotary_pos_emb_vision
     calls: dict = field(default_factory=lambda: {"vision": 0, "text": 0, "text_packed": 0})
+    # <=4.52 class-patched text: id(rotary cos tensor) -> (weakref to it, (cu_seq_lens, max_length)); see packed_of
+    packed_by_rope: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -266,3 +289,190 @@ def configs_of(model) -> list:
         for key in getattr(cfg, "sub_configs", {}) or {}:
             stack.append(getattr(cfg, key, None))
     return list(seen.values())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Text, <=4.52: registry without masks (LLaVA backbones) and per-backend classes (Qwen2.5-VL)
+# --------------------------------------------------------------------------------------------------------------
+
+PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # FlashAttentionKwargs names
+ROPE_FN = "apply_multimodal_rotary_pos_emb"
+# What <=4.52's decoder layers pass the Qwen2.5-VL text attention (all by name); the replacement mirrors it.
+TEXT_FORWARD_PARAMS = ("hidden_states", "attention_mask", "position_ids", "past_key_value", "output_attentions",
+                       "use_cache", "cache_position", "position_embeddings")
+_PACKED: contextvars.ContextVar = contextvars.ContextVar("portvlm_packed_rows", default=None)
+
+
+@contextlib.contextmanager
+def packed_rows(cu_seqlens, max_length: int | None = None):
+    """Declare the batch-1 row of calls inside as packed samples ``cu_seqlens`` (<=4.52 class-patched text)."""
+    token = _PACKED.set((cu_seqlens, max_length))
+    try:
+        yield
+    finally:
+        _PACKED.reset(token)
+
+
+def packed_of(state: AttentionState, position_embeddings):
+    """``(cu_seqlens, max_length)`` declared for this call, or ``None``: the context, else the rotary tensor's record."""
+    cos = position_embeddings[0] if isinstance(position_embeddings, (tuple, list)) and position_embeddings else None
+    active = _PACKED.get()
+    store = state.packed_by_rope
+    if active is not None:
+        if cos is not None and id(cos) not in store:
+
+            def _drop(_ref, key=id(cos)):
+                store.pop(key, None)
+
+            store[id(cos)] = (weakref.ref(cos, _drop), active)
+        return active
+    hit = store.get(id(cos)) if cos is not None else None
+    return hit[1] if hit is not None and hit[0]() is cos else None
+
+
+def attention_table_of(cls):
+    """``(name, table)`` of the ``*_ATTENTION_CLASSES`` dict (not the vision one) that holds ``cls``, or ``None``."""
+    module = sys.modules.get(cls.__module__)
+    for name, value in sorted(vars(module).items()) if module is not None else ():
+        if name.endswith("_ATTENTION_CLASSES") and "VISION" not in name and isinstance(value, dict):
+            if cls in value.values():
+                return name, value
+    return None
+
+
+def text_class_reasons(module) -> list[str]:
+    """Why portvlm's <=4.52 text forward cannot replace this attention module's class's (empty: it can)."""
+    cls = type(module)
+    found = attention_table_of(cls)
+    if found is None:
+        return [f"{cls.__name__} is not picked from a *_ATTENTION_CLASSES table (nothing to patch per backend)"]
+    name, table = found
+    key = next(k for k, v in table.items() if v is cls)
+    reasons = []
+    if key not in ("sdpa", "eager"):
+        reasons.append(f"text attention built as {key!r} ({cls.__name__}); portvlm patches only the sdpa/eager classes")
+    for attr in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "rope_scaling", "layer_idx"):
+        if not hasattr(module, attr):
+            reasons.append(f"{cls.__name__} has no `{attr}` (portvlm's packed text forward uses it)")
+    params = list(inspect.signature(cls.forward).parameters)[1:]
+    if tuple(params[: len(TEXT_FORWARD_PARAMS)]) != TEXT_FORWARD_PARAMS:
+        reasons.append(f"{cls.__name__}.forward takes {params}, not the <=4.52 {list(TEXT_FORWARD_PARAMS)}")
+    if not callable(getattr(sys.modules.get(cls.__module__), ROPE_FN, None)):
+        reasons.append(f"{cls.__module__} defines no `{ROPE_FN}`")
+    return reasons
+
+
+def make_text_class_forward(state: AttentionState, original, rope):
+    """<=4.52 text attention forward: ``original`` unless a packed row is declared, else ONE causal varlen call."""
+    import torch
+
+    from portvlm.backends import kernels
+    from portvlm.errors import UnsupportedError
+
+    @functools.wraps(original)
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
+                output_attentions=False, use_cache=False, cache_position=None, position_embeddings=None):
+        packed = packed_of(state, position_embeddings)
+        bsz, q_len, _ = hidden_states.shape
+        cached = past_key_value.get_seq_length(self.layer_idx) if past_key_value is not None else 0
+        if packed is None or bsz != 1 or position_embeddings is None or cached:
+            return original(self, hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_value=past_key_value, output_attentions=output_attentions, use_cache=use_cache,
+                            cache_position=cache_position, position_embeddings=position_embeddings)
+        if self.training and getattr(self, "attention_dropout", 0.0):
+            raise UnsupportedError(f"packed rows: portvlm's varlen attention has no dropout; {type(self).__name__} "
+                                   f"has attention_dropout={self.attention_dropout} in training")
+        # Packed row (several samples in one row): the mask is ignored, the segments say who attends whom.
+        cu, bound = packed
+        q, k, v = (proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        cos, sin = position_embeddings
+        q, k = rope(q, k, cos, sin, self.rope_scaling["mrope_section"])
+        if past_key_value is not None:  # an empty cache (checked above) is filled as the original would
+            k, v = past_key_value.update(k, v, self.layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position})
+        state.calls["text_packed"] += 1
+        max_len = int(bound) if bound is not None else kernels.max_seqlen(cu)
+        out = kernels.varlen_attention(
+            q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu.to(torch.int32), max_len,
+            backend=state.text_backend, scale=1.0 / math.sqrt(self.head_dim), causal=True,
+        )
+        return self.o_proj(out.reshape(bsz, q_len, -1)), None, past_key_value
+
+    forward.__portvlm__ = "text_classes"
+    return forward
+
+
+def accepts_packed_kwargs(fn) -> bool:
+    """Whether ``fn`` takes ``cu_seq_lens_q`` (by name or through ``**kwargs``)."""
+    params = inspect.signature(fn).parameters
+    return "cu_seq_lens_q" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def make_packed_kwargs_forward(original):
+    """A model forward that also takes ``PACKED_KWARGS``, declaring ``packed_rows`` for the original's duration."""
+
+    @functools.wraps(original)
+    def forward(self, *args, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
+        # Self-attention packing: k segments are q's (lmms-engine passes the same tensor twice).
+        if cu_seq_lens_q is None:
+            return original(self, *args, **kwargs)
+        with packed_rows(cu_seq_lens_q, max_length_q):
+            return original(self, *args, **kwargs)
+
+    sig = inspect.signature(original)
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in PACKED_KWARGS]
+    forward.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])  # Trainer keeps the columns
+    forward.__portvlm__ = "text_classes"
+    return forward
+
+
+def install_text_classes(patcher, model, text_attn_classes, state: AttentionState) -> list[str]:
+    """Patch the sdpa/eager text classes of each table (and the model's forward for ``PACKED_KWARGS``); targets."""
+    targets = []
+    patched = set()
+    for cls in text_attn_classes:
+        _, table = attention_table_of(cls)
+        for key in ("sdpa", "eager"):  # sdpa falls back to eager (super().forward) for output_attentions
+            target = table.get(key)
+            if target is None or target in patched:
+                continue
+            rope = getattr(sys.modules[target.__module__], ROPE_FN)
+            patcher.set_attr(target, "forward", make_text_class_forward(state, target.forward, rope))
+            patched.add(target)
+            targets.append(f"{target.__module__}.{target.__qualname__}.forward ({key}; packed rows -> varlen, causal)")
+    top = type(model)
+    if not accepts_packed_kwargs(top.forward):
+        patcher.set_attr(top, "forward", make_packed_kwargs_forward(top.forward))
+        targets.append(f"{top.__qualname__}.forward takes {', '.join(PACKED_KWARGS)} (-> packed_rows)")
+    return targets
+
+
+def legacy_registry():
+    """``(mapping, label)``: where ``ALL_ATTENTION_FUNCTIONS`` keeps its global entries (dict <=4.50, interface 4.51+)."""
+    from transformers import modeling_utils
+
+    funcs = modeling_utils.ALL_ATTENTION_FUNCTIONS
+    mapping = getattr(funcs, "_global_mapping", funcs)
+    label = "ALL_ATTENTION_FUNCTIONS" + (" (AttentionInterface)" if mapping is not funcs else " (dict)")
+    return mapping, label
+
+
+def text_model_of(model, text_layers):
+    """The module whose ``.layers`` are ``text_layers`` (the text backbone that builds the causal mask)."""
+    return next((m for m in model.modules() if getattr(m, "layers", None) is text_layers), None)
+
+
+def install_text_legacy(patcher, model, text_model, state: AttentionState) -> list[str]:
+    """<=4.52: register the text function under ``ATTN_NAME`` and set it on the text backbone's configs; targets."""
+    mapping, label = legacy_registry()
+    patcher.set_item(mapping, ATTN_NAME, make_text_attention(state))
+    configs = {id(m.config): m.config for m in text_model.modules() if hasattr(getattr(m, "config", None), "to_dict")}
+    for cfg in configs.values():
+        patcher.record_attr(cfg, "_attn_implementation_internal")
+        cfg._attn_implementation = ATTN_NAME
+    return [
+        f"{label}[{ATTN_NAME!r}]",
+        f"config._attn_implementation({ATTN_NAME!r}) on {len(configs)} text config(s); the tower keeps its own",
+        f"mask: {type(text_model).__name__}._update_causal_mask builds the 4-D float causal mask for a name other than "
+        "sdpa/flash/flex (no AttentionMaskInterface before 4.53)",
+    ]

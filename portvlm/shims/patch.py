@@ -13,6 +13,7 @@ the probe returns reasons, empty meaning "applies", and the report lists both si
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -236,8 +237,8 @@ def _vision_probe(ctx) -> list[str]:
         block = type(ctx.paths.vision_blocks[0]).__name__ if ctx.paths is not None else "?"
         return [
             f"{ctx.family}'s vision blocks ({block}) have no packed varlen attention: one image per batch row, "
-            "nothing to make block-diagonal; the tower's attention follows the text shim where the version routes it "
-            "through the registry (CLIP: 4.52+), else stays on the tower's own sdpa/eager classes"
+            "nothing to make block-diagonal; the tower's attention follows text_registry on 4.53+ (it sets every "
+            "config; CLIP dispatches through the registry from 4.52), else stays on the tower's own sdpa/eager classes"
         ]
     reasons = []
     for mods in groups.values():
@@ -292,10 +293,8 @@ def _text_probe(ctx) -> list[str]:
 
     reasons = attention.registry_reasons()
     if reasons:
-        reasons.append(
-            "text attention stays on the model's own sdpa/eager classes (<=4.52 picks classes from "
-            "*_ATTENTION_CLASSES at build time; a custom name raises KeyError); packed rows need 4.53+"
-        )
+        reasons.append("no masks per registered name before 4.53: text_registry_legacy (backbones that call "
+                       "ALL_ATTENTION_FUNCTIONS) or text_classes (per-backend classes) answer it")
     return reasons
 
 
@@ -303,6 +302,68 @@ def _text_apply(ctx, patcher) -> list[str]:
     from portvlm.shims import attention
 
     return attention.install_text(patcher, ctx.model, ctx.state)
+
+
+def _text_attn_groups(ctx) -> dict:
+    """Text attention modules of the model (decoder layers' ``self_attn``), grouped by class."""
+    groups: dict[type, list] = {}
+    for layer in ctx.paths.text_layers if ctx.paths is not None else ():
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None:
+            groups.setdefault(type(attn), []).append(attn)
+    return groups
+
+
+def _text_legacy_probe(ctx) -> list[str]:
+    from portvlm.shims import attention
+
+    if ctx.model is None:
+        return ["no model given: before 4.53 the name is set on the text backbone's configs"]
+    mapping, label = attention.legacy_registry()
+    if not isinstance(mapping, dict):
+        return [f"{label} keeps no dict of entries (upstream changed the registry)"]
+    reasons = []
+    groups = _text_attn_groups(ctx)
+    if not groups:
+        reasons.append(f"{ctx.family}'s text layers have no `self_attn`")
+    for cls in groups:
+        table = attention.attention_table_of(cls)
+        if table is not None:
+            reasons.append(f"{cls.__name__} is picked from {table[0]} at build time (a registered name raises "
+                           "KeyError there): text_classes patches it")
+        elif getattr(sys.modules.get(cls.__module__), "ALL_ATTENTION_FUNCTIONS", None) is None:
+            reasons.append(f"{cls.__module__} does not dispatch through ALL_ATTENTION_FUNCTIONS")
+    text_model = attention.text_model_of(ctx.model, ctx.paths.text_layers) if ctx.paths is not None else None
+    if text_model is None or not callable(getattr(text_model, "_update_causal_mask", None)):
+        reasons.append("the text backbone has no `_update_causal_mask` (the 4-D mask a custom name relies on)")
+    return reasons
+
+
+def _text_legacy_apply(ctx, patcher) -> list[str]:
+    from portvlm.shims import attention
+
+    text_model = attention.text_model_of(ctx.model, ctx.paths.text_layers)
+    return attention.install_text_legacy(patcher, ctx.model, text_model, ctx.state)
+
+
+def _text_classes_probe(ctx) -> list[str]:
+    from portvlm.shims import attention
+
+    if ctx.model is None:
+        return ["no model given: the text attention classes are found on the model instance"]
+    groups = _text_attn_groups(ctx)
+    if not groups:
+        return [f"{ctx.family}'s text layers have no `self_attn`"]
+    reasons = []
+    for mods in groups.values():
+        reasons += attention.text_class_reasons(mods[0])
+    return reasons
+
+
+def _text_classes_apply(ctx, patcher) -> list[str]:
+    from portvlm.shims import attention
+
+    return attention.install_text_classes(patcher, ctx.model, list(_text_attn_groups(ctx)), ctx.state)
 
 
 SHIMS: tuple[Shim, ...] = (
@@ -345,6 +406,24 @@ SHIMS: tuple[Shim, ...] = (
         transformers=">=4.53.0",
         probe=_text_probe,
         apply=_text_apply,
+    ),
+    Shim(
+        name="text_registry_legacy",
+        answers="<=4.52 no AttentionMaskInterface (4.53.0): backbones calling ALL_ATTENTION_FUNCTIONS (a dict in "
+        "4.49/4.50, AttentionInterface from 4.51) get the name on their configs and the eager 4-D mask that "
+        "_update_causal_mask builds for it; packed rows through the cu_seq_lens_q kwargs they pass down",
+        transformers=">=4.49.0,<4.53.0",
+        probe=_text_legacy_probe,
+        apply=_text_legacy_apply,
+    ),
+    Shim(
+        name="text_classes",
+        answers="<=4.52 Qwen2.5-VL picks its text attention from QWEN2_5_VL_ATTENTION_CLASSES at build time (a custom "
+        "name raises KeyError) and passes no kwargs down (one class through the registry from 4.53.0): the sdpa/eager "
+        "forwards run packed rows (cu_seq_lens_q / packed_rows) as one causal varlen call, else unchanged",
+        transformers=">=4.49.0,<4.53.0",
+        probe=_text_classes_probe,
+        apply=_text_classes_apply,
     ),
 )
 

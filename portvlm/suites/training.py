@@ -182,14 +182,19 @@ def pack_samples(model_id: str, dtype, seed: int = 0) -> tuple[dict, list[dict],
     return packed, samples, lengths
 
 
+# The shims that give a patched model a block-diagonal causal path for a packed row (portvlm.shims.patch.SHIMS):
+# the registry (4.53+), the registry without masks (<=4.52 LLaVA backbones), per-backend classes (<=4.52 Qwen2.5-VL).
+TEXT_SHIMS = ("text_registry", "text_registry_legacy", "text_classes")
+
+
 def _packing_reasons(handle) -> list[str]:
     """Why the patched model cannot take a packed row here (empty: it can) — read from the patch report."""
     rep = getattr(handle, "report", None)
     if rep is None or not hasattr(rep, "shim_names"):
         return []
-    if "text_registry" in rep.shim_names():
+    if rep.shim_names() & set(TEXT_SHIMS):
         return []
-    why = [f"{n.shim}: {'; '.join(n.reasons)}" for n in getattr(rep, "not_applied", []) if n.shim == "text_registry"]
+    why = [f"{n.shim}: {'; '.join(n.reasons)}" for n in getattr(rep, "not_applied", []) if n.shim in TEXT_SHIMS]
     return why or ["portvlm's text attention is not installed, so a packed row has no block-diagonal causal path"]
 
 

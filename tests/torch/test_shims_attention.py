@@ -1,5 +1,6 @@
-"""vision_varlen / text_registry shims: packed == alone, logits == fp32 eager, one call per layer, <=1 sync,
-packed text rows, and flash-attn never reached — for the cpu, sm70 and gfx942 policies (emulated on this CPU)."""
+"""vision_varlen / text shims: packed == alone, logits == fp32 eager, one call per layer, <=1 sync, packed text
+rows (4.53+ registry; <=4.52 registry without masks, or per-backend classes), and flash-attn never reached — for
+the cpu, sm70 and gfx942 policies (emulated on this CPU)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import _tiny  # noqa: E402
 
 import portvlm  # noqa: E402
 from portvlm.backends import kernels  # noqa: E402
-from portvlm.shims import layer_paths  # noqa: E402
+from portvlm.shims import layer_paths, versions  # noqa: E402
 
 ARCHS = ("cpu", "sm70", "gfx942")
 # fp32 on CPU whatever the policy dtype (casting is the caller's choice): the fp32 row of the tolerance table.
@@ -107,26 +108,108 @@ def test_report_says_why_llava_vision_is_not_varlen(models):
     assert "vision_varlen" in skipped and "no packed varlen attention" in skipped["vision_varlen"][0]
 
 
+TEXT_SHIMS = ("text_registry", "text_registry_legacy", "text_classes")  # 4.53+; <=4.52 registry; <=4.52 classes
+PACKED_LENGTHS = (5, 7)
+
+
+def _packed_rows(family):
+    """Two text samples in one row, lmms-engine rmpad style: ids, per-sample reset positions, cu_seq_lens, and the
+    separate rows with their own positions (3-D mrope ids for Qwen, as the model builds them for text)."""
+    rows = [torch.arange(10, 10 + n)[None] for n in PACKED_LENGTHS]
+
+    def pos(n):
+        p = torch.arange(n)[None]
+        return p[None].expand(3, 1, n) if family != "llava" else p
+
+    cu = torch.tensor([0, *torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    packed = dict(input_ids=torch.cat(rows, dim=1), position_ids=torch.cat([pos(n) for n in PACKED_LENGTHS], -1),
+                  cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(PACKED_LENGTHS), max_length_k=max(PACKED_LENGTHS))
+    alone = [dict(input_ids=r, position_ids=pos(r.shape[1])) for r in rows]
+    return packed, alone
+
+
+def _skip_without_text_shim(handle):
+    if not handle.report.shim_names() & set(TEXT_SHIMS):
+        pytest.skip("no text shim applied: " + "; ".join(
+            f"{n.shim}: {'; '.join(n.reasons)}" for n in handle.report.not_applied if n.shim in TEXT_SHIMS))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_packed_text_rows_equal_separate_rows(models, arch):
-    """Two samples in one row (lmms-engine rmpad style: cu_seq_lens_q/k + per-sample position_ids), no flash."""
-    _, model = models["llava"]
-    lengths = (5, 7)
-    rows = [torch.arange(10, 10 + n)[None] for n in lengths]
+@pytest.mark.parametrize("family", ("llava", "qwen2_5_vl"))
+def test_packed_text_rows_equal_separate_rows(models, family, arch):
+    """Two samples in one row (lmms-engine rmpad style: cu_seq_lens_q/k + per-sample position_ids), no flash.
+    <=4.52: LLaVA through ALL_ATTENTION_FUNCTIONS (text_registry_legacy), Qwen2.5-VL through its classes."""
+    _, model = models[family]
+    packed_kwargs, rows = _packed_rows(family)
     with portvlm.patch(model, arch=arch) as handle:
-        if "text_registry" not in handle.report.shim_names():
-            pytest.skip("packed text rows need the registry path (transformers >= 4.53): " + "; ".join(
-                r for n in handle.report.not_applied if n.shim == "text_registry" for r in n.reasons))
-        cu = torch.tensor([0, 5, 12], dtype=torch.int32)
-        ids = torch.cat(rows, dim=1)
-        pos = torch.cat([torch.arange(n) for n in lengths])[None]
+        _skip_without_text_shim(handle)
         with torch.no_grad():
-            packed = model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                           max_length_q=7, max_length_k=7).logits
-            alone = [model(input_ids=r).logits for r in rows]
-        assert handle.state.calls["text_packed"] > 0
+            packed = model(**packed_kwargs, use_cache=False).logits
+            alone = [model(**r, use_cache=False).logits for r in rows]
+        assert handle.state.calls["text_packed"] == len(layer_paths.resolve(model).text_layers), "one call per layer"
     torch.testing.assert_close(packed, torch.cat(alone, dim=1), atol=ATOL, rtol=RTOL)
-    ERRORS[("packed_text", "llava", arch)] = (packed - torch.cat(alone, dim=1)).abs().max().item()
+    ERRORS[("packed_text", family, arch)] = (packed - torch.cat(alone, dim=1)).abs().max().item()
+
+
+@pytest.mark.parametrize("reentrant", (False, True))
+def test_packed_text_rows_survive_gradient_checkpointing(reentrant):
+    """Recomputation in backward runs outside the forward's `packed_rows` context (<=4.52 classes): the gradients of
+    a packed row must still equal the separate rows' — the packed declaration is kept for the forward's rotary tensor."""
+    model = _tiny.build("qwen2_5_vl", "sdpa").train()
+    packed_kwargs, rows = _packed_rows("qwen2_5_vl")
+    weights = torch.randn(1, sum(PACKED_LENGTHS), model.config.get_text_config().vocab_size,
+                          generator=torch.Generator().manual_seed(0))
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with portvlm.patch(model, arch="cpu") as handle:
+        _skip_without_text_shim(handle)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        try:
+            got = grads((model(**packed_kwargs, use_cache=False).logits * weights).sum())
+            parts = torch.split(weights, list(PACKED_LENGTHS), dim=1)
+            want = grads(sum((model(**r, use_cache=False).logits * w).sum() for r, w in zip(rows, parts, strict=True)))
+        finally:
+            model.gradient_checkpointing_disable()
+    assert got.keys() == want.keys() and got
+    err = max((got[n] - want[n]).abs().max().item() for n in got)
+    for n in got:
+        torch.testing.assert_close(got[n], want[n], atol=1e-4, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    ERRORS[("packed_text_ckpt_grads", "qwen2_5_vl", f"reentrant={reentrant}")] = err
+
+
+def test_text_classes_leave_unpacked_calls_exactly_as_before(models):
+    """<=4.52 Qwen2.5-VL: without a packed row the patched classes run transformers' own forward, bit for bit."""
+    _, model = models["qwen2_5_vl"]
+    inputs = _tiny.inputs("qwen2_5_vl")
+    with torch.no_grad():
+        before = model(**inputs).logits
+        with portvlm.patch(model, arch="cpu") as handle:
+            if "text_classes" not in handle.report.shim_names():
+                pytest.skip("text_classes is for <=4.52: " + "; ".join(
+                    r for n in handle.report.not_applied if n.shim == "text_classes" for r in n.reasons))
+            got = model(**inputs).logits
+            assert handle.state.calls["text_packed"] == 0
+    assert torch.equal(got, before)
+
+
+def test_old_versions_report_which_text_shim_applied_and_why_not_the_other(models):
+    """<=4.52: LLaVA's llama backbone goes through the registry, Qwen2.5-VL through its classes; each says why not
+    the other. 4.53+: text_registry for both, the two older shims out of their range."""
+    names = {}
+    for family in ("llava", "qwen2_5_vl"):
+        with portvlm.patch(models[family][1], arch="cpu") as handle:
+            names[family] = (handle.report.shim_names(), {n.shim: n.reasons for n in handle.report.not_applied})
+    if versions.in_range(">=4.53.0"):
+        for applied, skipped in names.values():
+            assert "text_registry" in applied and {"text_registry_legacy", "text_classes"} <= skipped.keys()
+        return
+    (llava, llava_not), (qwen, qwen_not) = names["llava"], names["qwen2_5_vl"]
+    assert "text_registry_legacy" in llava and "text_classes" in llava_not
+    assert "text_classes" in qwen and "QWEN2_5_VL_ATTENTION_CLASSES" in qwen_not["text_registry_legacy"][0]
 
 
 def _raise(*args, **kwargs):

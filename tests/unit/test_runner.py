@@ -142,3 +142,14 @@ def test_emulated_on_gpu_is_kept_over_emulated_on_cpu(tmp_path):
     cpu.environment = {"arch": {"id": "cpu"}}
     assert runner.keep_existing(tmp_path, cpu) is not None
     assert runner.keep_existing(tmp_path, gpu) is None
+
+
+def test_cell_envs_carry_every_runtime_dependency_of_portvlm():
+    import re
+    import tomllib
+
+    from portvlm.run.env import CELL_REQUIREMENTS
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    names = {re.split(r"[<>=!~\[ ]", d, maxsplit=1)[0].lower() for d in pyproject["project"]["dependencies"]}
+    assert names <= set(CELL_REQUIREMENTS), names - set(CELL_REQUIREMENTS)
