@@ -319,12 +319,13 @@ def packed_of(state: AttentionState, position_embeddings):
     active = _PACKED.get()
     store = state.packed_by_rope
     if active is not None:
-        if cos is not None and id(cos) not in store:
+        key = id(cos)
+        if cos is not None and key not in store:
 
-            def _drop(_ref, key=id(cos)):
+            def _drop(_ref, key=key):
                 store.pop(key, None)
 
-            store[id(cos)] = (weakref.ref(cos, _drop), active)
+            store[key] = (weakref.ref(cos, _drop), active)
         return active
     hit = store.get(id(cos)) if cos is not None else None
     return hit[1] if hit is not None and hit[0]() is cos else None
@@ -334,9 +335,9 @@ def attention_table_of(cls):
     """``(name, table)`` of the ``*_ATTENTION_CLASSES`` dict (not the vision one) that holds ``cls``, or ``None``."""
     module = sys.modules.get(cls.__module__)
     for name, value in sorted(vars(module).items()) if module is not None else ():
-        if name.endswith("_ATTENTION_CLASSES") and "VISION" not in name and isinstance(value, dict):
-            if cls in value.values():
-                return name, value
+        is_text_table = name.endswith("_ATTENTION_CLASSES") and "VISION" not in name and isinstance(value, dict)
+        if is_text_table and cls in value.values():
+            return name, value
     return None
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from portvlm.backends import kernels
-from portvlm.backends import register_backend
+from portvlm.backends import kernels, register_backend
 from portvlm.shims.attention import rotary_of
 from portvlm.suites import precision
 
@@ -14,8 +13,7 @@ from portvlm.suites import precision
 def _transformers_vision_rotary():
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mod
 
-    return rotary_of(mod.Qwen2_5_VLVisionAttention) if hasattr(mod, "Qwen2_5_VLVisionAttention") else getattr(
-        mod, "apply_rotary_pos_emb_vision")
+    return rotary_of(mod.Qwen2_5_VLVisionAttention) if hasattr(mod, "Qwen2_5_VLVisionAttention") else mod.apply_rotary_pos_emb_vision
 
 
 def test_transformers_vision_rotary_passes_the_upcast_check():

@@ -122,9 +122,13 @@ def _packed_rows(family):
         return p[None].expand(3, 1, n) if family != "llava" else p
 
     cu = torch.tensor([0, *torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
-    packed = dict(input_ids=torch.cat(rows, dim=1), position_ids=torch.cat([pos(n) for n in PACKED_LENGTHS], -1),
+    # An all-ones mask, as the training suite sends: 4.53's packed-sequence detection (attention_mask=None) expands
+    # 3-D mrope position ids and crashes; the segments travel as cu_seq_lens.
+    ids = torch.cat(rows, dim=1)
+    packed = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                  position_ids=torch.cat([pos(n) for n in PACKED_LENGTHS], -1),
                   cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(PACKED_LENGTHS), max_length_k=max(PACKED_LENGTHS))
-    alone = [dict(input_ids=r, position_ids=pos(r.shape[1])) for r in rows]
+    alone = [dict(input_ids=r, attention_mask=torch.ones_like(r), position_ids=pos(r.shape[1])) for r in rows]
     return packed, alone
 
 
@@ -182,9 +186,12 @@ def test_packed_text_rows_survive_gradient_checkpointing(reentrant):
 
 
 def test_text_classes_leave_unpacked_calls_exactly_as_before(models):
-    """<=4.52 Qwen2.5-VL: without a packed row the patched classes run transformers' own forward, bit for bit."""
+    """<=4.52 Qwen2.5-VL: without a packed row the patched classes run transformers' own forward, bit for bit
+    (text only — the vision shim changes the tower's kernel — with left padding, so the mask path runs too)."""
     _, model = models["qwen2_5_vl"]
-    inputs = _tiny.inputs("qwen2_5_vl")
+    ids = torch.arange(10, 28).view(2, 9)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids).index_fill_(1, torch.tensor([0, 1]), 0) * 1)
+    inputs["attention_mask"][0] = 1  # row 0 unpadded, row 1 left-padded by 2
     with torch.no_grad():
         before = model(**inputs).logits
         with portvlm.patch(model, arch="cpu") as handle:

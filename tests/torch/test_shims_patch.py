@@ -164,3 +164,29 @@ def test_unsupported_model_raises_naming_supported_families():
 def test_custom_attention_name_is_safe_for_transformers():
     name = attention.ATTN_NAME
     assert "flash" not in name and "/" not in name and ":" not in name
+
+
+@pytest.mark.parametrize("family", ("qwen2_5_vl", "llava"))
+def test_packed_rows_then_revert_leaves_no_trace(family):
+    """A packed-row forward (<=4.52: text_classes / text_registry_legacy; 4.53+: text_registry), then revert: the
+    classes, configs, registries, the model forward's signature and portvlm's packed-row context are as before."""
+    import inspect
+
+    model = _tiny.build(family, "sdpa")
+    before = _snapshot(model)
+    signature = inspect.signature(model.forward)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    pos = torch.cat([torch.arange(3), torch.arange(4)])[None]
+    with portvlm.patch(model, arch="cpu") as handle, torch.no_grad():
+        if "text_classes" in handle.report.shim_names():  # the model forward now takes the packed kwargs by name
+            assert "cu_seq_lens_q" in inspect.signature(model.forward).parameters
+        ids = torch.arange(10, 17)[None]  # all-ones mask: 4.53 infers packing from positions otherwise (and crashes)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+              max_length_q=4, max_length_k=4, use_cache=False)
+        assert handle.state.calls["text_packed"] > 0
+    after = _snapshot(model)
+    for cls, attrs in before["classes"].items():
+        assert vars(cls) == attrs, f"{cls.__qualname__} not restored"
+    assert after["configs"] == before["configs"] and after["registries"] == before["registries"]
+    assert inspect.signature(model.forward) == signature
+    assert attention._PACKED.get() is None

@@ -146,9 +146,10 @@ def test_emulated_on_gpu_is_kept_over_emulated_on_cpu(tmp_path):
 
 def test_cell_envs_carry_every_runtime_dependency_of_portvlm():
     import re
-    import tomllib
 
     from portvlm.run.env import CELL_REQUIREMENTS
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     names = {re.split(r"[<>=!~\[ ]", d, maxsplit=1)[0].lower() for d in pyproject["project"]["dependencies"]}
