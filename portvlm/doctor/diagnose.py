@@ -592,6 +592,10 @@ def _shim_label(name: str, v: Version) -> str:
         return "AttentionInterface + masks"
     if name == "vision_dense_mask":
         return "skip the looped [S,S] mask"
+    if name == "text_classes":
+        return "Qwen2.5-VL text classes patched for packed rows"
+    if name == "text_registry_legacy":
+        return "registry without mask interface"
     return ""
 
 
@@ -615,6 +619,9 @@ def _shims_for(info: EnvInfo, family: str) -> tuple[Shim, ...]:
             if not SpecifierSet(shim.transformers).contains(v, prereleases=True):
                 continue
             if shim.name == "vision_dense_mask" and not (Version("4.53.1") <= v < Version("4.54")):
+                continue
+            # The <=4.52 text shims are per family: class patching for Qwen2.5-VL, the legacy registry for LLaVA.
+            if (shim.name, family) in (("text_classes", "llava"), ("text_registry_legacy", "qwen2_5_vl")):
                 continue
             out.append(Shim(shim.name, str(shim.answers), "declared", _shim_label(shim.name, v)))
     except Exception:
