@@ -181,6 +181,8 @@ def run_cell(cell: Cell, plan: Plan, *, matrix_path: str | None, timeout: float,
         tail = log_path.read_text()[-3000:] if log_path.exists() else ""
         result.error = f"cell process exited {rc} without a result; log {log_path}:\n{tail}"
         return result
+    # Results are shared artefacts: this checkout's absolute path says nothing to a reader elsewhere.
+    partial = json.loads(json.dumps(partial).replace(str(envs.REPO_ROOT), "<repo>"))
     if partial.get("error"):
         result.error = partial["error"]
         return result
