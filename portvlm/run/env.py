@@ -87,17 +87,17 @@ def ensure_env(spec: EnvSpec, *, quiet: bool = True) -> Path:
     uv = _uv()
     env = {**os.environ, "VIRTUAL_ENV": str(path)}
     env.pop("PYTHONPATH", None)
-    cmd_venv = [uv, "venv", "--allow-existing", "-p", spec.python, str(path)]
-    cmd_install = [uv, "pip", "install", "-p", str(env_python(path))]
+    q = ["-q"] if quiet else []
+    python = str(env_python(path))
+    cmd_venv = [uv, "venv", *q, "--allow-existing", "-p", spec.python, str(path)]
+    cmd_install = [uv, "pip", "install", *q, "-p", python]
     for fl in _find_links():
         cmd_install += ["--find-links", fl]
     if "+cpu" in spec.torch and not any(Path(fl).glob(f"torch-{spec.torch}-*.whl") for fl in _find_links()):
         cmd_install += ["--extra-index-url", TORCH_CPU_INDEX, "--index-strategy", "unsafe-best-match"]
     cmd_install += spec.requirements()
-    cmd_editable = [uv, "pip", "install", "-p", str(env_python(path)), "--no-deps", "-e", str(REPO_ROOT)]
+    cmd_editable = [uv, "pip", "install", *q, "-p", python, "--no-deps", "-e", str(REPO_ROOT)]
     for cmd in (cmd_venv, cmd_install, cmd_editable):
-        if quiet:
-            cmd = [cmd[0], *cmd[1:3], "-q", *cmd[3:]] if cmd[1] == "pip" else [*cmd[:2], "-q", *cmd[2:]]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise EnvironmentBuildError(
