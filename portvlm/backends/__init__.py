@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from portvlm.errors import UnsupportedError
-from portvlm.platform import Platform
+from portvlm.platform import Platform, bf16_reasons
 
 __all__ = [
     "Backend",
@@ -391,9 +391,7 @@ def backend_reasons(
     if dtype not in b.dtypes:
         reasons.append(f"needs dtype {' or '.join(b.dtypes)}, found {dtype}")
     elif (
-        rules.vendor == "nvidia"  # also on a CPU host emulating sm70: the policy is the arch's
-        and rules.capability is not None
-        and tuple(rules.capability) < (8, 0)
+        bf16_reasons(rules.vendor, rules.capability)  # also on a CPU host emulating sm70: the policy is the arch's
         and dtype not in b.dtypes_below_sm80
     ):
         reasons.append(f"{dtype} needs sm80+ (below sm80: {' or '.join(b.dtypes_below_sm80)}), found {where}")

@@ -16,7 +16,7 @@ from packaging.version import Version
 
 from portvlm.doctor import facts
 from portvlm.doctor.collect import SCHEMA, EnvInfo
-from portvlm.platform import Platform, kernel_image_reasons
+from portvlm.platform import Platform, bf16_reasons, kernel_image_reasons
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 _RANK = {"ok": 0, "info": 0, "warn": 1, "fail": 2}
@@ -279,7 +279,7 @@ def _check_arch(info: EnvInfo, arch, match: str, note: str | None) -> list[Check
 def native_bf16(platform: Platform) -> bool | None:
     """Hardware bf16 (not torch.cuda.is_bf16_supported(), which counts emulation): sm80+ / CDNA2+."""
     if platform.vendor == "nvidia":
-        return None if platform.capability is None else platform.capability >= facts.BF16_MIN_CAPABILITY
+        return None if platform.capability is None else not bf16_reasons(platform.vendor, platform.capability)
     if platform.vendor == "amd":
         return None if not platform.gfx else platform.gfx in facts.BF16_NATIVE_GFX
     return None
@@ -416,7 +416,7 @@ def xformers_op_reasons(op, platform: Platform, dtype: str | None) -> list[str]:
         reasons.append(f"needs {_sm(op.min_capability)}+, found {_sm(platform.capability)}")
     if dtype and op.dtypes and dtype not in op.dtypes:
         reasons.append(f"needs dtype {'/'.join(op.dtypes)}, found {dtype}")
-    if dtype == "bfloat16" and platform.vendor == "nvidia" and platform.capability and platform.capability < (8, 0):
+    if dtype == "bfloat16" and bf16_reasons(platform.vendor, platform.capability):
         reasons.append("bf16 needs sm80+ (torch's mem-efficient kernel: fp16/fp32 only below sm80)")
     return reasons
 

@@ -96,9 +96,8 @@ DRIVER_FOR_CUDA_MAJOR = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
 
 # ---------------------------------------------------------------------------------------------------------------
 # bf16 / TF32 truth. torch.cuda.is_bf16_supported() counts emulation (True on sm70/sm75, always True on ROCm):
-# gate on the hardware instead. Research §5.
+# gate on the hardware instead (NVIDIA: portvlm.platform.bf16_reasons). Research §5.
 # ---------------------------------------------------------------------------------------------------------------
-BF16_MIN_CAPABILITY = (8, 0)
 TF32_MIN_CAPABILITY = (8, 0)
 FP16_MIN_CAPABILITY = (5, 3)
 BF16_NATIVE_GFX = ("gfx90a", "gfx940", "gfx941", "gfx942", "gfx950")  # CDNA2+ (MI200, MI300, MI350)

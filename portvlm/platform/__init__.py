@@ -92,6 +92,21 @@ def known_arch_id(capability: tuple[int, int] | None = None, gfx: str | None = N
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Dtype truth. torch.cuda.is_bf16_supported() counts emulation (True on sm70/sm75): gate on the hardware instead.
+# --------------------------------------------------------------------------------------------------------------
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def bf16_reasons(vendor: str, capability: tuple[int, int] | None) -> list[str]:
+    """Why bf16 is not native on this NVIDIA capability (empty = native, or not an NVIDIA capability to judge)."""
+    if vendor != "nvidia" or capability is None or tuple(capability) >= BF16_MIN_CAPABILITY:
+        return []
+    need = ".".join(map(str, BF16_MIN_CAPABILITY))
+    return [f"needs compute capability >= {need}, found {capability[0]}.{capability[1]} "
+            "(Volta: no bf16 units; torch.cuda.is_bf16_supported() counts emulation)"]
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Kernel images: does the installed torch carry code this GPU can run? ("no kernel image is available")
 # --------------------------------------------------------------------------------------------------------------
 _SM = re.compile(r"^(sm|compute)_(\d+)([a-z]?)$")
