@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portvlm.run.results import EVIDENCE, STATUSES, CellResult, result_from_json
+from portvlm.records import EVIDENCE, STATUSES, CellResult, result_from_json
 
 NOT_RUN = "not run"
 # Statuses that come with an explanation shown in the cell.

@@ -1,6 +1,6 @@
 """What a cell runs against its model family on its stack: numeric parity, a training step, a streaming smoke.
 
-Each suite is ``run(ctx) -> portvlm.run.results.SuiteResult`` with checks (measured value and bound) and figures
+Each suite is ``run(ctx) -> portvlm.records.SuiteResult`` with checks (measured value and bound) and figures
 (max errors, losses, cache sizes, times). The reference is always an *unpatched* fp32 eager model with the same
 state dict, independent of portvlm; the model under test is ``portvlm.patch(model, arch=ctx.arch_id)`` in
 ``ctx.dtype``. Nothing here imports torch until a suite runs.
@@ -46,7 +46,7 @@ class SuiteContext:
 
 def run_suite(ctx: SuiteContext, name: str):
     """Run one suite; its exception becomes status "error" (traceback tail), a ``SuiteSkip`` becomes "skipped"."""
-    from portvlm.run.results import SuiteResult
+    from portvlm.records import SuiteResult
 
     t0 = time.perf_counter()
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from portvlm.run.results import Check
+from portvlm.records import Check
 
 # One fp16 rounding of a result computed in fp32: |err| <= 2^-11 · |ref| (+ the smallest normal for ~0 values).
 FP16_ONE_ROUNDING = 2.0**-11
