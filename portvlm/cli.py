@@ -10,7 +10,7 @@ COMMANDS = {
     "doctor": ("portvlm.doctor", "diagnose this environment: verdicts with reasons and fixes"),
     "run": ("portvlm.run.runner", "run matrix cells (what the nox test sessions call)"),
     "publish": ("portvlm.publish", "render the support table, HTML page and badges from results/"),
-    "containers": ("portvlm.containers", "render, lint and build the stack images"),
+    "containers": ("portvlm.containers.cli", "render, lint and build the stack images"),
 }
 
 

@@ -146,3 +146,26 @@ def overall_status(expected: str, suites: dict[str, SuiteResult]) -> Status:
     if expected == Status.XFAIL:
         return Status.XFAIL if failed else Status.XPASS
     return Status.FAIL if failed else Status.PASS
+
+
+@dataclass
+class CellReport:
+    """What the cell's child process reports to the runner (``portvlm.run.cell --out``): typed both ways."""
+
+    evidence: str | None = None  # None: the child could not say (it crashed); the runner's plan stands
+    evidence_notes: list[str] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    shims: list[dict[str, Any]] = field(default_factory=list)
+    backends: dict[str, Any] = field(default_factory=dict)
+    suites: dict[str, SuiteResult] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # the child's traceback tail when it crashed before its suites could report
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CellReport:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        suites = {k: suite_from_json(v) for k, v in known.pop("suites", {}).items()}
+        return cls(**known, suites=suites)

@@ -12,11 +12,12 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from packaging.specifiers import SpecifierSet
-from packaging.version import Version
 
 from portvlm.doctor import facts
 from portvlm.doctor.collect import SCHEMA, EnvInfo
 from portvlm.platform import Platform, bf16_reasons, kernel_image_reasons
+from portvlm.shims.versions import base_version, parse, parse_or_none
+from portvlm.wheels import torch_index
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 _RANK = {"ok": 0, "info": 0, "warn": 1, "fail": 2}
@@ -184,8 +185,7 @@ def _check_torch(info: EnvInfo, arch) -> list[Check]:
         checks.append(Check("torch_build", "fail", f"{p.name} found but torch {t.version} is a {build} build", want))
     elif p.vendor == "amd" and not t.hip:
         checks.append(Check("torch_build", "fail", f"{p.name} found but torch {t.version} is a {build} build",
-                            want or "install a ROCm torch build: pip install torch --index-url "
-                            "https://download.pytorch.org/whl/rocm7.2"))
+                            want or f"install a ROCm torch build: pip install torch --index-url {torch_index('rocm7.2')}"))
     elif p.is_gpu and t.cuda_available is False:
         checks.append(Check("torch_build", "fail",
                             f"{p.name} found but torch.cuda.is_available() is False (driver {info.driver or '?'})",
@@ -201,9 +201,9 @@ def _suggested_torch(info: EnvInfo, arch) -> str | None:
         if builds:
             return facts.pip_torch(*builds[0])
     if p.vendor == "amd":
-        return "pip install torch --index-url " + facts.TORCH_INDEX.format(variant="rocm7.2")
+        return "pip install torch --index-url " + torch_index("rocm7.2")
     if p.vendor == "cpu":
-        return "pip install torch --index-url " + facts.TORCH_INDEX.format(variant="cpu")
+        return "pip install torch --index-url " + torch_index("cpu")
     return "pip install torch"
 
 
@@ -317,13 +317,13 @@ def _check_precision(info: EnvInfo, arch) -> list[Check]:
 
 
 def _check_transformers(info: EnvInfo, matrix, arch=None) -> list[Check]:
-    version = facts.version_or_none(info.transformers.version)
+    version = parse_or_none(info.transformers.version)
     if version is None:
         newest = _newest_stack_transformers(matrix)
         return [Check("transformers", "fail", info.transformers.error or "transformers not installed",
                       f"pip install 'transformers=={newest}'" if newest else "pip install transformers")]
     checks = []
-    stacks = [facts.version_or_none(s.transformers) for s in (matrix.stacks if matrix is not None else ())]
+    stacks = [parse_or_none(s.transformers) for s in (matrix.stacks if matrix is not None else ())]
     stacks = sorted(v for v in stacks if v is not None)
     if stacks and version < stacks[0]:
         checks.append(Check("transformers", "fail",
@@ -335,7 +335,7 @@ def _check_transformers(info: EnvInfo, matrix, arch=None) -> list[Check]:
         allowed = info.env.get("PORTVLM_ALLOW_UNVERIFIED") == "1"
         newest = stacks[-1] if stacks else None
         if arch is not None and matrix is not None and arch.stacks:  # the newest version tested on this arch
-            newest = max(facts.version_or_none(matrix.stack(s).transformers) or Version("0") for s in arch.stacks)
+            newest = max(parse_or_none(matrix.stack(s).transformers) or parse("0") for s in arch.stacks)
         checks.append(Check(
             "transformers", "warn" if allowed else "fail",
             f"transformers {version} is outside the range portvlm's shims were verified on ({verified[1]})"
@@ -359,28 +359,28 @@ def _verified_range():
 def _newest_stack_transformers(matrix) -> str | None:
     if matrix is None or not matrix.stacks:
         return None
-    return str(max(facts.version_or_none(s.transformers) or Version("0") for s in matrix.stacks))
+    return str(max(parse_or_none(s.transformers) or parse("0") for s in matrix.stacks))
 
 
 def _check_xformers(info: EnvInfo, arch) -> list[Check]:
     x, p = info.xformers, info.platform
     if x.version is None:
         return [Check("xformers", "info", "xformers not installed (portvlm does not need it)")]
-    installed = facts.base_version(info.torch.version)
+    installed = base_version(info.torch.version)
     wanted = facts.xformers_for_torch(info.torch.version) if installed else None
     index = _variant(info)
-    pip = (f"pip install 'xformers=={wanted}'" + (f" --index-url {facts.TORCH_INDEX.format(variant=index)}"
+    pip = (f"pip install 'xformers=={wanted}'" + (f" --index-url {torch_index(index)}"
            if index and index != "cpu" else "")) if wanted else "pip uninstall -y xformers"
     uses_xformers = arch is not None and "xformers_blockdiag" in arch.vision_backends
     mismatch = None
-    built_for = facts.base_version(x.built_for_torch)
+    built_for = base_version(x.built_for_torch)
     if x.requires_torch and x.requires_torch.startswith("==") and installed:
-        pinned = facts.base_version(x.requires_torch[2:])
+        pinned = base_version(x.requires_torch[2:])
         if pinned and pinned != installed:
             mismatch = pinned
     if built_for and installed and built_for != installed:
-        stable_abi = (facts.version_or_none(x.version) or Version("0")) >= Version(facts.XFORMERS_STABLE_ABI)
-        if not (stable_abi and Version(installed) >= Version(built_for)):
+        stable_abi = (parse_or_none(x.version) or parse("0")) >= parse(facts.XFORMERS_STABLE_ABI)
+        if not (stable_abi and parse(installed) >= parse(built_for)):
             mismatch = built_for
     checks = []
     if mismatch or x.extension_loaded is False:
@@ -393,8 +393,8 @@ def _check_xformers(info: EnvInfo, arch) -> list[Check]:
     elif x.error:
         checks.append(Check("xformers", "warn", f"xformers {x.version} installed but unusable: {x.error}", pip))
     if p.vendor == "nvidia" and p.capability and p.capability < (7, 5):
-        v = facts.version_or_none(x.version)
-        if v is not None and v > Version(facts.XFORMERS_LAST_SM70):
+        v = parse_or_none(x.version)
+        if v is not None and v > parse(facts.XFORMERS_LAST_SM70):
             checks.append(Check("xformers", "warn", f"xformers {x.version} wheels carry no {_sm(p.capability)} "
                                 f"kernels (0.0.31 dropped V100; last with sm70: {facts.XFORMERS_LAST_SM70} for torch 2.7.0)",
                                 f"pip install 'xformers=={facts.XFORMERS_LAST_SM70}' with torch 2.7.0 (cu118/cu126)"))
@@ -501,8 +501,8 @@ def _feature_probe(info: EnvInfo) -> Callable[[str, Platform, str, int], str | N
             if not real.is_gpu:
                 return "needs a CUDA/ROCm device for xformers fmha (no CPU operator since xformers 0.0.22)"
             if real.vendor == "nvidia" and real.capability and real.capability < (7, 5):
-                v = facts.version_or_none(x.version)
-                if v is not None and v > Version(facts.XFORMERS_LAST_SM70):
+                v = parse_or_none(x.version)
+                if v is not None and v > parse(facts.XFORMERS_LAST_SM70):
                     return (f"needs xformers <= {facts.XFORMERS_LAST_SM70} on {_sm(real.capability)}: "
                             f"{x.version} wheels carry no sm70 kernels")
             if not x.ops:
@@ -540,54 +540,54 @@ def choose_backend(info: EnvInfo, role: str, priority: tuple[str, ...], dtype: s
 
 def predicted_shims(transformers_version: str | None, family: str) -> tuple[Shim, ...]:
     """The shims the installed transformers calls for, from the breakpoints research (labelled "predicted")."""
-    v = facts.version_or_none(transformers_version)
+    v = parse_or_none(transformers_version)
     if v is None:
         return ()
     shims = []
-    if v < Version("4.52"):
+    if v < parse("4.52"):
         paths = "m.language_model.model.layers / m.vision_tower (≤4.51)" if family == "llava" else \
             "m.model.layers / m.visual (≤4.51)"
-    elif v < Version("5.0"):
+    elif v < parse("5.0"):
         paths = "m.model.language_model.layers / m.model.visual (4.52+, BC properties kept)"
     else:
         paths = "m.model.language_model.layers / m.model.visual (5.x: BC properties removed)"
     shims.append(Shim("layer_paths", paths, "predicted",
-                      "≤4.51 paths" if v < Version("4.52") else "4.52+ paths" if v < Version("5.0") else "5.x paths"))
-    if v < Version("4.53"):
+                      "≤4.51 paths" if v < parse("4.52") else "4.52+ paths" if v < parse("5.0") else "5.x paths"))
+    if v < parse("4.53"):
         attention = "class patching of the *_ATTENTION_CLASSES dicts (no custom attn_implementation before 4.53)"
-    elif v < Version("4.54"):
+    elif v < parse("4.54"):
         attention = "AttentionInterface + AttentionMaskInterface registration (packed vision mask upstream)"
     else:
         attention = ("AttentionInterface + AttentionMaskInterface; restores one block-diagonal vision call "
                      "(upstream splits per chunk for non-flash names since 4.54)")
     shims.append(Shim("attention", attention, "predicted",
-                      "class patching" if v < Version("4.53") else "registry" if v < Version("4.54")
+                      "class patching" if v < parse("4.53") else "registry" if v < parse("4.54")
                       else "registry + one-call vision"))
-    if v < Version("4.54"):
+    if v < parse("4.54"):
         cache = "CacheView over key_cache/value_cache lists"
-    elif v < Version("4.56"):
+    elif v < parse("4.56"):
         cache = "CacheView over cache.layers (key_cache deprecated)"
-    elif v < Version("5.0"):
+    elif v < parse("5.0"):
         cache = "CacheView over cache.layers (key_cache removed)"
-    elif v < Version("5.15"):
+    elif v < parse("5.15"):
         cache = "CacheView over cache.layers (no legacy-cache conversion in 5.x)"
     else:
         cache = "CacheView over cache.layers; crop(max_length) kept (5.15+ crop() takes tokens_to_remove)"
     shims.append(Shim("kv_cache", cache, "predicted",
-                      "key_cache lists" if v < Version("4.54") else "crop() inverted, layers" if v >= Version("5.15")
+                      "key_cache lists" if v < parse("4.54") else "crop() inverted, layers" if v >= parse("5.15")
                       else "cache.layers"))
     return tuple(shims)
 
 
-def _shim_label(name: str, v: Version) -> str:
+def _shim_label(name: str, v) -> str:
     """A few words for the one-screen view of a declared shim on version ``v``."""
     if name == "kv_cache":
-        return "key_cache lists" if v < Version("4.54") else "crop() inverted, layers" if v >= Version("5.15") \
+        return "key_cache lists" if v < parse("4.54") else "crop() inverted, layers" if v >= parse("5.15") \
             else "cache.layers"
     if name == "layer_paths":
-        return "≤4.51 paths" if v < Version("4.52") else "4.52+ paths" if v < Version("5.0") else "5.x paths"
+        return "≤4.51 paths" if v < parse("4.52") else "4.52+ paths" if v < parse("5.0") else "5.x paths"
     if name == "vision_varlen":
-        return "class patching" if v < Version("4.53") else "one block-diagonal call"
+        return "class patching" if v < parse("4.53") else "one block-diagonal call"
     if name == "text_registry":
         return "AttentionInterface + masks"
     if name == "vision_dense_mask":
@@ -606,7 +606,7 @@ def _shims_for(info: EnvInfo, family: str) -> tuple[Shim, ...]:
     ``vision_dense_mask`` method exists only in 4.53.1-4.53.x (breakpoints §3), so it is listed only there.
     Without an importable listing, :func:`predicted_shims` answers from the breakpoints research.
     """
-    v = facts.version_or_none(info.transformers.version)
+    v = parse_or_none(info.transformers.version)
     if v is None:
         return ()
     try:
@@ -618,7 +618,7 @@ def _shims_for(info: EnvInfo, family: str) -> tuple[Shim, ...]:
         for shim in SHIMS:
             if not SpecifierSet(shim.transformers).contains(v, prereleases=True):
                 continue
-            if shim.name == "vision_dense_mask" and not (Version("4.53.1") <= v < Version("4.54")):
+            if shim.name == "vision_dense_mask" and not (parse("4.53.1") <= v < parse("4.54")):
                 continue
             # The <=4.52 text shims are per family: class patching for Qwen2.5-VL, the legacy registry for LLaVA.
             if (shim.name, family) in (("text_classes", "llava"), ("text_registry_legacy", "qwen2_5_vl")):
@@ -634,27 +634,27 @@ def _match_stack(info: EnvInfo, arch, matrix):
     stacks = [matrix.stack(s) for s in arch.stacks]
     if not stacks:
         return None, "none", ()
-    tf = facts.version_or_none(info.transformers.version)
-    torch_v = facts.base_version(info.torch.version)
+    tf = parse_or_none(info.transformers.version)
+    torch_v = base_version(info.torch.version)
     variant = _variant(info)
 
     def torch_score(s):
         return (s.torch == torch_v, s.torch_variant == variant)
 
-    exact = [s for s in stacks if tf is not None and facts.version_or_none(s.transformers) == tf]
+    exact = [s for s in stacks if tf is not None and parse_or_none(s.transformers) == tf]
     if exact:
         stack, match = max(exact, key=torch_score), "exact"
     elif tf is None:
         stack, match = stacks[-1], "nearest"
     else:
-        below = [s for s in stacks if (facts.version_or_none(s.transformers) or Version("0")) <= tf]
+        below = [s for s in stacks if (parse_or_none(s.transformers) or parse("0")) <= tf]
         pool = below or stacks
         pick = max if below else min
-        best = pick(facts.version_or_none(s.transformers) or Version("0") for s in pool)
-        stack = max((s for s in pool if facts.version_or_none(s.transformers) == best), key=torch_score)
+        best = pick(parse_or_none(s.transformers) or parse("0") for s in pool)
+        stack = max((s for s in pool if parse_or_none(s.transformers) == best), key=torch_score)
         match = "nearest"
     diffs = []
-    if tf is None or facts.version_or_none(stack.transformers) != tf:
+    if tf is None or parse_or_none(stack.transformers) != tf:
         diffs.append(f"transformers {info.transformers.version or 'missing'} vs {stack.transformers}")
     if torch_v and (stack.torch != torch_v or (variant and stack.torch_variant != variant)):
         diffs.append(f"torch {torch_v}+{variant} vs {stack.torch}+{stack.torch_variant}")
@@ -678,7 +678,7 @@ def _expected(matrix, arch, model, stack):
 
 
 def _family_reasons(model_type: str, version: str | None) -> list[str]:
-    v = facts.version_or_none(version)
+    v = parse_or_none(version)
     if v is None:
         return []
     try:

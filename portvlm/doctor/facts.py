@@ -7,7 +7,7 @@ read only these tables.
 
 from __future__ import annotations
 
-from packaging.version import InvalidVersion, Version
+from portvlm.shims.versions import base_version, parse, parse_or_none
 
 # ---------------------------------------------------------------------------------------------------------------
 # torch CUDA wheels: (torch minor, variant) → SM cubins (major, minor) in the wheel.
@@ -52,7 +52,6 @@ for _minor in ("2.12", "2.13", "2.14"):
 # The newest patch release of each minor portvlm knows of (for the suggested pip line).
 TORCH_LATEST_PATCH = {"2.3": "2.3.1", "2.6": "2.6.0", "2.7": "2.7.1", "2.8": "2.8.0", "2.9": "2.9.1",
                       "2.10": "2.10.0", "2.11": "2.11.0", "2.12": "2.12.0", "2.13": "2.13.0", "2.14": "2.14.0"}
-TORCH_INDEX = "https://download.pytorch.org/whl/{variant}"
 # The newest released torch in the research snapshot: 2.14 was a release candidate, so advice stops at 2.13.
 NEWEST_STABLE_TORCH = "2.13"
 
@@ -85,9 +84,11 @@ def variants_without(capability: tuple[int, int]) -> list[str]:
 
 
 def pip_torch(minor: str, variant: str) -> str:
-    """``pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126``."""
+    """``pip install 'torch==2.13.0' --index-url <PyTorch's cu126 index>``."""
+    from portvlm.wheels import torch_index
+
     version = TORCH_LATEST_PATCH.get(minor, f"{minor}.*")
-    return f"pip install 'torch=={version}' --index-url {TORCH_INDEX.format(variant=variant)}"
+    return f"pip install 'torch=={version}' --index-url {torch_index(variant)}"
 
 
 # The NVIDIA driver must support the CUDA major of the torch build (minor-version compatibility covers the
@@ -147,27 +148,8 @@ def xformers_for_torch(torch_version: str) -> str | None:
         return None
     if base in XFORMERS_FOR_TORCH:
         return XFORMERS_FOR_TORCH[base]
-    try:
-        return XFORMERS_FOR_NEWER_TORCH if Version(base) >= Version("2.10") else None
-    except InvalidVersion:
-        return None
-
-
-def base_version(version: str | None) -> str | None:
-    """``"2.7.0+cu118"`` → ``"2.7.0"``; ``None`` when unparseable."""
-    if not version:
-        return None
-    try:
-        return Version(str(version)).base_version
-    except InvalidVersion:
-        return None
-
-
-def version_or_none(version: str | None) -> Version | None:
-    try:
-        return Version(str(version)) if version else None
-    except InvalidVersion:
-        return None
+    parsed = parse_or_none(base)
+    return XFORMERS_FOR_NEWER_TORCH if parsed is not None and parsed >= parse("2.10") else None
 
 
 # Vision / text attention head dims of the released checkpoints (vision: hidden / heads of the ViT; text: 128 for

@@ -14,15 +14,18 @@ import platform as _pyplatform
 import sys
 import time
 import traceback
-from dataclasses import asdict
 from typing import Any
 
 from portvlm.matrix.schema import Cell
+from portvlm.records import CellReport, Evidence
 
 
-def evidence_for(cell: Cell, host_arch: str | None, in_container: bool) -> str:
-    """hardware when the host is the cell's arch, else emulated (the arch's policy on other hardware)."""
-    return "hardware" if host_arch == cell.arch.id else "emulated"
+def evidence_for(cell: Cell, host_arch: str | None) -> Evidence:
+    """hardware when the host is the cell's arch, else emulated (the arch's policy on other hardware).
+
+    The runner decides it once (``plan_cell``) and hands it to the child (``--evidence``).
+    """
+    return Evidence.HARDWARE if host_arch == cell.arch.id else Evidence.EMULATED
 
 
 def differences(cell: Cell, actual: dict[str, Any], host_arch: str | None, host_name: str) -> list[str]:
@@ -109,14 +112,14 @@ def _patch_report(cell: Cell) -> tuple[list[dict], dict]:
     return shims, backends
 
 
-def run(cell: Cell, suites: tuple[str, ...], fast: bool, in_container: bool) -> dict[str, Any]:
+def run(cell: Cell, suites: tuple[str, ...], fast: bool, in_container: bool, evidence: str | None = None) -> CellReport:
     from portvlm.suites import SuiteContext, run_suites
 
     t0 = time.perf_counter()
     host_arch, host_name, env = _host()
     actual = _installed_versions()
-    evidence = evidence_for(cell, host_arch, in_container)
-    notes = differences(cell, actual, host_arch, host_name) if evidence == "emulated" else []
+    evidence = Evidence(evidence) if evidence else evidence_for(cell, host_arch)
+    notes = differences(cell, actual, host_arch, host_name) if evidence == Evidence.EMULATED else []
     if in_container:
         notes.append("ran inside the stack's container image")
     device = "cuda" if host_arch not in (None, "cpu") else "cpu"
@@ -130,15 +133,15 @@ def run(cell: Cell, suites: tuple[str, ...], fast: bool, in_container: bool) -> 
         fast=fast,
     )
     results = run_suites(ctx, names=suites)
-    return {
-        "evidence": evidence,
-        "evidence_notes": notes,
-        "environment": {**env, "versions": actual},
-        "shims": shims,
-        "backends": backends,
-        "suites": {name: asdict(r) for name, r in results.items()},
-        "timings": {"suites_s": round(time.perf_counter() - t0, 3)},
-    }
+    return CellReport(
+        evidence=evidence,
+        evidence_notes=notes,
+        environment={**env, "versions": actual},
+        shims=shims,
+        backends=backends,
+        suites=dict(results),
+        timings={"suites_s": round(time.perf_counter() - t0, 3)},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suites", default="parity,training,streaming")
     p.add_argument("--fast", action="store_true", help="skip the slowest checks (FSDP2 processes); recorded")
     p.add_argument("--in-container", action="store_true")
+    p.add_argument("--evidence", choices=[e.value for e in Evidence], help="decided by the runner (plan_cell)")
     a = p.parse_args(argv)
     from portvlm.matrix import expand, load_matrix
 
@@ -157,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown cell {a.cell!r}; `portvlm matrix` lists them", file=sys.stderr)
         return 2
     try:
-        data = run(cells[a.cell], tuple(s for s in a.suites.split(",") if s), a.fast, a.in_container)
+        report = run(cells[a.cell], tuple(s for s in a.suites.split(",") if s), a.fast, a.in_container, a.evidence)
     except Exception:  # noqa: BLE001 - reported to the parent as the cell's error
-        data = {"error": traceback.format_exc()[-4000:]}
+        report = CellReport(error=traceback.format_exc()[-4000:])
     with open(a.out, "w") as fh:
-        json.dump(data, fh, default=str)
+        json.dump(report.to_json(), fh, default=str)
     return 0
 
 

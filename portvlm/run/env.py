@@ -17,15 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from portvlm.errors import EnvironmentBuildError
+from portvlm.wheels import CELL_REQUIREMENTS, find_links_dirs, torch_index, uv_bin
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# The cell envs' own needs: portvlm's runtime dependencies (pyproject.toml; a test keeps the two in step — the
-# images `pip check` them), numpy (torch warns without it) and the test runner (the torch tests run there).
-CELL_REQUIREMENTS = ("numpy", "pyyaml", "packaging", "jsonschema", "rich", "jinja2", "uv",
-                     "pytest", "pytest-xdist", "hypothesis")
-# A CPU torch wheel is not on PyPI (its +cpu builds live on PyTorch's own index). A machine that keeps
-# wheels locally (PIP_FIND_LINKS, as CI images often do) is used first.
-TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 ENV_RECIPE = "2"
 
 
@@ -53,23 +47,6 @@ def envs_root() -> Path:
     return Path(os.environ.get("PORTVLM_ENVS", REPO_ROOT / ".portvlm" / "envs"))
 
 
-def _find_links() -> list[str]:
-    raw = os.environ.get("PORTVLM_FIND_LINKS") or os.environ.get("PIP_FIND_LINKS") or ""
-    return [p for p in raw.split() if p]
-
-
-def _uv() -> str:
-    uv = shutil.which("uv")
-    if uv:
-        return uv
-    try:
-        from uv import find_uv_bin  # the PyPI wheel of uv ships this
-
-        return find_uv_bin()
-    except ImportError as exc:
-        raise EnvironmentBuildError("uv is not installed: run `pip install uv` (cell environments are built with it)") from exc
-
-
 def env_python(path: Path) -> Path:
     return path / "bin" / "python"
 
@@ -84,17 +61,18 @@ def ensure_env(spec: EnvSpec, *, quiet: bool = True) -> Path:
     if stamp.exists() and stamp.read_text().strip() == wanted and env_python(path).exists():
         return env_python(path)
     root.mkdir(parents=True, exist_ok=True)
-    uv = _uv()
+    uv = uv_bin()
     env = {**os.environ, "VIRTUAL_ENV": str(path)}
     env.pop("PYTHONPATH", None)
     q = ["-q"] if quiet else []
     python = str(env_python(path))
     cmd_venv = [uv, "venv", *q, "--allow-existing", "-p", spec.python, str(path)]
     cmd_install = [uv, "pip", "install", *q, "-p", python]
-    for fl in _find_links():
+    for fl in find_links_dirs():
         cmd_install += ["--find-links", fl]
-    if "+cpu" in spec.torch and not any(Path(fl).glob(f"torch-{spec.torch}-*.whl") for fl in _find_links()):
-        cmd_install += ["--extra-index-url", TORCH_CPU_INDEX, "--index-strategy", "unsafe-best-match"]
+    if "+cpu" in spec.torch and not any(Path(fl).glob(f"torch-{spec.torch}-*.whl") for fl in find_links_dirs()):
+        # A +cpu torch is not on the default index: PyTorch's own (or its mirror) is searched next to it.
+        cmd_install += ["--extra-index-url", torch_index("cpu"), "--index-strategy", "unsafe-best-match"]
     cmd_install += spec.requirements()
     cmd_editable = [uv, "pip", "install", *q, "-p", python, "--no-deps", "-e", str(REPO_ROOT)]
     for cmd in (cmd_venv, cmd_install, cmd_editable):
@@ -105,6 +83,46 @@ def ensure_env(spec: EnvSpec, *, quiet: bool = True) -> Path:
             )
     stamp.write_text(wanted + "\n")
     return env_python(path)
+
+
+def child_command(python: str, cell_id: str, out: str, *, matrix: str | None = None, evidence: str | None = None,
+                  suites: str = "parity,training,streaming", fast: bool = False, in_container: bool = False) -> list[str]:
+    """The one command that runs a cell's suites in a child process (``portvlm.run.cell``), venv or container."""
+    cmd = [python, "-m", "portvlm.run.cell", "--cell", cell_id, "--out", out, "--suites", suites]
+    if matrix:
+        cmd += ["--matrix", matrix]
+    if evidence:
+        cmd += ["--evidence", str(evidence)]
+    if fast:
+        cmd.append("--fast")
+    if in_container:
+        cmd.append("--in-container")
+    return cmd
+
+
+def container_command(cell, image: str, tmp: str, *, matrix_path: str | None, evidence: str | None, fast: bool,
+                      suites: str) -> list[str] | None:
+    """The engine command that runs the cell's child inside ``image``, ``tmp`` mounted at /results (None: no engine).
+
+    The container half of a cell's environment (the venv half is :func:`ensure_env`). A ``--matrix`` file is
+    copied into ``tmp`` so the child inside reads the same matrix as the parent.
+    """
+    from portvlm import containers  # lazy: engine code only when a container is asked for
+    from portvlm.matrix import load_matrix
+
+    engine = containers.find_engine()
+    if engine is None:
+        return None
+    spec = containers.find_spec(load_matrix(matrix_path), image)
+    os.chmod(tmp, 0o777)  # the image runs as a non-root user
+    inner = None
+    if matrix_path:
+        shutil.copyfile(matrix_path, os.path.join(tmp, "matrix.yaml"))
+        inner = "/results/matrix.yaml"
+    gpu = () if cell.arch.vendor == "cpu" else containers.gpu_run_flags(engine, cell.arch.vendor)
+    child = child_command("python", cell.id, "/results/partial.json", matrix=inner, evidence=evidence, suites=suites,
+                          fast=fast, in_container=True)
+    return engine.cmd("run", "--rm", "-v", f"{tmp}:/results", *gpu, spec.tag, *child)
 
 
 def host_torch_spec() -> str:

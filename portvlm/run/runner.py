@@ -20,25 +20,18 @@ from pathlib import Path
 
 from portvlm.errors import EnvironmentBuildError, MatrixError
 from portvlm.matrix.schema import Cell
+from portvlm.records import EVIDENCE_RANK, OK_STATUSES, CellReport, CellResult, Evidence, Mode, Status
 from portvlm.run import env as envs
-from portvlm.run.results import (
-    CellResult,
-    overall_status,
-    result_from_json,
-    suite_from_json,
-    write_result,
-)
-
-EVIDENCE_RANK = {"none": 0, "built": 1, "emulated": 2, "hardware": 3}
-OK_STATUSES = ("pass", "xfail", "excluded")
+from portvlm.run.cell import evidence_for
+from portvlm.run.results import overall_status, result_from_json, write_result
 
 
 @dataclass(frozen=True)
 class Plan:
     """How one cell runs on this host."""
 
-    mode: str  # "excluded" | "venv" | "python" | "container" | "refuse"
-    evidence: str  # what the run can at best record
+    mode: Mode
+    evidence: Evidence  # what the run records: decided here once, passed to the child
     reason: str = ""
     python: str | None = None  # for mode "python"
     image: str | None = None  # for mode "container"
@@ -47,29 +40,29 @@ class Plan:
 def plan_cell(cell: Cell, host_arch: str | None, *, require_hardware: bool = False,
               python: str | None = None, image: str | None = None) -> Plan:
     """Pure: decide how ``cell`` runs on a host whose arch is ``host_arch``."""
-    if cell.expected == "excluded":
-        return Plan("excluded", "none", cell.reason or "excluded by matrix.yaml")
-    on_its_hardware = host_arch == cell.arch.id
+    if cell.expected == Status.EXCLUDED:
+        return Plan(Mode.EXCLUDED, Evidence.NONE, cell.reason or "excluded by matrix.yaml")
+    evidence = evidence_for(cell, host_arch)
+    on_its_hardware = evidence == Evidence.HARDWARE
     if not on_its_hardware and require_hardware:
-        return Plan("refuse", "none",
+        return Plan(Mode.REFUSE, Evidence.NONE,
                     f"--require-hardware: cell needs {cell.arch.id} ({cell.arch.description}); this host is {host_arch}")
-    evidence = "hardware" if on_its_hardware else "emulated"
     if image:
-        return Plan("container", evidence, f"inside image {image}", image=image)
+        return Plan(Mode.CONTAINER, evidence, f"inside image {image}", image=image)
     if python:
-        return Plan("python", evidence, f"with the given interpreter {python}", python=python)
+        return Plan(Mode.PYTHON, evidence, f"with the given interpreter {python}", python=python)
     if on_its_hardware and cell.arch.runtime == "container" and cell.stack.image:
-        return Plan("container", evidence, f"{cell.arch.id} cells run in {cell.stack.image}", image=cell.stack.image)
+        return Plan(Mode.CONTAINER, evidence, f"{cell.arch.id} cells run in {cell.stack.image}", image=cell.stack.image)
     if on_its_hardware:
-        return Plan("venv", evidence, "local venv with the stack's pins")
-    return Plan("venv", evidence,
+        return Plan(Mode.VENV, evidence, "local venv with the stack's pins")
+    return Plan(Mode.VENV, evidence,
                 f"host is {host_arch}: {cell.arch.id}'s policy runs emulated with the stack's transformers")
 
 
 def env_spec_for(cell: Cell, plan: Plan) -> envs.EnvSpec:
     """The venv a cell runs in: the stack's pins on its own hardware, else host torch + stack transformers."""
     stack = cell.stack
-    if plan.evidence == "hardware" and stack.torch_variant == "cpu":
+    if plan.evidence == Evidence.HARDWARE and stack.torch_variant == "cpu":
         return envs.EnvSpec(stack.python, f"{stack.torch}+cpu", stack.transformers)
     host_py = f"{sys.version_info.major}.{sys.version_info.minor}"
     return envs.EnvSpec(host_py, envs.host_torch_spec(), stack.transformers)
@@ -79,40 +72,12 @@ def _log_dir() -> Path:
     return Path(os.environ.get("PORTVLM_LOGS", envs.REPO_ROOT / ".portvlm" / "logs"))
 
 
-def _child_cmd(python: str, cell: Cell, out: str, matrix_path: str | None, fast: bool, suites: str,
-               in_container: bool = False) -> list[str]:
-    cmd = [python, "-m", "portvlm.run.cell", "--cell", cell.id, "--out", out, "--suites", suites]
-    if matrix_path:
-        cmd += ["--matrix", matrix_path]
-    if fast:
-        cmd.append("--fast")
-    if in_container:
-        cmd.append("--in-container")
-    return cmd
-
-
-def _container_cmd(image: str, cell: Cell, tmp: str, fast: bool, suites: str) -> list[str] | None:
-    """The engine command that runs the cell's child inside ``image`` with ``tmp`` mounted at /results."""
-    from portvlm import containers  # lazy: engine code only when a container is asked for
-    from portvlm.matrix import load_matrix
-
-    engine = containers.find_engine()
-    if engine is None:
-        return None
-    spec = containers.find_spec(load_matrix(), image)
-    os.chmod(tmp, 0o777)  # the image runs as a non-root user
-    extra = ["--suites", suites] + (["--fast"] if fast else [])
-    gpu = () if cell.arch.vendor == "cpu" else containers.gpu_run_flags(engine, cell.arch.vendor)
-    return engine.cmd("run", "--rm", "-v", f"{tmp}:/results", *gpu, spec.tag,
-                      *containers.cell_command(cell.id, "/results/partial.json", *extra))
-
-
 def _base_result(cell: Cell, plan: Plan, started: str) -> CellResult:
     from dataclasses import asdict
 
     return CellResult(
         cell=cell.id, arch=cell.arch.id, model=cell.model.id, stack=asdict(cell.stack),
-        expected=cell.expected, status="error", evidence=plan.evidence, reason=cell.reason, started_at=started,
+        expected=cell.expected, status=Status.ERROR, evidence=plan.evidence, reason=cell.reason, started_at=started,
     )
 
 
@@ -121,21 +86,21 @@ def run_cell(cell: Cell, plan: Plan, *, matrix_path: str | None, timeout: float,
     """Run one cell per ``plan``; always returns a result (crash/timeout included)."""
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     result = _base_result(cell, plan, started)
-    if plan.mode == "excluded":
-        result.status, result.evidence = "excluded", "none"
+    if plan.mode == Mode.EXCLUDED:
+        result.status, result.evidence = Status.EXCLUDED, Evidence.NONE
         return result
     t0 = time.perf_counter()
     try:
-        if plan.mode == "venv":
+        if plan.mode == Mode.VENV:
             say("  building/reusing environment …")
             python = str(envs.ensure_env(env_spec_for(cell, plan)))
-        elif plan.mode == "python":
+        elif plan.mode == Mode.PYTHON:
             python = plan.python
         else:
             python = "python3"
     except EnvironmentBuildError as exc:
         result.error = str(exc)
-        result.evidence = "none"
+        result.evidence = Evidence.NONE
         result.timings = {"env_s": round(time.perf_counter() - t0, 2)}
         return result
     env_s = time.perf_counter() - t0
@@ -143,16 +108,17 @@ def run_cell(cell: Cell, plan: Plan, *, matrix_path: str | None, timeout: float,
     log_path = _log_dir() / f"{cell.id}.log"
     with tempfile.TemporaryDirectory(prefix="portvlm-cell-") as tmp:
         out = os.path.join(tmp, "partial.json")
-        if plan.mode == "container":
-            cmd = _container_cmd(plan.image, cell, tmp, fast, suites)
+        if plan.mode == Mode.CONTAINER:
+            cmd = envs.container_command(cell, plan.image, tmp, matrix_path=matrix_path, evidence=plan.evidence,
+                                         fast=fast, suites=suites)
             if cmd is None:
                 from portvlm.containers import NO_ENGINE
 
-                result.error, result.evidence = NO_ENGINE, "none"
+                result.error, result.evidence = NO_ENGINE, Evidence.NONE
                 return result
-            out = os.path.join(tmp, "partial.json")
         else:
-            cmd = _child_cmd(python, cell, out, matrix_path, fast, suites)
+            cmd = envs.child_command(python, cell.id, out, matrix=matrix_path, evidence=plan.evidence, suites=suites,
+                                     fast=fast)
         say(f"  running suites ({suites}) …")
         t1 = time.perf_counter()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -167,7 +133,7 @@ def run_cell(cell: Cell, plan: Plan, *, matrix_path: str | None, timeout: float,
         result.timings = {"env_s": round(env_s, 2), "run_s": round(run_s, 2),
                           "total_s": round(time.perf_counter() - t0, 2)}
         if rc is None:
-            result.status = "timeout"
+            result.status = Status.TIMEOUT
             result.error = f"cell exceeded {timeout:.0f}s; log: {log_path}"
             return result
         partial = None
@@ -182,17 +148,17 @@ def run_cell(cell: Cell, plan: Plan, *, matrix_path: str | None, timeout: float,
         result.error = f"cell process exited {rc} without a result; log {log_path}:\n{tail}"
         return result
     # Results are shared artefacts: this checkout's absolute path says nothing to a reader elsewhere.
-    partial = json.loads(json.dumps(partial).replace(str(envs.REPO_ROOT), "<repo>"))
-    if partial.get("error"):
-        result.error = partial["error"]
+    report = CellReport.from_json(json.loads(json.dumps(partial).replace(str(envs.REPO_ROOT), "<repo>")))
+    if report.error:
+        result.error = report.error
         return result
-    result.evidence = partial.get("evidence", plan.evidence)
-    result.evidence_notes = partial.get("evidence_notes", [])
-    result.environment = partial.get("environment", {})
-    result.shims = partial.get("shims", [])
-    result.backends = partial.get("backends", {})
-    result.suites = {k: suite_from_json(v) for k, v in partial.get("suites", {}).items()}
-    result.timings.update({k: v for k, v in partial.get("timings", {}).items()})
+    result.evidence = report.evidence or plan.evidence
+    result.evidence_notes = report.evidence_notes
+    result.environment = report.environment
+    result.shims = report.shims
+    result.backends = report.backends
+    result.suites = report.suites
+    result.timings.update(report.timings)
     result.status = overall_status(cell.expected, result.suites)
     return result
 
@@ -250,7 +216,7 @@ def run_many(cells, *, results_dir: str | Path = "results", matrix_path: str | N
         plan = plan_cell(cell, host_arch, require_hardware=require_hardware, python=python, image=image)
         say(f"[{i}/{len(cells)}] {cell.id}  ({plan.mode}, evidence {plan.evidence}; "
             f"elapsed {time.perf_counter() - t_all:.0f}s)")
-        if plan.mode == "refuse":
+        if plan.mode == Mode.REFUSE:
             say(f"  error: {plan.reason}")
             raise SystemExit(2)
         result = run_cell(cell, plan, matrix_path=matrix_path, timeout=timeout, fast=fast, suites=suites, say=say)

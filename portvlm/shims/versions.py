@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from packaging.specifiers import SpecifierSet
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 from portvlm.errors import UnsupportedError
 
@@ -31,6 +31,25 @@ FAMILY_MIN_TRANSFORMERS = {
 def parse(version: str) -> Version:
     """``packaging`` version of a version string (the only parser portvlm uses)."""
     return Version(version)
+
+
+def parse_or_none(version: str | None) -> Version | None:
+    """:func:`parse`, or ``None`` for a missing or unparseable version (a record's field, a wheel's metadata)."""
+    try:
+        return Version(str(version)) if version else None
+    except InvalidVersion:
+        return None
+
+
+def base_version(version: str | None) -> str | None:
+    """``"2.7.0+cu118"`` → ``"2.7.0"``; ``None`` when missing or unparseable."""
+    parsed = parse_or_none(version)
+    return parsed.base_version if parsed is not None else None
+
+
+def specifier(text: str) -> SpecifierSet:
+    """A PEP 440 range (``">=4.54,<5.0"``)."""
+    return SpecifierSet(text)
 
 
 def transformers_version() -> Version:

@@ -229,15 +229,18 @@ def test_find_spec_accepts_slug_stack_and_image(matrix):
 
 
 def test_cell_command_is_the_runner_entry_point():
-    assert C.cell_command("cpu--llava--cpu-tf5.23.0", "/results/x.json")[:4] == ["python", "-m", "portvlm.run.cell", "--cell"]
+    from portvlm.run.env import child_command
+
+    cmd = child_command("python", "cpu--llava--cpu-tf5.23.0", "/results/x.json", in_container=True)
+    assert cmd[:4] == ["python", "-m", "portvlm.run.cell", "--cell"] and "--in-container" in cmd
 
 
 def test_container_reasons(specs, monkeypatch):
     gpu = next(s for s in specs if s.slug == "rocm7.2-torch2.13.0")
     engine = C.Engine("podman", "/usr/bin/podman")
-    monkeypatch.setattr(C, "image_present", lambda engine, tag: True)
+    monkeypatch.setattr(C.engine, "image_present", lambda engine, tag: True)
     assert C.container_reasons(gpu, "gfx942", engine) == []
     assert "serves gfx90a, gfx942; this host is cpu" in C.container_reasons(gpu, "cpu", engine)[0]
     assert C.container_reasons(gpu, "gfx90a", None) == [C.NO_ENGINE]
-    monkeypatch.setattr(C, "image_present", lambda engine, tag: False)
+    monkeypatch.setattr(C.engine, "image_present", lambda engine, tag: False)
     assert "is not present" in C.container_reasons(next(s for s in specs if not s.is_gpu), "cpu", engine)[0]
