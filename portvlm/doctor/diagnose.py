@@ -11,8 +11,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from packaging.specifiers import SpecifierSet
-
 from portvlm.doctor import facts
 from portvlm.doctor.collect import SCHEMA, EnvInfo
 from portvlm.platform import Platform, bf16_reasons, kernel_image_reasons
@@ -538,95 +536,18 @@ def choose_backend(info: EnvInfo, role: str, priority: tuple[str, ...], dtype: s
     return replace(base, chosen=selection.name, lost={k: list(v) for k, v in selection.lost.items()})
 
 
-def predicted_shims(transformers_version: str | None, family: str) -> tuple[Shim, ...]:
-    """The shims the installed transformers calls for, from the breakpoints research (labelled "predicted")."""
-    v = parse_or_none(transformers_version)
-    if v is None:
-        return ()
-    shims = []
-    if v < parse("4.52"):
-        paths = "m.language_model.model.layers / m.vision_tower (≤4.51)" if family == "llava" else \
-            "m.model.layers / m.visual (≤4.51)"
-    elif v < parse("5.0"):
-        paths = "m.model.language_model.layers / m.model.visual (4.52+, BC properties kept)"
-    else:
-        paths = "m.model.language_model.layers / m.model.visual (5.x: BC properties removed)"
-    shims.append(Shim("layer_paths", paths, "predicted",
-                      "≤4.51 paths" if v < parse("4.52") else "4.52+ paths" if v < parse("5.0") else "5.x paths"))
-    if v < parse("4.53"):
-        attention = "class patching of the *_ATTENTION_CLASSES dicts (no custom attn_implementation before 4.53)"
-    elif v < parse("4.54"):
-        attention = "AttentionInterface + AttentionMaskInterface registration (packed vision mask upstream)"
-    else:
-        attention = ("AttentionInterface + AttentionMaskInterface; restores one block-diagonal vision call "
-                     "(upstream splits per chunk for non-flash names since 4.54)")
-    shims.append(Shim("attention", attention, "predicted",
-                      "class patching" if v < parse("4.53") else "registry" if v < parse("4.54")
-                      else "registry + one-call vision"))
-    if v < parse("4.54"):
-        cache = "CacheView over key_cache/value_cache lists"
-    elif v < parse("4.56"):
-        cache = "CacheView over cache.layers (key_cache deprecated)"
-    elif v < parse("5.0"):
-        cache = "CacheView over cache.layers (key_cache removed)"
-    elif v < parse("5.15"):
-        cache = "CacheView over cache.layers (no legacy-cache conversion in 5.x)"
-    else:
-        cache = "CacheView over cache.layers; crop(max_length) kept (5.15+ crop() takes tokens_to_remove)"
-    shims.append(Shim("kv_cache", cache, "predicted",
-                      "key_cache lists" if v < parse("4.54") else "crop() inverted, layers" if v >= parse("5.15")
-                      else "cache.layers"))
-    return tuple(shims)
-
-
-def _shim_label(name: str, v) -> str:
-    """A few words for the one-screen view of a declared shim on version ``v``."""
-    if name == "kv_cache":
-        return "key_cache lists" if v < parse("4.54") else "crop() inverted, layers" if v >= parse("5.15") \
-            else "cache.layers"
-    if name == "layer_paths":
-        return "≤4.51 paths" if v < parse("4.52") else "4.52+ paths" if v < parse("5.0") else "5.x paths"
-    if name == "vision_varlen":
-        return "class patching" if v < parse("4.53") else "one block-diagonal call"
-    if name == "text_registry":
-        return "AttentionInterface + masks"
-    if name == "vision_dense_mask":
-        return "skip the looped [S,S] mask"
-    if name == "text_classes":
-        return "Qwen2.5-VL text classes patched for packed rows"
-    if name == "text_registry_legacy":
-        return "registry without mask interface"
-    return ""
-
-
 def _shims_for(info: EnvInfo, family: str) -> tuple[Shim, ...]:
-    """Declared shims (``portvlm.shims.patch.SHIMS``) whose transformers range admits the installed version.
+    """The declared shims (``portvlm.shims.patch.SHIMS``) that would apply to ``family`` on the installed version.
 
-    The declarations' own probes need a built model, so only the version range is judged here; the
-    ``vision_dense_mask`` method exists only in 4.53.1-4.53.x (breakpoints §3), so it is listed only there.
-    Without an importable listing, :func:`predicted_shims` answers from the breakpoints research.
+    Predicted from each declaration's range, ``present`` range and ``families`` (its probe needs a built model).
     """
     v = parse_or_none(info.transformers.version)
     if v is None:
         return ()
-    try:
-        from portvlm.shims.patch import SHIMS
-    except Exception:
-        return predicted_shims(info.transformers.version, family)
-    out = []
-    try:
-        for shim in SHIMS:
-            if not SpecifierSet(shim.transformers).contains(v, prereleases=True):
-                continue
-            if shim.name == "vision_dense_mask" and not (parse("4.53.1") <= v < parse("4.54")):
-                continue
-            # The <=4.52 text shims are per family: class patching for Qwen2.5-VL, the legacy registry for LLaVA.
-            if (shim.name, family) in (("text_classes", "llava"), ("text_registry_legacy", "qwen2_5_vl")):
-                continue
-            out.append(Shim(shim.name, str(shim.answers), "declared", _shim_label(shim.name, v)))
-    except Exception:
-        return predicted_shims(info.transformers.version, family)
-    return tuple(out)
+    from portvlm.shims.patch import SHIMS
+
+    return tuple(Shim(s.name, str(s.answers), "declared", s.label_for(v))
+                 for s in SHIMS if not s.prediction_reasons(family, v))
 
 
 def _match_stack(info: EnvInfo, arch, matrix):

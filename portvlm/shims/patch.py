@@ -92,6 +92,27 @@ class Shim:
     transformers: str  # PEP 440 range the shim is written for
     probe: Callable  # (context) -> list[str]; empty = applies
     apply: Callable | None = None  # (context, patcher) -> list[str] targets; None for accessor-only shims
+    families: tuple[str, ...] = ()  # model_types it serves; empty = every family
+    present: str | None = None  # narrower range where upstream has what the probe looks for (None: all of it)
+    labels: tuple[tuple[str, str], ...] = ()  # (transformers range, a few words for the doctor), first match wins
+
+    def label_for(self, version) -> str:
+        """The few words that say what this shim does on ``version`` (the doctor's one-screen view)."""
+        return next((text for spec, text in self.labels if versions.in_range(spec, version)), "")
+
+    def prediction_reasons(self, family: str | None, version) -> list[str]:
+        """Why this shim would not apply to ``family`` on ``version``, judged from the declaration alone (no model).
+
+        The probes need a built model; the doctor predicts from the range, ``present`` and ``families`` instead.
+        """
+        reasons = []
+        if not versions.in_range(self.transformers, version):
+            reasons.append(f"written for transformers {self.transformers}, found {version}")
+        elif self.present and not versions.in_range(self.present, version):
+            reasons.append(f"upstream has its target only in transformers {self.present}, found {version}")
+        if self.families and family not in self.families:
+            reasons.append(f"serves {', '.join(self.families)}, not {family}")
+        return reasons
 
 
 @dataclass(frozen=True)
@@ -374,6 +395,7 @@ SHIMS: tuple[Shim, ...] = (
         transformers=">=4.49.0",
         probe=_kv_cache_probe,
         apply=_kv_cache_apply,
+        labels=(("<4.54", "key_cache lists"), (">=5.15", "crop() inverted, layers"), (">=4.54", "cache.layers")),
     ),
     Shim(
         name="layer_paths",
@@ -382,6 +404,7 @@ SHIMS: tuple[Shim, ...] = (
         transformers=">=4.49.0",
         probe=_layer_paths_probe,
         apply=_layer_paths_apply,
+        labels=(("<4.52", "≤4.51 paths"), ("<5.0", "4.52+ paths"), (">=5.0", "5.x paths")),
     ),
     Shim(
         name="vision_varlen",
@@ -390,6 +413,7 @@ SHIMS: tuple[Shim, ...] = (
         transformers=">=4.49.0",
         probe=_vision_probe,
         apply=_vision_apply,
+        labels=(("<4.53", "class patching"), (">=4.53", "one block-diagonal call")),
     ),
     Shim(
         name="vision_dense_mask",
@@ -398,6 +422,8 @@ SHIMS: tuple[Shim, ...] = (
         transformers=">=4.53.0",  # the probe finds the method; it exists in 4.53.1-4.53.x only
         probe=_dense_mask_probe,
         apply=_dense_mask_apply,
+        present=">=4.53.1,<4.54",  # breakpoints §3: the looped mask method exists in 4.53.1-4.53.x only
+        labels=((">=0", "skip the looped [S,S] mask"),),
     ),
     Shim(
         name="text_registry",
@@ -406,6 +432,7 @@ SHIMS: tuple[Shim, ...] = (
         transformers=">=4.53.0",
         probe=_text_probe,
         apply=_text_apply,
+        labels=((">=0", "AttentionInterface + masks"),),
     ),
     Shim(
         name="text_registry_legacy",
@@ -415,6 +442,8 @@ SHIMS: tuple[Shim, ...] = (
         transformers=">=4.49.0,<4.53.0",
         probe=_text_legacy_probe,
         apply=_text_legacy_apply,
+        families=("llava",),  # Qwen2.5-VL picks classes at build time there: text_classes answers it
+        labels=((">=0", "registry without mask interface"),),
     ),
     Shim(
         name="text_classes",
@@ -424,6 +453,8 @@ SHIMS: tuple[Shim, ...] = (
         transformers=">=4.49.0,<4.53.0",
         probe=_text_classes_probe,
         apply=_text_classes_apply,
+        families=("qwen2_5_vl",),
+        labels=((">=0", "Qwen2.5-VL text classes patched for packed rows"),),
     ),
 )
 

@@ -181,15 +181,37 @@ def test_cpu_is_ok_with_an_evidence_note():
 
 
 def test_shims_listing_follows_the_transformers_version():
-    from portvlm.doctor.diagnose import predicted_shims
-
     report = report_for(machine(fake_torch(), versions={"transformers": "4.53.3"}))
     names = [s.name for s in family(report).shims]
     assert "vision_dense_mask" in names and "text_registry" in names
     old = report_for(machine(fake_torch(), versions={"transformers": "4.50.3"}))
     assert "text_registry" not in [s.name for s in family(old).shims]  # no AttentionMaskInterface before 4.53
-    predicted = {s.name: s for s in predicted_shims("4.52.4", "qwen2_5_vl")}
-    assert predicted["attention"].label == "class patching" and predicted["kv_cache"].source == "predicted"
+    shims = {s.name: s for s in family(report_for(machine(fake_torch(), versions={"transformers": "4.52.4"}))).shims}
+    assert shims["vision_varlen"].label == "class patching" and shims["kv_cache"].label == "key_cache lists"
+    assert "text_classes" in shims and "text_registry_legacy" not in shims  # per family: Qwen2.5-VL patches classes
+
+
+def test_shims_listing_follows_the_declarations(monkeypatch):
+    """Change a declaration and the doctor follows: range, families and label come from SHIMS, not from the doctor."""
+    import dataclasses
+
+    from portvlm.shims import patch
+
+    probes = machine(fake_torch(), versions={"transformers": "5.23.0"})
+    before = {s.name: s for s in family(report_for(probes)).shims}
+    assert "kv_cache" in before and "vision_dense_mask" not in before
+    changed = tuple(
+        dataclasses.replace(s, labels=((">=5.0", "a relabelled cache"),)) if s.name == "kv_cache"
+        else dataclasses.replace(s, present=None) if s.name == "vision_dense_mask"
+        else dataclasses.replace(s, families=("llava",)) if s.name == "layer_paths"
+        else s
+        for s in patch.SHIMS
+    )
+    monkeypatch.setattr(patch, "SHIMS", changed)
+    after = {s.name: s for s in family(report_for(probes)).shims}
+    assert after["kv_cache"].label == "a relabelled cache"
+    assert "vision_dense_mask" in after  # its declared range >=4.53.0 admits 5.23.0 once `present` is gone
+    assert "layer_paths" not in after  # now declared for LLaVA only; the family shown is Qwen2.5-VL
 
 
 def test_h100_cu130_is_ok_and_chooses_torch_varlen():
