@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     from portvlm.matrix import load_matrix
 
     parser = argparse.ArgumentParser(prog="portvlm containers", description="render, lint and build the stack images")
-    parser.add_argument("--matrix", help="matrix.yaml (default: $PORTVLM_MATRIX, ./matrix.yaml, packaged copy)")
+    parser.add_argument("--matrix", help="matrix.yaml (default: $PORTVLM_MATRIX, else the packaged one)")
     parser.add_argument("--out", default=OUT_DIR, help="where the rendered files live (default: containers)")
     sub = parser.add_subparsers(dest="verb", required=True)
     sub.add_parser("list", help="images, tags and the cells they carry")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from portvlm.matrix.expand import cells_to_json, expand, select
-from portvlm.matrix.load import load_matrix, parse_matrix
+from portvlm.matrix.load import default_matrix, load_matrix, packaged_path, parse_matrix
 from portvlm.matrix.schema import Arch, Cell, Expectation, Matrix, Model, Stack, cell_id
 
 __all__ = [
@@ -15,8 +15,10 @@ __all__ = [
     "Stack",
     "cell_id",
     "cells_to_json",
+    "default_matrix",
     "expand",
     "load_matrix",
+    "packaged_path",
     "parse_matrix",
     "select",
 ]

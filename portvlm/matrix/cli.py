@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="portvlm matrix", description="Validate matrix.yaml and print the expanded cells."
     )
     parser.add_argument(
-        "--file", metavar="PATH", help="matrix file (default: $PORTVLM_MATRIX, ./matrix.yaml, the packaged copy)"
+        "--file", metavar="PATH", help="matrix file (default: $PORTVLM_MATRIX, else the packaged one)"
     )
     parser.add_argument("--json", action="store_true", help="print the cells as JSON (the CI job matrix format)")
     parser.add_argument("--arch", action="append", metavar="ID", help="only this arch (repeatable)")

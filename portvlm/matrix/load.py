@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -50,7 +49,7 @@ JsonPath = tuple  # a JSON path into the document: ("archs", 1, "stacks", 0)
 
 
 def load_matrix(path: str | os.PathLike[str] | None = None) -> Matrix:
-    """Read and validate a matrix: `path`, else `$PORTVLM_MATRIX`, else `./matrix.yaml`, else the packaged copy."""
+    """Read and validate a matrix: `path`, else `$PORTVLM_MATRIX`, else the packaged one (never the cwd's)."""
     shown, hint = _resolve(path)
     try:
         data = _read_bytes(shown)
@@ -96,11 +95,29 @@ def _resolve(path) -> tuple[str, str]:
     env = os.environ.get(ENV_VAR)
     if env:
         return env, f"${ENV_VAR} names it; point ${ENV_VAR} at an existing file or unset it"
-    if Path("matrix.yaml").is_file():
-        return "matrix.yaml", "pass an existing matrix file (--file PATH)"
-    return str(
-        resources.files("portvlm").joinpath("data", "matrix.yaml")
-    ), "reinstall portvlm (its packaged matrix is missing)"
+    # Never the current directory: a library call must not depend on where the process was started. The
+    # checkout's ./matrix.yaml is a link to this packaged file, so both name one matrix.
+    return packaged_path(), "reinstall portvlm (its packaged matrix is missing)"
+
+
+def default_matrix() -> Matrix:
+    """``load_matrix()`` (``$PORTVLM_MATRIX``, else the packaged one), parsed once per file version."""
+    path, _ = _resolve(None)
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        stamp = None  # load_matrix says what is wrong with it
+    return _load_cached(path, stamp)
+
+
+@lru_cache(maxsize=8)
+def _load_cached(path: str, stamp: int | None) -> Matrix:
+    return load_matrix(path)
+
+
+def packaged_path() -> str:
+    """The matrix portvlm ships (portvlm/data/matrix.yaml; the checkout's ./matrix.yaml links to it)."""
+    return str(resources.files("portvlm").joinpath("data", "matrix.yaml"))
 
 
 def _read_bytes(path: str) -> bytes:

@@ -117,6 +117,17 @@ class Matrix:
     def model(self, model_id: str) -> Model:
         return _by_id(self.models, model_id, "model")
 
+    def model_for_family(self, family: str) -> Model:
+        """The first declared model of a transformers ``model_type`` (the one map between the two id spaces)."""
+        for model in self.models:
+            if model.family == family:
+                return model
+        raise KeyError(f"no model of family {family!r}; known: {', '.join(m.family for m in self.models)}")
+
+    def families(self) -> tuple[str, ...]:
+        """The transformers model_types of the declared models, in declaration order, once each."""
+        return tuple(dict.fromkeys(m.family for m in self.models))
+
 
 def _by_id(items, wanted: str, kind: str):
     for item in items:

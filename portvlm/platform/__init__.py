@@ -16,8 +16,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from portvlm.matrix.schema import Arch
     from portvlm.platform.probes import Probes
 
-# The matrix arch ids portvlm has a policy for (matrix.yaml `archs:`); anything else is "unknown" (arch_id None).
-KNOWN_ARCH_IDS = ("cpu", "sm70", "sm80", "sm90", "gfx90a", "gfx942")
 
 
 @dataclass(frozen=True)
@@ -85,10 +83,22 @@ def arch_id_for(capability: tuple[int, int] | None = None, gfx: str | None = Non
     return f"sm{major}{minor}"
 
 
+def known_arch_ids() -> tuple[str, ...]:
+    """The arch ids portvlm has a policy for: matrix.yaml's ``archs:`` (the packaged one if $PORTVLM_MATRIX is broken)."""
+    from portvlm.errors import MatrixError
+    from portvlm.matrix import default_matrix, load_matrix, packaged_path
+
+    try:
+        matrix = default_matrix()
+    except MatrixError:
+        matrix = load_matrix(packaged_path())
+    return tuple(a.id for a in matrix.archs)
+
+
 def known_arch_id(capability: tuple[int, int] | None = None, gfx: str | None = None) -> str | None:
     """:func:`arch_id_for`, or ``None`` when portvlm has no policy of that id (sm75, gfx1100, …)."""
     arch = arch_id_for(capability, gfx)
-    return arch if arch in KNOWN_ARCH_IDS else None
+    return arch if arch in known_arch_ids() else None
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -20,12 +20,23 @@ VERIFIED_TRANSFORMERS = SpecifierSet(">=4.49.0,<5.24")
 VERIFIED_RANGE_TEXT = ">=4.49.0, <=5.23.x"
 ALLOW_UNVERIFIED_ENV = "PORTVLM_ALLOW_UNVERIFIED"
 
-# Model families portvlm handles, and the first transformers release that ships each one.
-FAMILY_MIN_TRANSFORMERS = {
-    "qwen2_5_vl": "4.49.0",
-    "qwen3_vl": "4.57.1",  # 4.57.0 was yanked from PyPI
-    "llava": "4.49.0",
-}
+
+
+def family_min_transformers() -> dict[str, str]:
+    """Model families portvlm handles and the first transformers release that ships each: matrix.yaml's ``models:``."""
+    from portvlm.matrix import default_matrix
+
+    out: dict[str, str] = {}
+    for model in default_matrix().models:
+        out.setdefault(model.family, model.min_transformers)
+    return out
+
+
+def __getattr__(name: str):
+    # FAMILY_MIN_TRANSFORMERS reads the matrix: lazily (nothing happens at import), and always the current one.
+    if name == "FAMILY_MIN_TRANSFORMERS":
+        return family_min_transformers()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse(version: str) -> Version:
@@ -86,11 +97,12 @@ def check_transformers(version: Version | None = None, environ=None) -> VersionG
 
 def family_reasons(model_type: str | None, version: Version | None = None) -> list[str]:
     """Why portvlm cannot handle this model family on this transformers version (empty: it can)."""
-    if model_type not in FAMILY_MIN_TRANSFORMERS:
-        known = ", ".join(sorted(FAMILY_MIN_TRANSFORMERS))
+    minimums = family_min_transformers()
+    if model_type not in minimums:
+        known = ", ".join(sorted(minimums))
         return [f"model_type {model_type!r} is not a supported family (supported: {known})"]
     version = transformers_version() if version is None else version
-    first = FAMILY_MIN_TRANSFORMERS[model_type]
+    first = minimums[model_type]
     if version < parse(first):
         return [f"{model_type} needs transformers >={first}, found {version}"]
     return []

@@ -147,9 +147,14 @@ def _llava_config():
 
 def _unsupported(model_id: str):
     from portvlm.errors import UnsupportedError
+    from portvlm.matrix import default_matrix
+    from portvlm.shims.versions import family_min_transformers
 
     tf = _transformers()
-    return UnsupportedError(f"{model_id} needs transformers >= 4.57.1 (Qwen3-VL), found {tf.__version__}")
+    model = default_matrix().model(model_id)
+    first = family_min_transformers()[model.family]
+    return UnsupportedError(f"{model_id} needs transformers >= {first} ({model.description.split(' (')[0]}), "
+                            f"found {tf.__version__}")
 
 
 def config(model_id: str):

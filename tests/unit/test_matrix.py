@@ -40,7 +40,8 @@ def test_cells_match_golden_file():
 
 def test_packaged_copy_is_identical_to_root_matrix():
     packaged = ROOT / "portvlm" / "data" / "matrix.yaml"
-    assert packaged.read_bytes() == MATRIX.read_bytes(), "cp matrix.yaml portvlm/data/matrix.yaml"
+    # One file: the checkout's matrix.yaml is a link to the packaged one (what an installed wheel reads).
+    assert MATRIX.is_symlink() and MATRIX.resolve() == packaged.resolve(), "ln -sf portvlm/data/matrix.yaml matrix.yaml"
 
 
 def test_schema_enums_match_the_records():
@@ -118,14 +119,14 @@ def test_cells_to_json_is_flat_and_json_ready():
 # ----------------------------------------------------------------------------------------------------- load_matrix(None)
 
 
-def test_default_path_prefers_env_then_cwd_then_packaged(tmp_path, monkeypatch):
+def test_default_path_is_env_then_packaged_never_the_cwd(tmp_path, monkeypatch):
     monkeypatch.delenv("PORTVLM_MATRIX", raising=False)
     monkeypatch.chdir(tmp_path)
     packaged = load_matrix()
     assert Path(packaged.path).parts[-3:] == ("portvlm", "data", "matrix.yaml")
 
-    (tmp_path / "matrix.yaml").write_text(TEXT, encoding="utf-8")
-    assert load_matrix().path == "matrix.yaml"
+    (tmp_path / "matrix.yaml").write_text("archs: [broken", encoding="utf-8")  # a cwd file is never read
+    assert load_matrix().path == packaged.path
 
     other = tmp_path / "other.yaml"
     other.write_text(TEXT, encoding="utf-8")
