@@ -8,9 +8,11 @@ and no run touches another cell's file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,6 +74,26 @@ def _log_dir() -> Path:
     return Path(os.environ.get("PORTVLM_LOGS", envs.REPO_ROOT / ".portvlm" / "logs"))
 
 
+def stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM the cell's process group, SIGKILL what is left after ``grace`` seconds; waits for the child."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during ``run_many``: the running cell was stopped; ``results`` are the cells that finished."""
+
+    def __init__(self, results: list[CellResult], total: int):
+        super().__init__(f"interrupted after {len(results)} of {total} cells")
+        self.results = results
+        self.total = total
+
+
 def _base_result(cell: Cell, plan: Plan, started: str) -> CellResult:
     from dataclasses import asdict
 
@@ -122,13 +144,18 @@ def run_cell(cell: Cell, plan: Plan, *, matrix_path: str | None, timeout: float,
         say(f"  running suites ({suites}) …")
         t1 = time.perf_counter()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        try:
-            with open(log_path, "w") as log:
-                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env,
-                                      cwd=str(envs.REPO_ROOT))
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = None
+        with open(log_path, "w") as log:
+            # Its own process group: a timeout or Ctrl-C stops the cell and everything it started (FSDP workers).
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(envs.REPO_ROOT),
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                stop_group(proc)
+                rc = None
+            except BaseException:  # KeyboardInterrupt: stop the cell, then let run_many report what ran
+                stop_group(proc)
+                raise
         run_s = time.perf_counter() - t1
         result.timings = {"env_s": round(env_s, 2), "run_s": round(run_s, 2),
                           "total_s": round(time.perf_counter() - t0, 2)}
@@ -211,6 +238,19 @@ def run_many(cells, *, results_dir: str | Path = "results", matrix_path: str | N
 
         host_arch = detect().arch_id
     out: list[CellResult] = []
+    try:
+        _run_each(cells, out, results_dir=results_dir, matrix_path=matrix_path, host_arch=host_arch,
+                  require_hardware=require_hardware, python=python, image=image, timeout=timeout, fast=fast,
+                  suites=suites, say=say)
+    except KeyboardInterrupt:
+        say(f"\ninterrupted: {len(out)} of {len(cells)} cells ran; their results are kept in {results_dir}/ "
+            "(the running cell was stopped and not recorded)")
+        raise Interrupted(out, len(cells)) from None
+    return out
+
+
+def _run_each(cells, out: list[CellResult], *, results_dir: Path, matrix_path, host_arch, require_hardware, python,
+              image, timeout, fast, suites, say) -> None:
     t_all = time.perf_counter()
     for i, cell in enumerate(cells, 1):
         plan = plan_cell(cell, host_arch, require_hardware=require_hardware, python=python, image=image)
@@ -227,7 +267,6 @@ def run_many(cells, *, results_dir: str | Path = "results", matrix_path: str | N
             write_result(result, results_dir)
         say(f"  → {_summary_line(result)}")
         out.append(result)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,15 +298,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no cell matches arch={a.arch} model={a.model} stack={a.stack}; `portvlm matrix` lists them",
               file=sys.stderr)
         return 2
-    results = run_many(cells, results_dir=a.results, matrix_path=a.matrix, host_arch=a.host_arch,
-                       require_hardware=a.require_hardware, python=a.python, image=a.image,
-                       timeout=a.timeout, fast=a.fast, suites=a.suites)
+    try:
+        results = run_many(cells, results_dir=a.results, matrix_path=a.matrix, host_arch=a.host_arch,
+                           require_hardware=a.require_hardware, python=a.python, image=a.image,
+                           timeout=a.timeout, fast=a.fast, suites=a.suites)
+    except Interrupted as stop:
+        _print_summary(stop.results, a.results)
+        return 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+    return _print_summary(results, a.results)
+
+
+def _print_summary(results: list[CellResult], results_dir: str) -> int:
+    """The summary table; 1 when any cell is not ok."""
+    if not results:
+        print(f"0 cells ran; results in {results_dir}/")
+        return 0
     bad = [r for r in results if r.status not in OK_STATUSES]
     width = max(len(r.cell) for r in results)
     print("\nsummary")
     for r in results:
         print(f"  {r.cell:<{width}}  {_summary_line(r)}")
-    print(f"{len(results) - len(bad)} ok, {len(bad)} not ok of {len(results)} cells; results in {a.results}/")
+    print(f"{len(results) - len(bad)} ok, {len(bad)} not ok of {len(results)} cells; results in {results_dir}/")
     return 1 if bad else 0
 
 

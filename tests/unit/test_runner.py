@@ -154,3 +154,63 @@ def test_cell_envs_carry_every_runtime_dependency_of_portvlm():
     pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     names = {re.split(r"[<>=!~\[ ]", d, maxsplit=1)[0].lower() for d in pyproject["project"]["dependencies"]}
     assert names <= set(CELL_REQUIREMENTS), names - set(CELL_REQUIREMENTS)
+
+
+def test_ctrl_c_stops_the_running_cell_keeps_results_and_exits_130(tmp_path):
+    """SIGINT to a runner mid-run: the running cell's process group is killed, finished results stay, exit 130."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    marker, grandchild = tmp_path / "slow-started", tmp_path / "grandchild.pid"
+    partial = {"evidence": "hardware", "suites": {"parity": {"name": "parity", "status": "pass"}}}
+    py = _fake_child(tmp_path, f"""
+import subprocess
+cell = sys.argv[sys.argv.index('--cell') + 1]
+if cell.endswith('--fast'):
+    {_argv_out()}
+    json.dump({partial!r}, open(out, 'w'))
+else:  # the slow cell: a worker of its own (as FSDP starts), then it hangs
+    worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
+    open({str(grandchild)!r}, 'w').write(str(worker.pid))
+    open({str(marker)!r}, 'w').write('1')
+    time.sleep(120)
+""")
+    script = f"""
+import sys
+from portvlm.matrix.schema import Arch, Cell, Model, Stack
+from portvlm.run import runner
+stacks = [Stack(id=i, python="3.11", torch="2.13.0", torch_variant="cpu", transformers="4.52.4")
+          for i in ("fast", "slow", "never")]
+arch = Arch(id="cpu", vendor="cpu", description="cpu", stacks=tuple(s.id for s in stacks))
+model = Model(id="m", family="qwen2_5_vl", description="", min_transformers="4.49.0")
+cells = [Cell(arch, s, model) for s in stacks]
+try:
+    runner.run_many(cells, results_dir={str(tmp_path / 'res')!r}, host_arch="cpu", python={py!r}, timeout=300)
+except runner.Interrupted as stop:
+    runner._print_summary(stop.results, "res")
+    sys.exit(130)
+"""
+    env = {**os.environ, "PORTVLM_LOGS": str(tmp_path / "logs"), "PYTHONPATH": str(Path(runner.__file__).parents[2])}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), proc.communicate()[0]
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130, out
+    assert "interrupted: 1 of 3 cells ran" in out and "Traceback" not in out, out
+    assert [p.name for p in (tmp_path / "res").glob("*.json")] == ["cpu--m--fast.json"]
+    worker = int(grandchild.read_text())
+    for _ in range(50):  # the killed worker may take a moment to be reaped by init
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("the running cell's worker survived Ctrl-C")
