@@ -198,17 +198,57 @@ def _probe_torch(platform, dtype, head_dim):
     return None
 
 
-def _probe_sdpa(platform, dtype, head_dim):
-    import torch.nn.functional as F
+@dataclass(frozen=True)
+class TorchFeature:
+    """An attention op a torch build may lack: what it is, how to tell from the torch module, its doctor record key."""
 
-    return None if hasattr(F, "scaled_dot_product_attention") else "needs F.scaled_dot_product_attention (torch >= 2.0)"
+    what: str
+    check: Callable  # (torch, import_module) -> bool: present
+    record: str  # key in the doctor's TorchInfo.features (portvlm/data/doctor.schema.json)
 
 
-def _probe_efficient_op(platform, dtype, head_dim):
+# The one declaration of each torch feature: the live probes here and the doctor (which records them with
+# ``check`` and judges the record with ``torch_feature_reason``) read it.
+TORCH_FEATURES: dict[str, TorchFeature] = {
+    "sdpa": TorchFeature(
+        "F.scaled_dot_product_attention (torch >= 2.0)",
+        lambda torch, imp: hasattr(torch.nn.functional, "scaled_dot_product_attention"), "sdpa"),
+    "efficient_attention_op": TorchFeature(
+        "torch.ops.aten._efficient_attention_forward/backward",
+        lambda torch, imp: all(hasattr(torch.ops.aten, n)
+                               for n in ("_efficient_attention_forward", "_efficient_attention_backward")),
+        "efficient_attention_op"),
+    "torch_varlen_attn": TorchFeature(
+        "torch.nn.attention.varlen.varlen_attn (torch >= 2.10)",
+        lambda torch, imp: hasattr(imp("torch.nn.attention.varlen"), "varlen_attn"), "varlen_attn"),
+    "flex_attention": TorchFeature(
+        "torch.nn.attention.flex_attention (torch >= 2.5)",
+        lambda torch, imp: hasattr(imp("torch.nn.attention.flex_attention"), "flex_attention")
+        and hasattr(imp("torch.nn.attention.flex_attention"), "create_block_mask"), "flex_attention"),
+}
+
+
+def torch_feature_present(name: str, torch, import_module=None) -> bool:
+    """Whether the torch module has feature ``name`` (a missing submodule or a failing import is "absent")."""
+    import importlib
+
+    try:
+        return bool(TORCH_FEATURES[name].check(torch, import_module or importlib.import_module))
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # noqa: BLE001 - ImportError, AttributeError, a broken extension: all "absent"
+        return False
+
+
+def torch_feature_reason(name: str, present: bool | None, torch_version: str | None) -> str | None:
+    """The reason for a missing feature, the same words wherever it is judged (live here, or from the doctor's record)."""
+    return None if present else f"needs {TORCH_FEATURES[name].what}, not in torch {torch_version}"
+
+
+def _probe_feature(name: str, platform, dtype, head_dim):
     import torch
 
-    missing = [n for n in ("_efficient_attention_forward", "_efficient_attention_backward") if not hasattr(torch.ops.aten, n)]
-    return f"needs torch.ops.aten.{', '.join(missing)}, not in torch {torch.__version__}" if missing else None
+    return torch_feature_reason(name, torch_feature_present(name, torch), torch.__version__)
 
 
 def _probe_device_kernels(platform, dtype, head_dim):
@@ -225,26 +265,6 @@ def _probe_device_kernels(platform, dtype, head_dim):
         return f"needs a CUDA/ROCm torch build, found torch {torch.__version__} without device kernels"
     why = kernel_image_reasons(archs, capability, gfx)
     return f"needs device kernels: {'; '.join(why)}" if why else None
-
-
-def _probe_torch_varlen(platform, dtype, head_dim):
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        import torch
-
-        return f"needs torch.nn.attention.varlen.varlen_attn (torch >= 2.10), found torch {torch.__version__}"
-    return None
-
-
-def _probe_flex(platform, dtype, head_dim):
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
-    except ImportError:
-        import torch
-
-        return f"needs torch.nn.attention.flex_attention (torch >= 2.5), found torch {torch.__version__}"
-    return None
 
 
 def _probe_triton(platform, dtype, head_dim):
@@ -285,11 +305,8 @@ def _probe_xformers(platform, dtype, head_dim):
 
 PROBES: dict[str, Callable[[Platform, str, int], str | None]] = {
     "torch": _probe_torch,
-    "sdpa": _probe_sdpa,
-    "efficient_attention_op": _probe_efficient_op,
+    **{name: functools.partial(_probe_feature, name) for name in TORCH_FEATURES},
     "device_kernels": _probe_device_kernels,
-    "torch_varlen_attn": _probe_torch_varlen,
-    "flex_attention": _probe_flex,
     "triton": _probe_triton,
     "xformers_op": _probe_xformers,
 }

@@ -158,20 +158,9 @@ def probe_torch(probes: Probes) -> tuple[TorchInfo, Any]:
         return TorchInfo(installed=probes.version_of("torch") is not None, version=probes.version_of("torch"),
                          error=reason), None
     version = getattr(torch, "version", None)
-    features: dict[str, bool] = {}
-    for name, check in (
-        ("sdpa", lambda: hasattr(torch.nn.functional, "scaled_dot_product_attention")),
-        ("efficient_attention_op", lambda: hasattr(torch.ops.aten, "_efficient_attention_forward")
-         and hasattr(torch.ops.aten, "_efficient_attention_backward")),
-        ("varlen_attn", lambda: hasattr(probes.import_module("torch.nn.attention.varlen"), "varlen_attn")),
-        ("flex_attention", lambda: hasattr(probes.import_module("torch.nn.attention.flex_attention"), "flex_attention")),
-    ):
-        try:
-            features[name] = bool(check())
-        except KeyboardInterrupt:
-            raise
-        except BaseException:  # noqa: BLE001 - a missing submodule is a False feature
-            features[name] = False
+    from portvlm.backends import TORCH_FEATURES, torch_feature_present
+
+    features = {f.record: torch_feature_present(name, torch, probes.import_module) for name, f in TORCH_FEATURES.items()}
     triton = probes.version_of("triton") or probes.version_of("pytorch-triton-rocm")
     cuda_available = device_count = None
     try:

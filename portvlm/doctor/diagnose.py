@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from portvlm.backends import TORCH_FEATURES, torch_feature_reason
 from portvlm.doctor import facts
 from portvlm.doctor.collect import SCHEMA, EnvInfo
 from portvlm.platform import Platform, bf16_reasons, kernel_image_reasons
@@ -469,15 +470,8 @@ def _feature_probe(info: EnvInfo) -> Callable[[str, Platform, str, int], str | N
             return f"needs torch, found none ({t.error or 'not installed'})"
         if need == "torch":
             return None
-        if need in ("sdpa", "efficient_attention_op", "varlen_attn", "torch_varlen_attn", "flex_attention"):
-            key = "varlen_attn" if need == "torch_varlen_attn" else need
-            if t.features.get(key):
-                return None
-            what = {"sdpa": "F.scaled_dot_product_attention (torch >= 2.0)",
-                    "efficient_attention_op": "torch.ops.aten._efficient_attention_forward/backward",
-                    "varlen_attn": "torch.nn.attention.varlen.varlen_attn (torch >= 2.10)",
-                    "flex_attention": "torch.nn.attention.flex_attention (torch >= 2.5)"}[key]
-            return f"needs {what}, not in torch {t.version}"
+        if need in TORCH_FEATURES:  # the same declaration the live probe reads, judged on the record
+            return torch_feature_reason(need, t.features.get(TORCH_FEATURES[need].record), t.version)
         if need == "triton":
             return None if t.triton else "needs triton (flex_attention compiles Triton kernels), found none"
         if need == "device_kernels":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +43,14 @@ def missing(*needs):
 
 
 def test_names_match_matrix_and_never_say_flash():
-    assert set(BACKENDS) == {"eager", "sdpa_masked", "efficient_varlen", "xformers_blockdiag", "torch_varlen", "flex_document"}
+    from portvlm.matrix import load_matrix
+
+    matrix = load_matrix(Path(__file__).resolve().parents[2] / "matrix.yaml")
+    named = {b for a in matrix.archs for b in (*a.vision_backends, *a.text_backends)}
+    assert named, "matrix.yaml names no backend"
+    assert named <= set(BACKENDS), f"matrix.yaml names undeclared backends: {sorted(named - set(BACKENDS))}"
+    unused = set(BACKENDS) - named
+    assert not unused, f"declared backends no arch of matrix.yaml uses: {sorted(unused)}"
     assert not any("flash" in n for n in BACKENDS)
     with pytest.raises(ValueError, match="flash"):
         Backend(name="my_flash_thing", devices=("cuda",))

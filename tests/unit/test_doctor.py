@@ -8,6 +8,7 @@ stack) plus the lanes: V100+cu130 (kernel image), V100+cu126 (+flash-attn), H100
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -522,3 +523,20 @@ def test_emulated_keeps_host_kernels_and_takes_the_arch_policy():
 def test_detect_without_anything_is_cpu():
     p = detect(machine({}))
     assert p.vendor == "cpu" and p.arch_id == "cpu" and p.torch_archs == ()
+
+
+def test_doctor_answers_every_backend_probe_from_the_one_declaration():
+    """Every feature probe portvlm.backends declares is judged by the doctor, in the live probe's own words."""
+    from portvlm import backends
+    from portvlm.doctor.diagnose import _feature_probe
+
+    info = report_for(machine(h100(), versions={"transformers": "5.17.0"})).env
+    probe = _feature_probe(info)
+    for need in backends.PROBES:
+        why = probe(need, info.platform, "float16", 64)
+        assert why is None or "has no probe" not in why, (need, why)
+    missing = dataclasses.replace(info.torch, features={})
+    info = dataclasses.replace(info, torch=missing)
+    for name in backends.TORCH_FEATURES:
+        assert _feature_probe(info)(name, info.platform, "float16", 64) == \
+            backends.torch_feature_reason(name, False, info.torch.version)
