@@ -188,6 +188,29 @@ def torch_arch_list(torch: Any) -> tuple[str, ...]:
     return ()
 
 
+def torch_detection(torch: Any, vendor: str, label: str, gpu_fields, *, unavailable: str, note: str) -> Detection:
+    """GPUs through torch's device properties (the last-resort probe of every vendor: it creates a device context).
+
+    The vendor files say what differs: the build check before this, ``label`` ("CUDA" / "ROCm") in the reasons, and
+    ``gpu_fields(props) -> dict`` (compute capability or gfx target).
+    """
+    from portvlm.platform.probes import describe_error
+
+    try:
+        if not torch.cuda.is_available():
+            return Detection(reasons=(unavailable,))
+        gpus = []
+        for i in range(int(torch.cuda.device_count())):
+            props = torch.cuda.get_device_properties(i)
+            gpus.append(Gpu(index=i, vendor=vendor, name=str(props.name), memory_mib=int(props.total_memory) // (1 << 20),
+                            source="torch", **gpu_fields(props)))
+    except Exception as exc:
+        return Detection(reasons=(f"torch: {label} query failed: {describe_error(exc)}",))
+    if not gpus:
+        return Detection(reasons=(f"torch: 0 {label} devices",))
+    return Detection(vendor=vendor, gpus=tuple(gpus), source="torch", reasons=(note,))
+
+
 def _torch(probes: Probes) -> Any:
     from portvlm.platform.probes import try_import
 

@@ -119,35 +119,18 @@ def probe_smi(probes: Probes):
 
 def probe_torch(torch: Any):
     """GPUs through a CUDA torch build (last resort: ``get_device_properties`` creates a CUDA context)."""
-    from portvlm.platform import Detection, Gpu
+    from portvlm.platform import Detection, torch_detection
 
     if torch is None:
         return Detection(reasons=("torch: not importable",))
     version = getattr(torch, "version", None)
     if getattr(version, "hip", None) or not getattr(version, "cuda", None):
         return Detection(reasons=("torch: not a CUDA build",))
-    try:
-        if not torch.cuda.is_available():
-            return Detection(reasons=("torch: torch.cuda.is_available() is False",))
-        gpus = []
-        for i in range(int(torch.cuda.device_count())):
-            props = torch.cuda.get_device_properties(i)
-            gpus.append(
-                Gpu(
-                    index=i,
-                    vendor=VENDOR,
-                    name=str(props.name),
-                    capability=(int(props.major), int(props.minor)),
-                    memory_mib=int(props.total_memory) // (1 << 20),
-                    source="torch",
-                )
-            )
-    except Exception as exc:
-        return Detection(reasons=(f"torch: CUDA query failed: {describe_error(exc)}",))
-    if not gpus:
-        return Detection(reasons=("torch: 0 CUDA devices",))
-    return Detection(vendor=VENDOR, gpus=tuple(gpus), source="torch",
-                     reasons=("read through torch: NVML and nvidia-smi unavailable (a CUDA context was created)",))
+    return torch_detection(
+        torch, VENDOR, "CUDA", lambda props: {"capability": (int(props.major), int(props.minor))},
+        unavailable="torch: torch.cuda.is_available() is False",
+        note="read through torch: NVML and nvidia-smi unavailable (a CUDA context was created)",
+    )
 
 
 def probe(probes: Probes, torch: Any = None):

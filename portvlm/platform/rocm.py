@@ -94,34 +94,17 @@ def probe_rocminfo(probes: Probes):
 
 def probe_torch(torch: Any):
     """GPUs through a ROCm torch build (``gcnArchName``); last resort, creates a HIP context."""
-    from portvlm.platform import Detection, Gpu
+    from portvlm.platform import Detection, torch_detection
 
     if torch is None:
         return Detection(reasons=("torch: not importable",))
     if not getattr(getattr(torch, "version", None), "hip", None):
         return Detection(reasons=("torch: not a ROCm build",))
-    try:
-        if not torch.cuda.is_available():
-            return Detection(reasons=("torch: torch.cuda.is_available() is False (ROCm build)",))
-        gpus = []
-        for i in range(int(torch.cuda.device_count())):
-            props = torch.cuda.get_device_properties(i)
-            gpus.append(
-                Gpu(
-                    index=i,
-                    vendor=VENDOR,
-                    name=str(props.name),
-                    gfx=normalize_gfx(getattr(props, "gcnArchName", None)),
-                    memory_mib=int(props.total_memory) // (1 << 20),
-                    source="torch",
-                )
-            )
-    except Exception as exc:
-        return Detection(reasons=(f"torch: ROCm query failed: {describe_error(exc)}",))
-    if not gpus:
-        return Detection(reasons=("torch: 0 ROCm devices",))
-    return Detection(vendor=VENDOR, gpus=tuple(gpus), source="torch",
-                     reasons=("read through torch: amdsmi and rocminfo unavailable",))
+    return torch_detection(
+        torch, VENDOR, "ROCm", lambda props: {"gfx": normalize_gfx(getattr(props, "gcnArchName", None))},
+        unavailable="torch: torch.cuda.is_available() is False (ROCm build)",
+        note="read through torch: amdsmi and rocminfo unavailable",
+    )
 
 
 def rocm_version(probes: Probes) -> str | None:
