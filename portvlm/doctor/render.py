@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from portvlm.doctor.diagnose import BackendChoice, Report
+from portvlm.doctor.report import BackendChoice, Report
 
 Segment = tuple[str, str | None]
 STYLE = {"ok": "green", "info": "cyan", "warn": "yellow", "fail": "bold red",

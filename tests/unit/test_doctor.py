@@ -528,15 +528,15 @@ def test_detect_without_anything_is_cpu():
 def test_doctor_answers_every_backend_probe_from_the_one_declaration():
     """Every feature probe portvlm.backends declares is judged by the doctor, in the live probe's own words."""
     from portvlm import backends
-    from portvlm.doctor.diagnose import _feature_probe
+    from portvlm.doctor.diagnose import feature_probe
 
     info = report_for(machine(h100(), versions={"transformers": "5.17.0"})).env
-    probe = _feature_probe(info)
+    probe = feature_probe(info)
     for need in backends.PROBES:
         why = probe(need, info.platform, "float16", 64)
         assert why is None or "has no probe" not in why, (need, why)
     missing = dataclasses.replace(info.torch, features={})
     info = dataclasses.replace(info, torch=missing)
     for name in backends.TORCH_FEATURES:
-        assert _feature_probe(info)(name, info.platform, "float16", 64) == \
+        assert feature_probe(info)(name, info.platform, "float16", 64) == \
             backends.torch_feature_reason(name, False, info.torch.version)

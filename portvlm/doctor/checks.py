@@ -1,0 +1,326 @@
+"""Environment-wide checks (pure): GPU, torch build, kernel image, driver, arch, precision, transformers,
+xformers, flash-attn; each a :class:`Check` with a reason and a fix."""
+
+from __future__ import annotations
+
+from portvlm.doctor import facts
+from portvlm.doctor.collect import EnvInfo
+from portvlm.doctor.report import Check
+from portvlm.platform import Platform, bf16_reasons, kernel_image_reasons
+from portvlm.shims.versions import base_version, parse, parse_or_none
+from portvlm.wheels import torch_index
+
+
+def sm_name(capability: tuple[int, int] | None) -> str:
+    return f"sm{capability[0]}{capability[1]}" if capability else "unknown"
+
+
+def device_arch(platform: Platform) -> str:
+    if platform.vendor == "nvidia":
+        return sm_name(platform.capability)
+    if platform.vendor == "amd":
+        return platform.gfx or "unknown gfx"
+    return "cpu"
+
+
+def torch_variant_of(info: EnvInfo) -> str | None:
+    t = info.torch
+    if t.hip:
+        parts = str(t.hip).split(".")
+        return f"rocm{parts[0]}.{parts[1]}" if len(parts) > 1 else f"rocm{t.hip}"
+    if t.cuda:
+        major, _, minor = str(t.cuda).partition(".")
+        return f"cu{major}{minor.split('.')[0]}"
+    return "cpu" if t.installed and not t.error else None
+
+
+def torch_usable(info: EnvInfo) -> bool:
+    return info.torch.installed and info.torch.error is None
+
+
+def check_torch(info: EnvInfo, arch) -> list[Check]:
+    t, p = info.torch, info.platform
+    want = _suggested_torch(info, arch)
+    if not t.installed:
+        return [Check("torch", "fail", "torch is not installed", want)]
+    if t.error:
+        return [Check("torch", "fail", f"torch {t.version or ''} does not import: {t.error}".replace("  ", " "),
+                      want or "reinstall torch for this machine's CUDA/ROCm")]
+    build = f"CUDA {t.cuda}" if t.cuda else f"ROCm/HIP {t.hip}" if t.hip else "CPU-only"
+    checks = [Check("torch", "ok", f"torch {t.version} ({build} build)")]
+    if p.vendor == "nvidia" and not t.cuda:
+        checks.append(Check("torch_build", "fail", f"{p.name} found but torch {t.version} is a {build} build", want))
+    elif p.vendor == "amd" and not t.hip:
+        checks.append(Check("torch_build", "fail", f"{p.name} found but torch {t.version} is a {build} build",
+                            want or f"install a ROCm torch build: pip install torch --index-url {torch_index('rocm7.2')}"))
+    elif p.is_gpu and t.cuda_available is False:
+        checks.append(Check("torch_build", "fail",
+                            f"{p.name} found but torch.cuda.is_available() is False (driver {info.driver or '?'})",
+                            "check the driver (nvidia-smi / rocm-smi) and CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES"))
+    return checks
+
+
+def _suggested_torch(info: EnvInfo, arch) -> str | None:
+    """A pip line for a torch build that runs on this device."""
+    p = info.platform
+    if p.vendor == "nvidia" and p.capability:
+        builds = facts.torch_builds_for(p.capability)
+        if builds:
+            return facts.pip_torch(*builds[0])
+    if p.vendor == "amd":
+        return "pip install torch --index-url " + torch_index("rocm7.2")
+    if p.vendor == "cpu":
+        return "pip install torch --index-url " + torch_index("cpu")
+    return "pip install torch"
+
+
+def check_driver(info: EnvInfo) -> list[Check]:
+    t = info.torch
+    if info.platform.vendor != "nvidia" or not t.cuda:
+        return []
+    torch_major = int(str(t.cuda).split(".")[0])
+    if not info.driver_cuda:
+        return [Check("driver", "info", f"driver {info.driver or 'unknown'}; its CUDA version could not be read")]
+    driver_major = int(str(info.driver_cuda).split(".")[0])
+    if driver_major < torch_major:
+        minimum = facts.DRIVER_FOR_CUDA_MAJOR.get(torch_major, "a newer driver")
+        return [Check("driver", "fail",
+                      f"driver {info.driver} supports CUDA {info.driver_cuda}; torch was built with CUDA {t.cuda}",
+                      f"upgrade the NVIDIA driver to >= {minimum}, or install a cu{driver_major}x torch build")]
+    return [Check("driver", "ok", f"driver {info.driver} (CUDA {info.driver_cuda}) runs torch's CUDA {t.cuda}")]
+
+
+def check_kernel_image(info: EnvInfo) -> list[Check]:
+    p, t = info.platform, info.torch
+    if not p.is_gpu or not torch_usable(info):
+        return []
+    if not t.arch_list:
+        return [Check("kernel_image", "info", "torch's compiled arch list could not be read; not judged")]
+    why = kernel_image_reasons(t.arch_list, p.capability if p.vendor == "nvidia" else None,
+                               p.gfx if p.vendor == "amd" else None)
+    if not why:
+        return [Check("kernel_image", "ok", f"torch has kernels for {device_arch(p)}")]
+    message = f"{why[0]} → 'no kernel image is available for execution on the device' at the first CUDA op"
+    if p.vendor == "nvidia" and p.capability:
+        builds = facts.torch_builds_for(p.capability)
+        never = facts.variants_without(p.capability)
+        newest_per_variant: dict[str, str] = {}
+        for m, v in builds:
+            newest_per_variant.setdefault(v, m)
+        options = ", ".join(f"torch {m}+{v}" for v, m in list(newest_per_variant.items())[:4]) or "none known"
+        fix = (f"{facts.pip_torch(*builds[0])}  (also: {options}"
+               + (f"; {'/'.join(never)} never ship {sm_name(p.capability).replace('sm', 'sm_')}" if never else "")
+               + ")") if builds else f"no torch wheel portvlm knows of carries {sm_name(p.capability)}"
+        return [Check("kernel_image", "fail", message, fix)]
+    return [Check("kernel_image", "fail", message,
+                  f"a ROCm torch build whose PYTORCH_ROCM_ARCH includes {p.gfx} (rocm/pytorch images list theirs)")]
+
+
+def check_arch(info: EnvInfo, arch, match: str, note: str | None) -> list[Check]:
+    p = info.platform
+    checks = []
+    if arch is None:
+        checks.append(Check("arch", "warn", note or f"no matrix arch for {device_arch(p)}"))
+    elif match == "nearest":
+        checks.append(Check("arch", "warn", note or "", f"expect untested behaviour; the tested archs are listed in "
+                            f"matrix.yaml (policy applied: {arch.id})"))
+    else:
+        checks.append(Check("arch", "ok", f"{device_arch(p)} ({p.name}) → matrix arch {arch.id}"))
+    if p.vendor == "amd" and p.gfx:
+        gfx = p.gfx
+        if gfx in facts.AOTRITON_SUPPORTED:
+            checks.append(Check("aotriton", "ok", f"AOTriton (torch SDPA flash/mem-efficient) fully supports {gfx}"))
+        elif gfx in facts.AOTRITON_EXPERIMENTAL:
+            if info.env.get(facts.AOTRITON_ENV) == "1":
+                checks.append(Check("aotriton", "info", f"{gfx} is experimental in AOTriton; enabled by "
+                                    f"{facts.AOTRITON_ENV}=1"))
+            else:
+                checks.append(Check("aotriton", "warn", f"{gfx} is experimental in AOTriton: torch refuses its SDPA "
+                                    "flash/mem-efficient kernels and falls back to math", f"export {facts.AOTRITON_ENV}=1"))
+        else:
+            checks.append(Check("aotriton", "warn", f"AOTriton has no kernels for {gfx}: torch SDPA runs the math "
+                                "fallback (O(S^2) memory, slow)", None))
+    return checks
+
+
+def native_bf16(platform: Platform) -> bool | None:
+    """Hardware bf16 (not torch.cuda.is_bf16_supported(), which counts emulation): sm80+ / CDNA2+."""
+    if platform.vendor == "nvidia":
+        return None if platform.capability is None else not bf16_reasons(platform.vendor, platform.capability)
+    if platform.vendor == "amd":
+        return None if not platform.gfx else platform.gfx in facts.BF16_NATIVE_GFX
+    return None
+
+
+def check_precision(info: EnvInfo, arch) -> list[Check]:
+    p, t = info.platform, info.torch
+    dtype = arch.policy_dtype if arch is not None else None
+    if p.vendor == "nvidia" and p.capability:
+        bf16 = native_bf16(p)
+        bf16_text = (f"bf16 native ({sm_name(p.capability)})" if bf16 else
+                     f"bf16 emulated only ({sm_name(p.capability)} < sm80; torch.cuda.is_bf16_supported() still says True)")
+        fp16 = "fp16 native" if p.capability >= facts.FP16_MIN_CAPABILITY else "fp16 slow"
+        if p.capability >= facts.TF32_MIN_CAPABILITY:
+            state = {True: "on", False: "off (torch default)", None: "unknown"}[t.tf32_matmul]
+            tf32 = f"TF32 available, matmul TF32 {state}"
+        else:
+            tf32 = "no TF32 (needs sm80+)"
+        text = f"{bf16_text} · {fp16} · {tf32}"
+    elif p.vendor == "amd":
+        bf16 = native_bf16(p)
+        text = ("bf16 native" if bf16 else f"bf16 not judged for {p.gfx or 'unknown gfx'} (native list: "
+                f"{', '.join(facts.BF16_NATIVE_GFX)})") + " · fp16 native · TF32 n/a (ROCm)"
+    else:
+        bf16 = None
+        text = "CPU: fp32 policy (bf16/fp16 run but are slow and unverified here) · TF32 n/a"
+    status = "ok"
+    fix = None
+    if dtype == "bfloat16" and bf16 is False:
+        status, fix = "warn", "run with torch_dtype=torch.float16 (or float32); bf16 is emulated here"
+        text += f"; the applied policy ({arch.id}) prefers bfloat16"
+    if dtype:
+        text += f" → policy dtype {dtype}"
+    return [Check("precision", status, text, fix)]
+
+
+def check_transformers(info: EnvInfo, matrix, arch=None) -> list[Check]:
+    version = parse_or_none(info.transformers.version)
+    if version is None:
+        newest = _newest_stack_transformers(matrix)
+        return [Check("transformers", "fail", info.transformers.error or "transformers not installed",
+                      f"pip install 'transformers=={newest}'" if newest else "pip install transformers")]
+    checks = []
+    stacks = [parse_or_none(s.transformers) for s in (matrix.stacks if matrix is not None else ())]
+    stacks = sorted(v for v in stacks if v is not None)
+    if stacks and version < stacks[0]:
+        checks.append(Check("transformers", "fail",
+                            f"transformers {version} is older than every stack portvlm tests (oldest {stacks[0]})",
+                            f"pip install 'transformers=={stacks[-1]}' (or any tested version >= {stacks[0]})"))
+        return checks
+    verified = _verified_range()
+    if verified is not None and not verified[0].contains(version, prereleases=True):
+        allowed = info.env.get("PORTVLM_ALLOW_UNVERIFIED") == "1"
+        newest = stacks[-1] if stacks else None
+        if arch is not None and matrix is not None and arch.stacks:  # the newest version tested on this arch
+            newest = max(parse_or_none(matrix.stack(s).transformers) or parse("0") for s in arch.stacks)
+        checks.append(Check(
+            "transformers", "warn" if allowed else "fail",
+            f"transformers {version} is outside the range portvlm's shims were verified on ({verified[1]})"
+            + ("; allowed by PORTVLM_ALLOW_UNVERIFIED=1" if allowed else ": portvlm.patch refuses it"),
+            None if allowed else (f"pip install 'transformers=={newest}'" if newest else None)
+            + " (or export PORTVLM_ALLOW_UNVERIFIED=1 to try it unverified)"))
+        return checks
+    checks.append(Check("transformers", "ok", f"transformers {version}"))
+    return checks
+
+
+def _verified_range():
+    try:
+        from portvlm.shims import versions
+
+        return versions.VERIFIED_TRANSFORMERS, versions.VERIFIED_RANGE_TEXT
+    except Exception:
+        return None
+
+
+def _newest_stack_transformers(matrix) -> str | None:
+    if matrix is None or not matrix.stacks:
+        return None
+    return str(max(parse_or_none(s.transformers) or parse("0") for s in matrix.stacks))
+
+
+def check_xformers(info: EnvInfo, arch) -> list[Check]:
+    x, p = info.xformers, info.platform
+    if x.version is None:
+        return [Check("xformers", "info", "xformers not installed (portvlm does not need it)")]
+    installed = base_version(info.torch.version)
+    wanted = facts.xformers_for_torch(info.torch.version) if installed else None
+    index = torch_variant_of(info)
+    pip = (f"pip install 'xformers=={wanted}'" + (f" --index-url {torch_index(index)}"
+           if index and index != "cpu" else "")) if wanted else "pip uninstall -y xformers"
+    uses_xformers = arch is not None and "xformers_blockdiag" in arch.vision_backends
+    mismatch = None
+    built_for = base_version(x.built_for_torch)
+    if x.requires_torch and x.requires_torch.startswith("==") and installed:
+        pinned = base_version(x.requires_torch[2:])
+        if pinned and pinned != installed:
+            mismatch = pinned
+    if built_for and installed and built_for != installed:
+        stable_abi = (parse_or_none(x.version) or parse("0")) >= parse(facts.XFORMERS_STABLE_ABI)
+        if not (stable_abi and parse(installed) >= parse(built_for)):
+            mismatch = built_for
+    checks = []
+    if mismatch or x.extension_loaded is False:
+        what = (f"xformers {x.version} was built for torch {mismatch}, installed torch is {info.torch.version}"
+                if mismatch else f"xformers {x.version}: C++/CUDA extension did not load")
+        if x.extension_loaded is False:
+            what += f"; extension not loaded ({x.extension_error or 'unknown error'}): every xformers op fails"
+        status = "fail" if uses_xformers and x.extension_loaded is not True else "warn"
+        checks.append(Check("xformers", status, what, pip))
+    elif x.error:
+        checks.append(Check("xformers", "warn", f"xformers {x.version} installed but unusable: {x.error}", pip))
+    if p.vendor == "nvidia" and p.capability and p.capability < (7, 5):
+        v = parse_or_none(x.version)
+        if v is not None and v > parse(facts.XFORMERS_LAST_SM70):
+            checks.append(Check("xformers", "warn", f"xformers {x.version} wheels carry no {sm_name(p.capability)} "
+                                f"kernels (0.0.31 dropped V100; last with sm70: {facts.XFORMERS_LAST_SM70} for torch 2.7.0)",
+                                f"pip install 'xformers=={facts.XFORMERS_LAST_SM70}' with torch 2.7.0 (cu118/cu126)"))
+    if not checks:
+        usable = [o.name for o in x.ops if not xformers_op_reasons(o, p, None)]
+        checks.append(Check("xformers", "ok", f"xformers {x.version} (built for torch {x.built_for_torch or '?'}); "
+                            f"usable fmha ops here: {', '.join(usable) or 'none'}"))
+    return checks
+
+
+def xformers_op_reasons(op, platform: Platform, dtype: str | None) -> list[str]:
+    """Why one xformers fmha operator cannot run here (from its own class declarations)."""
+    reasons = []
+    if not op.built:
+        reasons.append("not built into this wheel")
+    if platform.device not in op.devices:
+        reasons.append(f"needs device {'/'.join(op.devices) or '?'}, found {platform.device}")
+    if platform.vendor == "nvidia" and op.min_capability and platform.capability and platform.capability < op.min_capability:
+        reasons.append(f"needs {sm_name(op.min_capability)}+, found {sm_name(platform.capability)}")
+    if dtype and op.dtypes and dtype not in op.dtypes:
+        reasons.append(f"needs dtype {'/'.join(op.dtypes)}, found {dtype}")
+    if dtype == "bfloat16" and bf16_reasons(platform.vendor, platform.capability):
+        reasons.append("bf16 needs sm80+ (torch's mem-efficient kernel: fp16/fp32 only below sm80)")
+    return reasons
+
+
+def check_flash_attn(info: EnvInfo) -> list[Check]:
+    f, p = info.flash_attn, info.platform
+    if f.version is None:
+        return [Check("flash_attn", "info", "flash-attn not installed (portvlm does not need it)")]
+    unusable = None
+    if p.vendor == "nvidia" and p.capability and p.capability < facts.FLASH_ATTN_MIN_CAPABILITY:
+        unusable = f"flash-attn needs sm80+ (Ampere), found {sm_name(p.capability)} ({p.name})"
+    elif p.vendor == "amd" and p.gfx not in facts.FLASH_ATTN_CK_GFX and info.env.get(
+            facts.FLASH_ATTN_TRITON_AMD_ENV) != "TRUE":
+        unusable = f"flash-attn's CK backend supports {', '.join(facts.FLASH_ATTN_CK_GFX)}, found {p.gfx}"
+    elif p.vendor == "cpu":
+        unusable = "flash-attn has no CPU kernels"
+    if unusable and p.vendor != "cpu":
+        return [Check("flash_attn", "warn",
+                      f"flash-attn {f.version} is installed but cannot run here: {unusable}. Libraries that find the "
+                      "package route to it anyway and fail with 'FlashAttention only supports Ampere GPUs or newer', "
+                      f"even with eager attention requested ({facts.FLASH_ATTN_SM70_ISSUES})",
+                      "pip uninstall -y flash-attn")]
+    if f.importable is False:
+        return [Check("flash_attn", "warn", f"flash-attn {f.version} is installed but does not import: {f.error}",
+                      "pip uninstall -y flash-attn (or reinstall it built for this torch)")]
+    if unusable:
+        return [Check("flash_attn", "info", f"flash-attn {f.version} installed; {unusable}")]
+    return [Check("flash_attn", "ok", f"flash-attn {f.version} installed and usable on {device_arch(p)} "
+                  "(portvlm itself never calls it)")]
+
+
+def check_gpu(info: EnvInfo) -> list[Check]:
+    p = info.platform
+    if not p.is_gpu:
+        why = "; ".join(info.gpu_reasons[:6]) or "no GPU probe found a device"
+        return [Check("gpu", "info", f"no GPU ({why})")]
+    memory = f", {p.memory_mib / 1024:.0f} GiB" if p.memory_mib else ""
+    more = f" (+{p.count - 1} more)" if p.count > 1 else ""
+    via = f"via {p.source}" + ("; a CUDA context was created" if p.source == "torch" else "")
+    return [Check("gpu", "ok", f"{p.name} ({device_arch(p)}{memory}){more}, {via}")]
