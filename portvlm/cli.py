@@ -1,4 +1,4 @@
-"""`portvlm` command line: thin dispatch to each module's ``main(argv) -> int``."""
+"""`portvlm` command line: thin dispatch to each package's ``cli.main(argv) -> int``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import sys
 
 COMMANDS = {
     "matrix": ("portvlm.matrix.cli", "validate matrix.yaml and print the expanded cells"),
-    "doctor": ("portvlm.doctor", "diagnose this environment: verdicts with reasons and fixes"),
-    "run": ("portvlm.run.runner", "run matrix cells (what the nox test sessions call)"),
-    "publish": ("portvlm.publish", "render the support table, HTML page and badges from results/"),
+    "doctor": ("portvlm.doctor.cli", "diagnose this environment: verdicts with reasons and fixes"),
+    "run": ("portvlm.run.cli", "run matrix cells (what the nox test sessions call)"),
+    "publish": ("portvlm.publish.cli", "render the support table, HTML page and badges from results/"),
     "containers": ("portvlm.containers.cli", "render, lint and build the stack images"),
 }
 

@@ -8,9 +8,6 @@ is, which attention backend portvlm would choose (and why every other lost), whi
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from typing import Any
 
 from portvlm.doctor.collect import SCHEMA, EnvInfo, collect
@@ -44,37 +41,7 @@ def record(probes: Probes | None = None, matrix=None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None, probes: Probes | None = None, stdout=None) -> int:
-    """``portvlm doctor``: exit 0; with ``--strict`` exit 1 when anything FAILs; 2 on bad arguments."""
-    parser = argparse.ArgumentParser(prog="portvlm doctor", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print the schema-versioned record (docs/doctor.md)")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when any check or model family FAILs")
-    parser.add_argument("--matrix", metavar="PATH", help="matrix.yaml to match cells against")
-    parser.add_argument("--model", action="append", metavar="ID", help="only these model ids (repeatable)")
-    parser.add_argument("--no-color", action="store_true", help="plain text even on a terminal")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    stdout = stdout or sys.stdout
-    matrix, matrix_error = load_matrix_or_reason(args.matrix)
-    if matrix is not None and args.model:
-        from dataclasses import replace
+    """``portvlm doctor`` (portvlm.doctor.cli)."""
+    from portvlm.doctor.cli import main as doctor_main
 
-        unknown = sorted(set(args.model) - {m.id for m in matrix.models})
-        if unknown:
-            print(f"error: unknown model {', '.join(unknown)}; one of: {', '.join(m.id for m in matrix.models)}",
-                  file=sys.stderr)
-            return 2
-        matrix = replace(matrix, models=tuple(m for m in matrix.models if m.id in args.model))
-    report = diagnose(collect(probes), matrix, matrix_error=matrix_error)
-    if args.json:
-        stdout.write(json.dumps(report.to_json(), indent=2, sort_keys=False, default=str) + "\n")
-    else:
-        from portvlm.doctor.render import write
-
-        write(report, stdout, colour=False if args.no_color else None)
-    return report.exit_code(args.strict)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return doctor_main(argv, probes, stdout)

@@ -8,11 +8,9 @@ is deterministic: the same results and matrix give byte-identical files (no time
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from portvlm.publish.badges import endpoint, svg_geometry
@@ -135,24 +133,7 @@ def md_slot(slot: Slot | None, link: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`portvlm publish [--results DIR] [--out DIR] [--matrix PATH]`."""
-    p = argparse.ArgumentParser(prog="portvlm publish", description="render SUPPORT.md, site/ and badges from results")
-    p.add_argument("--results", default="results", help="folder of <cell-id>.json results (default: results)")
-    p.add_argument("--out", default=".", help="where SUPPORT.md and site/ go (default: .)")
-    p.add_argument("--matrix", default=None, help="matrix.yaml to lay the table out from (default: the usual lookup)")
-    a = p.parse_args(argv)
-    from portvlm.errors import MatrixError
+    """``portvlm publish`` (portvlm.publish.cli)."""
+    from portvlm.publish.cli import main as publish_main
 
-    try:
-        written, table = write_all(a.results, a.matrix, a.out)
-    except MatrixError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    badges = [p.platform for p in table.platforms]
-    print(f"generated from {table.n_results} results ({len(table.slots)} cells): wrote SUPPORT.md, "
-          f"site/index.html, badges {', '.join(badges)} under {a.out}")
-    for summary in table.platforms:
-        print(f"  {summary.platform:<7} {summary.message}")
-    for problem in table.problems:
-        print(f"note: {problem}", file=sys.stderr)
-    return 0
+    return publish_main(argv)

@@ -8,12 +8,9 @@ into a result, so nothing here needs to be crash-proof beyond reporting what it 
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform as _pyplatform
 import sys
 import time
-import traceback
 from typing import Any
 
 from portvlm.matrix.schema import Cell
@@ -144,30 +141,7 @@ def run(cell: Cell, suites: tuple[str, ...], fast: bool, in_container: bool, evi
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m portvlm.run.cell")
-    p.add_argument("--cell", required=True)
-    p.add_argument("--matrix", default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--suites", default="parity,training,streaming")
-    p.add_argument("--fast", action="store_true", help="skip the slowest checks (FSDP2 processes); recorded")
-    p.add_argument("--in-container", action="store_true")
-    p.add_argument("--evidence", choices=[e.value for e in Evidence], help="decided by the runner (plan_cell)")
-    a = p.parse_args(argv)
-    from portvlm.matrix import expand, load_matrix
+if __name__ == "__main__":  # the runner's child / nox start this module as a process
+    from portvlm.run.cli import cell_main
 
-    cells = {c.id: c for c in expand(load_matrix(a.matrix))}
-    if a.cell not in cells:
-        print(f"error: unknown cell {a.cell!r}; `portvlm matrix` lists them", file=sys.stderr)
-        return 2
-    try:
-        report = run(cells[a.cell], tuple(s for s in a.suites.split(",") if s), a.fast, a.in_container, a.evidence)
-    except Exception:  # noqa: BLE001 - reported to the parent as the cell's error
-        report = CellReport(error=traceback.format_exc()[-4000:])
-    with open(a.out, "w") as fh:
-        json.dump(report.to_json(), fh, default=str)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cell_main())

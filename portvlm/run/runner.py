@@ -7,7 +7,6 @@ and no run touches another cell's file.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as _dt
 import json
@@ -20,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from portvlm.errors import EnvironmentBuildError, MatrixError
+from portvlm.errors import EnvironmentBuildError
 from portvlm.matrix.schema import Cell
 from portvlm.records import EVIDENCE_RANK, OK_STATUSES, CellReport, CellResult, Evidence, Mode, Status
 from portvlm.run import env as envs
@@ -269,46 +268,7 @@ def _run_each(cells, out: list[CellResult], *, results_dir: Path, matrix_path, h
         out.append(result)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="portvlm run", description="run matrix cells and write results/<cell>.json")
-    p.add_argument("--arch")
-    p.add_argument("--model")
-    p.add_argument("--stack")
-    p.add_argument("--ci", action="store_true", help="only the stacks marked ci: true")
-    p.add_argument("--matrix", default=None)
-    p.add_argument("--results", default="results")
-    p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--fast", action="store_true", help="skip the slowest checks (recorded as skipped)")
-    p.add_argument("--suites", default="parity,training,streaming")
-    p.add_argument("--require-hardware", action="store_true",
-                   help="fail instead of emulating an arch this host does not have")
-    p.add_argument("--python", help="run cells with this interpreter instead of building venvs")
-    p.add_argument("--image", help="run cells inside this container image")
-    p.add_argument("--host-arch", help="override host detection (tests, device runs)")
-    a = p.parse_args(argv)
-    from portvlm.matrix import expand, load_matrix, select
-
-    try:
-        matrix = load_matrix(a.matrix)
-    except MatrixError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    cells = select(expand(matrix), arch=a.arch, model=a.model, stack=a.stack, ci=True if a.ci else None)
-    if not cells:
-        print(f"error: no cell matches arch={a.arch} model={a.model} stack={a.stack}; `portvlm matrix` lists them",
-              file=sys.stderr)
-        return 2
-    try:
-        results = run_many(cells, results_dir=a.results, matrix_path=a.matrix, host_arch=a.host_arch,
-                           require_hardware=a.require_hardware, python=a.python, image=a.image,
-                           timeout=a.timeout, fast=a.fast, suites=a.suites)
-    except Interrupted as stop:
-        _print_summary(stop.results, a.results)
-        return 130  # 128 + SIGINT, as a shell reports a Ctrl-C
-    return _print_summary(results, a.results)
-
-
-def _print_summary(results: list[CellResult], results_dir: str) -> int:
+def print_summary(results: list[CellResult], results_dir: str) -> int:
     """The summary table; 1 when any cell is not ok."""
     if not results:
         print(f"0 cells ran; results in {results_dir}/")
@@ -322,5 +282,3 @@ def _print_summary(results: list[CellResult], results_dir: str) -> int:
     return 1 if bad else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -77,13 +77,13 @@ def test_a_cpu_cell_runs_inside(built, tmp_path):
 
 def test_runner_runs_a_cell_in_the_image_and_records_it(built, tmp_path):
     """`portvlm run --image cpu` goes through the runner: results/<cell>.json with hardware evidence."""
-    from portvlm.run import runner
+    from portvlm.run import cli as run_cli
     from portvlm.run.results import load_results
 
     spec = built[0]
     cell = spec.cells[0]
     arch, model, stack = cell.split("--")
-    rc = runner.main(["--arch", arch, "--model", model, "--stack", stack, "--image", spec.slug, "--fast",
+    rc = run_cli.main(["--arch", arch, "--model", model, "--stack", stack, "--image", spec.slug, "--fast",
                       "--results", str(tmp_path)])
     (result,) = load_results(tmp_path)
     assert rc == 0 and result.status == "pass"

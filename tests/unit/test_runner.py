@@ -189,7 +189,7 @@ cells = [Cell(arch, s, model) for s in stacks]
 try:
     runner.run_many(cells, results_dir={str(tmp_path / 'res')!r}, host_arch="cpu", python={py!r}, timeout=300)
 except runner.Interrupted as stop:
-    runner._print_summary(stop.results, "res")
+    runner.print_summary(stop.results, "res")
     sys.exit(130)
 """
     env = {**os.environ, "PORTVLM_LOGS": str(tmp_path / "logs"), "PYTHONPATH": str(Path(runner.__file__).parents[2])}

@@ -1,0 +1,99 @@
+"""The run commands: `portvlm run` (the runner), and the two entry points it and nox start as processes:
+`python -m portvlm.run.cell` (one cell's suites, the runner's child) and `python -m portvlm.run.env` (a cell venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+from portvlm.errors import EnvironmentBuildError, MatrixError
+from portvlm.records import CellReport, Evidence
+from portvlm.run.cell import run
+from portvlm.run.env import EnvSpec, ensure_env, host_torch_spec
+from portvlm.run.runner import Interrupted, print_summary, run_many
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="portvlm run", description="run matrix cells and write results/<cell>.json")
+    p.add_argument("--arch")
+    p.add_argument("--model")
+    p.add_argument("--stack")
+    p.add_argument("--ci", action="store_true", help="only the stacks marked ci: true")
+    p.add_argument("--matrix", default=None)
+    p.add_argument("--results", default="results")
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--fast", action="store_true", help="skip the slowest checks (recorded as skipped)")
+    p.add_argument("--suites", default="parity,training,streaming")
+    p.add_argument("--require-hardware", action="store_true",
+                   help="fail instead of emulating an arch this host does not have")
+    p.add_argument("--python", help="run cells with this interpreter instead of building venvs")
+    p.add_argument("--image", help="run cells inside this container image")
+    p.add_argument("--host-arch", help="override host detection (tests, device runs)")
+    a = p.parse_args(argv)
+    from portvlm.matrix import expand, load_matrix, select
+
+    try:
+        matrix = load_matrix(a.matrix)
+    except MatrixError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cells = select(expand(matrix), arch=a.arch, model=a.model, stack=a.stack, ci=True if a.ci else None)
+    if not cells:
+        print(f"error: no cell matches arch={a.arch} model={a.model} stack={a.stack}; `portvlm matrix` lists them",
+              file=sys.stderr)
+        return 2
+    try:
+        results = run_many(cells, results_dir=a.results, matrix_path=a.matrix, host_arch=a.host_arch,
+                           require_hardware=a.require_hardware, python=a.python, image=a.image,
+                           timeout=a.timeout, fast=a.fast, suites=a.suites)
+    except Interrupted as stop:
+        print_summary(stop.results, a.results)
+        return 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+    return print_summary(results, a.results)
+
+
+
+
+def cell_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m portvlm.run.cell")
+    p.add_argument("--cell", required=True)
+    p.add_argument("--matrix", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--suites", default="parity,training,streaming")
+    p.add_argument("--fast", action="store_true", help="skip the slowest checks (FSDP2 processes); recorded")
+    p.add_argument("--in-container", action="store_true")
+    p.add_argument("--evidence", choices=[e.value for e in Evidence], help="decided by the runner (plan_cell)")
+    a = p.parse_args(argv)
+    from portvlm.matrix import expand, load_matrix
+
+    cells = {c.id: c for c in expand(load_matrix(a.matrix))}
+    if a.cell not in cells:
+        print(f"error: unknown cell {a.cell!r}; `portvlm matrix` lists them", file=sys.stderr)
+        return 2
+    try:
+        report = run(cells[a.cell], tuple(s for s in a.suites.split(",") if s), a.fast, a.in_container, a.evidence)
+    except Exception:  # noqa: BLE001 - reported to the parent as the cell's error
+        report = CellReport(error=traceback.format_exc()[-4000:])
+    with open(a.out, "w") as fh:
+        json.dump(report.to_json(), fh, default=str)
+    return 0
+
+
+
+def env_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m portvlm.run.env", description="build/reuse a cell venv; prints its python")
+    p.add_argument("--transformers", required=True)
+    p.add_argument("--torch", default=host_torch_spec())
+    p.add_argument("--python", default=f"{sys.version_info.major}.{sys.version_info.minor}")
+    p.add_argument("--extra", action="append", default=[])
+    a = p.parse_args(argv)
+    try:
+        print(ensure_env(EnvSpec(a.python, a.torch, a.transformers, tuple(a.extra))))
+    except EnvironmentBuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
