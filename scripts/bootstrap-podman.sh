@@ -9,7 +9,7 @@
 #   3. the CPU image's base, localhost/debian-base:bookworm, from `debootstrap --variant=minbase`
 #      (no registry is needed; pinned by suite, not by digest: see containers/cpu/Dockerfile)
 #
-# Environment: DEBIAN_MIRROR (default: the first http mirror apt uses, else deb.debian.org),
+# Environment: DEBIAN_MIRROR (default: the mirror apt's own sources use for $SUITE; none there is an error),
 #              BASE_IMAGE (default localhost/debian-base:bookworm), SUITE (default bookworm).
 set -euo pipefail
 
@@ -17,6 +17,32 @@ BASE_IMAGE="${BASE_IMAGE:-localhost/debian-base:bookworm}"
 SUITE="${SUITE:-bookworm}"
 
 log() { printf 'bootstrap-podman: %s\n' "$*" >&2; }
+
+# The first enabled `deb` mirror apt's own sources use for suite $1 (one-line .list and deb822 .sources files):
+# this machine's mirror, a company one included. Prints nothing when apt has none.
+apt_mirror() {
+  local suite="$1" f
+  {
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+      [ -f "$f" ] || continue
+      awk -v s="$suite" '$1 == "deb" { i = 2; if ($i ~ /^\[/) { while ($i !~ /\]$/ && i < NF) i++; i++ }
+                                      if ($(i + 1) == s) print $i }' "$f"
+    done
+    for f in /etc/apt/sources.list.d/*.sources; do
+      [ -f "$f" ] || continue
+      awk -v s="$suite" 'BEGIN { RS = ""; FS = "\n" }
+        { uri = ""; deb = 0; hit = 0; off = 0
+          for (k = 1; k <= NF; k++) {
+            line = $k
+            if (line ~ /^URIs:/) { sub(/^URIs:[ \t]*/, "", line); split(line, u, /[ \t]+/); uri = u[1] }
+            else if (line ~ /^Suites:/) { n = split(line, w, /[ \t]+/); for (j = 2; j <= n; j++) if (w[j] == s) hit = 1 }
+            else if (line ~ /^Types:/ && line ~ /[ \t]deb([ \t]|$)/) deb = 1
+            else if (line ~ /^Enabled:[ \t]*no/) off = 1
+          }
+          if (deb && hit && !off && uri != "") print uri }' "$f"
+    done
+  } | head -n1 || true
+}
 
 if [ "$(id -u)" -ne 0 ]; then
   log "needs root (apt-get, /etc/containers, podman import)"; exit 2
@@ -59,12 +85,11 @@ fi
 if podman image exists "$BASE_IMAGE"; then
   log "$BASE_IMAGE present"
 else
-  mirror="${DEBIAN_MIRROR:-}"
+  mirror="${DEBIAN_MIRROR:-$(apt_mirror "$SUITE")}"
   if [ -z "$mirror" ]; then
-    # first uncommented http mirror of apt's sources (one-line or deb822 format), else deb.debian.org
-    mirror="$(grep -rhE '^[[:space:]]*(deb|URIs:)[[:space:]]' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
-      | grep -oE 'http://[^ ]+/debian/?( |$)' | grep -v security | head -n1 | tr -d ' ' || true)"
-    mirror="${mirror:-http://deb.debian.org/debian}"
+    log "no Debian mirror for '$SUITE' in apt's sources (/etc/apt/sources.list, /etc/apt/sources.list.d/*.list|*.sources)"
+    log "fix: export DEBIAN_MIRROR=<your Debian mirror URL> (the one apt uses on a $SUITE machine), then rerun"
+    exit 2
   fi
   rootfs="$(mktemp -d /tmp/portvlm-rootfs.XXXXXX)"
   trap 'rm -rf "$rootfs"' EXIT
