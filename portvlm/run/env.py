@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from portvlm.errors import EnvironmentBuildError
-from portvlm.wheels import CELL_REQUIREMENTS, find_links_dirs, torch_index, uv_bin
+from portvlm.wheels import CELL_REQUIREMENTS, configured_index, find_links_dirs, torch_index, uv_bin
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENV_RECIPE = "2"
@@ -67,6 +67,9 @@ def ensure_env(spec: EnvSpec, *, quiet: bool = True) -> Path:
     python = str(env_python(path))
     cmd_venv = [uv, "venv", *q, "--allow-existing", "-p", spec.python, str(path)]
     cmd_install = [uv, "pip", "install", *q, "-p", python]
+    index = configured_index()  # the user's pip/uv index (uv does not read pip's config); none: uv's own default
+    if index:
+        cmd_install += ["--default-index", index]
     for fl in find_links_dirs():
         cmd_install += ["--find-links", fl]
     if "+cpu" in spec.torch and not any(Path(fl).glob(f"torch-{spec.torch}-*.whl") for fl in find_links_dirs()):
