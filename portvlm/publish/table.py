@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portvlm.records import EVIDENCE, STATUSES, CellResult, result_from_json
+from portvlm.records import EVIDENCE, STATUSES, CellResult, Status, result_from_json
 
 NOT_RUN = "not run"
 # Statuses that come with an explanation shown in the cell.
@@ -208,7 +208,7 @@ def make_slot(cell, result: CellResult | None) -> Slot:
     """One table cell from a matrix cell and its result (or the lack of one)."""
     base = dict(cell_id=cell.id, arch=cell.arch.id, model=cell.model.id, stack=cell.stack.id, expected=cell.expected)
     if result is None:
-        status = "excluded" if cell.expected == "excluded" else NOT_RUN
+        status = Status.EXCLUDED if cell.expected == Status.EXCLUDED else NOT_RUN
         reason = cell.reason if cell.expected != "pass" else None
         return Slot(**base, status=status, evidence="none", reason=reason)
     return Slot(
@@ -279,7 +279,7 @@ def summarise(platform: str, archs: tuple[str, ...], slots) -> PlatformSummary:
     passed_by: dict[str, int] = {}
     for s in mine:
         counts[s.status] = counts.get(s.status, 0) + 1
-        if s.status == "pass":
+        if s.status == Status.PASS:
             passed_by[s.evidence] = passed_by.get(s.evidence, 0) + 1
     return PlatformSummary(platform, archs, len(mine), counts.get("pass", 0), counts, passed_by)
 

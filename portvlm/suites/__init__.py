@@ -46,7 +46,7 @@ class SuiteContext:
 
 def run_suite(ctx: SuiteContext, name: str):
     """Run one suite; its exception becomes status "error" (traceback tail), a ``SuiteSkip`` becomes "skipped"."""
-    from portvlm.records import SuiteResult
+    from portvlm.records import SuiteResult, SuiteStatus
 
     t0 = time.perf_counter()
     try:
@@ -55,16 +55,16 @@ def run_suite(ctx: SuiteContext, name: str):
 
         reasons = tiny.is_available(ctx.model_id)
         if reasons:
-            result = SuiteResult(name=name, status="skipped", reason="; ".join(reasons))
+            result = SuiteResult(name=name, status=SuiteStatus.SKIPPED, reason="; ".join(reasons))
         else:
             module = importlib.import_module(f"portvlm.suites.{name}")
             try:
                 result = module.run(ctx)
             except SuiteSkip as skip:
-                result = SuiteResult(name=name, status="skipped", reason=str(skip))
+                result = SuiteResult(name=name, status=SuiteStatus.SKIPPED, reason=str(skip))
     except Exception:  # noqa: BLE001 - a suite's crash is its result, never the cell's
         tail = traceback.format_exc()[-4000:]
-        result = SuiteResult(name=name, status="error", error=tail)
+        result = SuiteResult(name=name, status=SuiteStatus.ERROR, error=tail)
     result.wall_s = round(time.perf_counter() - t0, 3)
     return result
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from portvlm.records import Check, SuiteResult
+from portvlm.records import Check, SuiteResult, SuiteStatus
 from portvlm.suites import tolerances
 
 # The attention implementation the model-to-be-patched is built with. The reference is always "eager".
@@ -210,5 +210,5 @@ class Recorder:
         return check.ok
 
     def result(self) -> SuiteResult:
-        status = "pass" if self.checks and all(c.ok for c in self.checks) else "fail"
+        status = SuiteStatus.PASS if self.checks and all(c.ok for c in self.checks) else SuiteStatus.FAIL
         return SuiteResult(name=self.name, status=status, figures=self.figures, checks=self.checks)
