@@ -69,7 +69,10 @@ def test_a_cpu_cell_runs_inside(built, tmp_path):
     spec = built[0]
     tmp_path.chmod(0o777)  # the image's user (uid 10001) writes the result
     cell = spec.cells[0]
-    _run(built, *C.cell_command(cell, "/results/cell.json", "--fast"), volumes=[f"{tmp_path}:/results"])
+    from portvlm.run.env import child_command
+
+    _run(built, *child_command("python", cell, "/results/cell.json", fast=True, in_container=True),
+         volumes=[f"{tmp_path}:/results"])
     result = json.loads((tmp_path / "cell.json").read_text())
     assert result["evidence"] == "hardware"
     assert {name: s["status"] for name, s in result["suites"].items()} == dict.fromkeys(result["suites"], "pass")
