@@ -6,9 +6,28 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from portvlm.doctor.collect import SCHEMA, EnvInfo
+from portvlm.records import StrEnum
 
-OK, WARN, FAIL = "OK", "WARN", "FAIL"
-RANK = {"ok": 0, "info": 0, "warn": 1, "fail": 2}
+
+class Verdict(StrEnum):
+    """A model family's (and the report's) verdict."""
+
+    OK = "OK"
+    WARN = "WARN"
+    FAIL = "FAIL"
+
+
+class Level(StrEnum):
+    """A check's level: ``info`` is shown but ranks as ``ok``."""
+
+    OK = "ok"
+    INFO = "info"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+OK, WARN, FAIL = Verdict.OK, Verdict.WARN, Verdict.FAIL
+RANK = {Level.OK: 0, Level.INFO: 0, Level.WARN: 1, Level.FAIL: 2}
 VERDICT = {0: OK, 1: WARN, 2: FAIL}
 
 
