@@ -101,3 +101,15 @@ def test_fsdp2_over_two_gloo_processes_matches_single_process():
         want, _ = training.train_steps(single, training.batch("llava", torch.float32), 2, torch.float32)
     assert got["wrapped"] == 2 and got["classes"] == ["LlamaDecoderLayer"]
     assert torch.allclose(torch.tensor(got["losses"]), torch.tensor(want), atol=1e-5, rtol=1e-5), (got, want)
+
+
+def test_a_broken_portvlm_patch_is_an_error_never_a_skip(monkeypatch):
+    """A broken install (portvlm.patch missing) must not read as "skipped": the suite reports an error."""
+    import portvlm
+
+    def broken(name):
+        raise ImportError(f"simulated broken install: cannot import portvlm.{name}")
+
+    monkeypatch.setattr(portvlm, "__getattr__", broken)  # `portvlm.patch` is resolved lazily through it
+    result = run_suite(SuiteContext(model_id="qwen2_5vl", arch_id="cpu", fast=True), "parity")
+    assert result.status == "error" and "patch" in result.error, (result.status, result.reason)
