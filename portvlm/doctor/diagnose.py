@@ -38,19 +38,16 @@ from portvlm.doctor.report import (  # noqa: F401
     Shim,
 )
 from portvlm.doctor.shims import shims_for
-from portvlm.shims.versions import parse_or_none
+from portvlm.shims.versions import family_reasons, parse_or_none
 
 
-def _family_reasons(model_type: str, version: str | None) -> list[str]:
+def _family_reasons(matrix, model_type: str, version: str | None) -> list[str]:
+    """``versions.family_reasons`` against the family minimums of the matrix being matched."""
     v = parse_or_none(version)
     if v is None:
         return []
-    try:
-        from portvlm.shims.versions import family_reasons
-
-        return list(family_reasons(model_type, v))
-    except Exception:
-        return []
+    minimums = {m.family: m.min_transformers for m in reversed(matrix.models)}  # the first declared wins
+    return list(family_reasons(model_type, v, minimums))
 
 
 def _family(info: EnvInfo, matrix, arch, model, checks: list[Check]) -> FamilyReport:
@@ -82,7 +79,7 @@ def _family(info: EnvInfo, matrix, arch, model, checks: list[Check]) -> FamilyRe
             reasons.append(f"no {arch.id} stack pins transformers {info.transformers.version}; nearest tested: "
                            f"{stack.id}")
             fixes.append(f"pip install 'transformers=={stack.transformers}' (the tested {arch.id} stack)")
-    for why in _family_reasons(model.family, info.transformers.version):
+    for why in _family_reasons(matrix, model.family, info.transformers.version):
         own_rank = 2
         reasons.append(why)
         fixes.insert(0, f"pip install 'transformers>={model.min_transformers}'")

@@ -95,9 +95,13 @@ def check_transformers(version: Version | None = None, environ=None) -> VersionG
     raise UnsupportedError(f"{problem}; install a verified version or set {ALLOW_UNVERIFIED_ENV}=1 to try anyway")
 
 
-def family_reasons(model_type: str | None, version: Version | None = None) -> list[str]:
-    """Why portvlm cannot handle this model family on this transformers version (empty: it can)."""
-    minimums = family_min_transformers()
+def family_reasons(model_type: str | None, version: Version | None = None,
+                   minimums: dict[str, str] | None = None) -> list[str]:
+    """Why portvlm cannot handle this model family on this transformers version (empty: it can).
+
+    ``minimums``: ``{family: first transformers}`` of a given matrix (default: :func:`family_min_transformers`).
+    """
+    minimums = family_min_transformers() if minimums is None else minimums
     if model_type not in minimums:
         known = ", ".join(sorted(minimums))
         return [f"model_type {model_type!r} is not a supported family (supported: {known})"]
