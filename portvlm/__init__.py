@@ -6,6 +6,9 @@ Importing portvlm does nothing else: no torch import, no CUDA initialisation, no
     with portvlm.patch(model, arch="sm70") as handle:
         out = model(**inputs)
     print(handle.report)
+
+    report = portvlm.check(model)          # any model as it is (your own port included) vs portvlm's fp32 reference
+    assert report.ok, report
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 from portvlm.errors import MatrixError, PortvlmError, UnsupportedError
 
 __version__ = "0.1.0"
-__all__ = ["patch", "PatchHandle", "UnsupportedError", "PortvlmError", "MatrixError", "__version__"]
+__all__ = ["patch", "PatchHandle", "check", "CheckReport", "resolve_policy", "Policy", "UnsupportedError", "PortvlmError", "MatrixError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -22,4 +25,12 @@ def __getattr__(name: str):
         from portvlm.shims import patch as _patch
 
         return getattr(_patch, name)
+    if name in ("check", "CheckReport"):
+        from portvlm import checker as _check
+
+        return getattr(_check, name)
+    if name in ("resolve_policy", "Policy"):
+        from portvlm import policy as _policy
+
+        return getattr(_policy, name)
     raise AttributeError(f"module 'portvlm' has no attribute {name!r}")

@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "matrix": ("portvlm.matrix.cli", "validate matrix.yaml and print the expanded cells"),
     "doctor": ("portvlm.doctor.cli", "diagnose this environment: verdicts with reasons and fixes"),
+    "check": ("portvlm.checker", "parity of YOUR model (module:function factory) against portvlm's fp32 reference"),
     "run": ("portvlm.run.cli", "run matrix cells (what the nox test sessions call)"),
     "publish": ("portvlm.publish.cli", "render the support table, HTML page and badges from results/"),
     "containers": ("portvlm.containers.cli", "render, lint and build the stack images"),

@@ -93,6 +93,7 @@ def lines(report: Report) -> list[list[Segment]]:
                         (" · ".join(f"{s.name} ({s.label or _short(s.detail, 30)})" for s in fam.shims), "dim")])
         if fam.fix and fam.verdict != "OK" and (not report.checks or fam.fix not in {c.fix for c in report.checks}):
             out.append([("        fix: ", "dim"), (fam.fix, "bold")])
+    out.append([("next    ", "bold"), ("your own model or port: portvlm check module:function (parity vs fp32)", "dim")])
     return out
 
 

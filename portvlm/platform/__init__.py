@@ -18,6 +18,20 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 
+# bf16 truth, in one place (doctor, backend selection and the patch policy all ask here). Volta/Turing have no bf16
+# units; torch.cuda.is_bf16_supported() counts emulation (True on sm70/sm75), so it cannot be the judge.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def bf16_reasons(vendor: str | None, capability: tuple[int, int] | None) -> list[str]:
+    """Why bfloat16 cannot be the compute dtype on this GPU (empty: it can, or nothing is known against it)."""
+    if vendor != "nvidia" or capability is None or tuple(capability) >= BF16_MIN_CAPABILITY:
+        return []
+    need = f"{BF16_MIN_CAPABILITY[0]}.{BF16_MIN_CAPABILITY[1]}"
+    return [f"bfloat16 needs compute capability >= {need}, found {capability[0]}.{capability[1]} (no bf16 units below "
+            "sm80; torch.cuda.is_bf16_supported() counts emulation)"]
+
+
 @dataclass(frozen=True)
 class Platform:
     vendor: str  # "cpu" | "nvidia" | "amd"

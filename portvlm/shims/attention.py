@@ -43,13 +43,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import inspect
 import math
 import sys
 import weakref
 from dataclasses import dataclass, field
 
+from portvlm.shims import dispatch
+
+# Each handle registers its own name, ATTN_NAME + "_<n>" (two models under two policies must not share one entry).
+# 5.x routes names containing "flash" to the flash path and treats names with "/" or ":" as hub kernels: none here.
 ATTN_NAME = "portvlm"
 assert "flash" not in ATTN_NAME and "/" not in ATTN_NAME and ":" not in ATTN_NAME
 
@@ -58,6 +61,7 @@ assert "flash" not in ATTN_NAME and "/" not in ATTN_NAME and ":" not in ATTN_NAM
 class AttentionState:
     """What the installed forwards read at call time (one per ``patch``)."""
 
+    name: str = ATTN_NAME  # the handle's registered attention name (ATTN_NAME + "_<n>")
     vision_backend: str = "sdpa_masked"
     text_backend: str = "sdpa_masked"
     # vision attention module -> a static upper bound on its segment length (window layers); absent = full layer
@@ -120,52 +124,58 @@ def full_block_indexes(tower):
     return value if value is not None else getattr(cfg, "fullatt_block_indexes", None)
 
 
-def make_vision_forward(state: AttentionState):
-    """One forward for every version's vision attention class: rotary, then ONE block-diagonal varlen call."""
+def vision_forward(
+    state: AttentionState,
+    fallback,
+    self,
+    hidden_states,
+    cu_seqlens,
+    rotary_pos_emb=None,
+    position_embeddings=None,
+    max_seqlen=None,
+    **kwargs,  # attention_mask (4.53: dense mask, ignored: cu_seqlens says the same), output flags, …
+):
+    """portvlm's forward for every version's vision attention class: rotary, then ONE block-diagonal varlen call."""
     import torch
 
     from portvlm.backends import kernels
 
-    def forward(
-        self,
-        hidden_states,
-        cu_seqlens,
-        rotary_pos_emb=None,
-        position_embeddings=None,
-        max_seqlen=None,
-        **kwargs,  # attention_mask (4.53: dense mask, ignored: cu_seqlens says the same), output flags, …
-    ):
-        seq_length = hidden_states.shape[0]
-        q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        if position_embeddings is None:
-            if rotary_pos_emb is None:
-                raise ValueError("portvlm vision attention needs position_embeddings (cos, sin) or rotary_pos_emb")
-            emb = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)  # <=4.56 callers may still pass raw angles
-            position_embeddings = (emb.cos(), emb.sin())
-        cos, sin = position_embeddings
-        rope = state.rotary.get(type(self)) or rotary_of(type(self))
-        q, k = rope(q, k, cos, sin)
-        if max_seqlen is None:
-            max_seqlen = state.bounds.get(self)
-        if max_seqlen is None:
-            max_seqlen = kernels.max_seqlen(cu_seqlens)  # cached per tensor: one sync per forward for full layers
-        state.calls["vision"] += 1
-        out = kernels.varlen_attention(
-            q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen),
-            backend=state.vision_backend, scale=1.0 / math.sqrt(q.shape[-1]), causal=False,
-        )
-        return self.proj(out.reshape(seq_length, -1))
-
-    forward.__portvlm__ = "vision_varlen"
-    return forward
+    seq_length = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    if position_embeddings is None:
+        if rotary_pos_emb is None:
+            raise ValueError("portvlm vision attention needs position_embeddings (cos, sin) or rotary_pos_emb")
+        emb = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)  # <=4.56 callers may still pass raw angles
+        position_embeddings = (emb.cos(), emb.sin())
+    cos, sin = position_embeddings
+    rope = state.rotary.get(type(self)) or rotary_of(type(self))
+    q, k = rope(q, k, cos, sin)
+    if max_seqlen is None:
+        max_seqlen = state.bounds.get(self)
+    if max_seqlen is None:
+        max_seqlen = kernels.max_seqlen(cu_seqlens)  # cached per tensor: one sync per forward for full layers
+    state.calls["vision"] += 1
+    out = kernels.varlen_attention(
+        q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen),
+        backend=state.vision_backend, scale=1.0 / math.sqrt(q.shape[-1]), causal=False,
+    )
+    return self.proj(out.reshape(seq_length, -1))
 
 
-def _no_dense_mask(self, inputs_tensor, cu_seqlens):
+def vision_dispatcher(fallback):
+    """The class-level vision forward: portvlm's for modules a live patch owns, ``fallback`` for the others."""
+    return dispatch.by_owner(vision_forward, fallback, "vision_varlen")
+
+
+def no_dense_mask(state: AttentionState, fallback, self, inputs_tensor, cu_seqlens):
     """portvlm: the vision attention reads ``cu_seqlens``; the dense ``[1,1,S,S]`` mask (and its loop) is not built."""
     return None
 
 
-_no_dense_mask.__portvlm__ = "vision_dense_mask"
+def dense_mask_dispatcher(fallback):
+    return dispatch.by_owner(no_dense_mask, fallback, "vision_dense_mask")
+
+
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -243,17 +253,18 @@ def registry_reasons() -> list[str]:
 
 
 def install_text(patcher, model, state: AttentionState) -> list[str]:
-    """Register the text function (+ sdpa mask) under ``ATTN_NAME`` and switch ``model`` to it; returns targets."""
+    """Register the text function (+ sdpa mask) under ``state.name`` and switch ``model`` to it; returns targets."""
     import transformers
 
+    name = state.name
     fn = make_text_attention(state)
     attn_map = transformers.AttentionInterface._global_mapping
     mask_map = transformers.AttentionMaskInterface._global_mapping
-    patcher.record_item(attn_map, ATTN_NAME)
-    transformers.AttentionInterface.register(ATTN_NAME, fn)
-    patcher.record_item(mask_map, ATTN_NAME)
-    transformers.AttentionMaskInterface.register(ATTN_NAME, mask_map["sdpa"])
-    targets = [f"AttentionInterface[{ATTN_NAME!r}]", f"AttentionMaskInterface[{ATTN_NAME!r}] = sdpa mask"]
+    patcher.record_item(attn_map, name)
+    transformers.AttentionInterface.register(name, fn)
+    patcher.record_item(mask_map, name)
+    transformers.AttentionMaskInterface.register(name, mask_map["sdpa"])
+    targets = [f"AttentionInterface[{name!r}]", f"AttentionMaskInterface[{name!r}] = sdpa mask"]
     if model is None:
         return targets
     configs = configs_of(model)
@@ -264,16 +275,16 @@ def install_text(patcher, model, state: AttentionState) -> list[str]:
         # whatever it adds is recorded as "was absent" so revert leaves no trace.
         owners = {c for m in model.modules() for c in type(m).__mro__ if c is not object} | set(model.modules())
         before = {id(o): set(vars(o)) for o in owners}
-        model.set_attn_implementation(ATTN_NAME)
+        model.set_attn_implementation(name)
         for o in owners:
-            for name in sorted(set(vars(o)) - before[id(o)]):
-                patcher.record_added(o, name)
+            for attr in sorted(set(vars(o)) - before[id(o)]):
+                patcher.record_added(o, attr)
         how = "model.set_attn_implementation"
     else:  # 4.53: the config property's setter writes _attn_implementation_internal
         for cfg in configs:
-            cfg._attn_implementation = ATTN_NAME
+            cfg._attn_implementation = name
         how = "config._attn_implementation"
-    targets.append(f"{how}({ATTN_NAME!r}) on {len(configs)} config(s)")
+    targets.append(f"{how}({name!r}) on {len(configs)} config(s)")
     return targets
 
 
@@ -363,44 +374,41 @@ def text_class_reasons(module) -> list[str]:
     return reasons
 
 
-def make_text_class_forward(state: AttentionState, original, rope):
+def text_class_forward(state: AttentionState, original, self, hidden_states, attention_mask=None, position_ids=None,
+                       past_key_value=None, output_attentions=False, use_cache=False, cache_position=None,
+                       position_embeddings=None):
     """<=4.52 text attention forward: ``original`` unless a packed row is declared, else ONE causal varlen call."""
     import torch
 
     from portvlm.backends import kernels
     from portvlm.errors import UnsupportedError
 
-    @functools.wraps(original)
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
-                output_attentions=False, use_cache=False, cache_position=None, position_embeddings=None):
-        packed = packed_of(state, position_embeddings)
-        bsz, q_len, _ = hidden_states.shape
-        cached = past_key_value.get_seq_length(self.layer_idx) if past_key_value is not None else 0
-        if packed is None or bsz != 1 or position_embeddings is None or cached:
-            return original(self, hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_value=past_key_value, output_attentions=output_attentions, use_cache=use_cache,
-                            cache_position=cache_position, position_embeddings=position_embeddings)
-        if self.training and getattr(self, "attention_dropout", 0.0):
-            raise UnsupportedError(f"packed rows: portvlm's varlen attention has no dropout; {type(self).__name__} "
-                                   f"has attention_dropout={self.attention_dropout} in training")
-        # Packed row (several samples in one row): the mask is ignored, the segments say who attends whom.
-        cu, bound = packed
-        q, k, v = (proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        cos, sin = position_embeddings
-        q, k = rope(q, k, cos, sin, self.rope_scaling["mrope_section"])
-        if past_key_value is not None:  # an empty cache (checked above) is filled as the original would
-            k, v = past_key_value.update(k, v, self.layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position})
-        state.calls["text_packed"] += 1
-        max_len = int(bound) if bound is not None else kernels.max_seqlen(cu)
-        out = kernels.varlen_attention(
-            q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu.to(torch.int32), max_len,
-            backend=state.text_backend, scale=1.0 / math.sqrt(self.head_dim), causal=True,
-        )
-        return self.o_proj(out.reshape(bsz, q_len, -1)), None, past_key_value
-
-    forward.__portvlm__ = "text_classes"
-    return forward
+    packed = packed_of(state, position_embeddings)
+    bsz, q_len, _ = hidden_states.shape
+    cached = past_key_value.get_seq_length(self.layer_idx) if past_key_value is not None else 0
+    if packed is None or bsz != 1 or position_embeddings is None or cached:
+        return original(self, hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_value=past_key_value, output_attentions=output_attentions, use_cache=use_cache,
+                        cache_position=cache_position, position_embeddings=position_embeddings)
+    if self.training and getattr(self, "attention_dropout", 0.0):
+        raise UnsupportedError(f"packed rows: portvlm's varlen attention has no dropout; {type(self).__name__} "
+                               f"has attention_dropout={self.attention_dropout} in training")
+    # Packed row (several samples in one row): the mask is ignored, the segments say who attends whom.
+    cu, bound = packed
+    rope = getattr(sys.modules[type(self).__module__], ROPE_FN)
+    q, k, v = (proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
+               for proj in (self.q_proj, self.k_proj, self.v_proj))
+    cos, sin = position_embeddings
+    q, k = rope(q, k, cos, sin, self.rope_scaling["mrope_section"])
+    if past_key_value is not None:  # an empty cache (checked above) is filled as the original would
+        k, v = past_key_value.update(k, v, self.layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position})
+    state.calls["text_packed"] += 1
+    max_len = int(bound) if bound is not None else kernels.max_seqlen(cu)
+    out = kernels.varlen_attention(
+        q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu.to(torch.int32), max_len,
+        backend=state.text_backend, scale=1.0 / math.sqrt(self.head_dim), causal=True,
+    )
+    return self.o_proj(out.reshape(bsz, q_len, -1)), None, past_key_value
 
 
 def accepts_packed_kwargs(fn) -> bool:
@@ -409,26 +417,34 @@ def accepts_packed_kwargs(fn) -> bool:
     return "cu_seq_lens_q" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def make_packed_kwargs_forward(original):
+def packed_kwargs_forward(state: AttentionState, original, self, *args, cu_seq_lens_q=None, cu_seq_lens_k=None,
+                          max_length_q=None, max_length_k=None, **kwargs):
     """A model forward that also takes ``PACKED_KWARGS``, declaring ``packed_rows`` for the original's duration."""
+    # Self-attention packing: k segments are q's (lmms-engine passes the same tensor twice).
+    if cu_seq_lens_q is None:
+        return original(self, *args, **kwargs)
+    with packed_rows(cu_seq_lens_q, max_length_q):
+        return original(self, *args, **kwargs)
 
-    @functools.wraps(original)
-    def forward(self, *args, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
-        # Self-attention packing: k segments are q's (lmms-engine passes the same tensor twice).
-        if cu_seq_lens_q is None:
-            return original(self, *args, **kwargs)
-        with packed_rows(cu_seq_lens_q, max_length_q):
-            return original(self, *args, **kwargs)
 
+def packed_kwargs_dispatcher(original):
+    forward = dispatch.by_owner(packed_kwargs_forward, original, "text_classes")
     sig = inspect.signature(original)
     extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in PACKED_KWARGS]
     forward.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])  # Trainer keeps the columns
-    forward.__portvlm__ = "text_classes"
     return forward
 
 
-def install_text_classes(patcher, model, text_attn_classes, state: AttentionState) -> list[str]:
-    """Patch the sdpa/eager text classes of each table (and the model's forward for ``PACKED_KWARGS``); targets."""
+def text_class_dispatcher(original):
+    return dispatch.by_owner(text_class_forward, original, "text_classes")
+
+
+def install_text_classes(claim, model, text_attn_classes) -> list[str]:
+    """Claim the sdpa/eager text classes of each table (and the model's forward for ``PACKED_KWARGS``); targets.
+
+    ``claim(cls, attr, make_dispatcher)`` installs (once per class) a dispatcher that runs portvlm's forward for
+    the claiming handle's modules only.
+    """
     targets = []
     patched = set()
     for cls in text_attn_classes:
@@ -437,13 +453,13 @@ def install_text_classes(patcher, model, text_attn_classes, state: AttentionStat
             target = table.get(key)
             if target is None or target in patched:
                 continue
-            rope = getattr(sys.modules[target.__module__], ROPE_FN)
-            patcher.set_attr(target, "forward", make_text_class_forward(state, target.forward, rope))
+            claim(target, "forward", text_class_dispatcher)
             patched.add(target)
             targets.append(f"{target.__module__}.{target.__qualname__}.forward ({key}; packed rows -> varlen, causal)")
     top = type(model)
-    if not accepts_packed_kwargs(top.forward):
-        patcher.set_attr(top, "forward", make_packed_kwargs_forward(top.forward))
+    hooked = dispatch.HOOKS.get((top, "forward"))
+    if not accepts_packed_kwargs(hooked.fallback if hooked is not None else top.forward):
+        claim(top, "forward", packed_kwargs_dispatcher)
         targets.append(f"{top.__qualname__}.forward takes {', '.join(PACKED_KWARGS)} (-> packed_rows)")
     return targets
 
@@ -464,16 +480,17 @@ def text_model_of(model, text_layers):
 
 
 def install_text_legacy(patcher, model, text_model, state: AttentionState) -> list[str]:
-    """<=4.52: register the text function under ``ATTN_NAME`` and set it on the text backbone's configs; targets."""
+    """<=4.52: register the text function under ``state.name`` and set it on the text backbone's configs; targets."""
     mapping, label = legacy_registry()
-    patcher.set_item(mapping, ATTN_NAME, make_text_attention(state))
+    name = state.name
+    patcher.set_item(mapping, name, make_text_attention(state))
     configs = {id(m.config): m.config for m in text_model.modules() if hasattr(getattr(m, "config", None), "to_dict")}
     for cfg in configs.values():
         patcher.record_attr(cfg, "_attn_implementation_internal")
-        cfg._attn_implementation = ATTN_NAME
+        cfg._attn_implementation = name
     return [
-        f"{label}[{ATTN_NAME!r}]",
-        f"config._attn_implementation({ATTN_NAME!r}) on {len(configs)} text config(s); the tower keeps its own",
+        f"{label}[{name!r}]",
+        f"config._attn_implementation({name!r}) on {len(configs)} text config(s); the tower keeps its own",
         f"mask: {type(text_model).__name__}._update_causal_mask builds the 4-D float causal mask for a name other than "
         "sdpa/flash/flex (no AttentionMaskInterface before 4.53)",
     ]

@@ -5,21 +5,31 @@
     print(handle.report)
     portvlm.patch(model).revert()                       # also usable without `with`
 
-Every mutation goes through a ``Patcher`` that records the old value (or that there was none) and restores in
-reverse order — on ``revert()``, on leaving the ``with`` block, and when applying fails half-way. No
-``importlib.reload``. Shims are declared records (name, the upstream change they answer, version range, probe);
-the probe returns reasons, empty meaning "applies", and the report lists both sides.
+A patch belongs to its model. What only this model sees (its configs, its own registry name ``portvlm_<n>``,
+instance attributes) goes through the handle's ``Patcher``, which records the old value (or that there was none)
+and restores it. What lives on a shared class (a vision attention ``forward``) is a dispatcher installed once per
+class and shared by every live handle (``portvlm.shims.dispatch``): it runs portvlm's code with the owning
+handle's state for that handle's modules and the class's previous code for every other instance; the last handle
+to let go puts the class back. So two models of one class run two policies, handles revert in any order, and after
+the last revert transformers is as it was. Patching a model that a live handle owns is an error. A forward that is
+not transformers' own (a user's port, another library's monkey patch) is named in the report and warned about, or
+refused with ``foreign="refuse"``. No ``importlib.reload``; nothing is read from the current directory.
+
+Shims are declared records (name, the upstream change they answer, version range, probe); the probe returns
+reasons, empty meaning "applies", and the report lists both sides.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from portvlm.errors import UnsupportedError
-from portvlm.shims import versions
+from portvlm.shims import dispatch, versions
 
 _ABSENT = object()
 
@@ -128,6 +138,14 @@ class NotApplied:
     reasons: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Replaced:
+    """A forward that was not transformers' own when portvlm took it over for this model."""
+
+    target: str  # "transformers....Qwen2_5_VLVisionAttention.forward" (or "<module path>.forward" on an instance)
+    origin: str  # where the replaced code comes from: "module.qualname (file)"
+
+
 @dataclass
 class Report:
     """What ``patch`` did, and why everything else was not done."""
@@ -144,6 +162,8 @@ class Report:
     applied: list[Applied] = field(default_factory=list)
     not_applied: list[NotApplied] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    replaced: list[Replaced] = field(default_factory=list)  # foreign forwards portvlm runs in place of, for this model
+    attn_name: str | None = None  # this handle's registered attention name
 
     def shim_names(self) -> set[str]:
         return {a.shim for a in self.applied}
@@ -165,6 +185,8 @@ class Report:
             "applied": [a.__dict__ for a in self.applied],
             "not_applied": [{"shim": n.shim, "reasons": list(n.reasons)} for n in self.not_applied],
             "warnings": list(self.warnings),
+            "replaced": [{"target": r.target, "origin": r.origin} for r in self.replaced],
+            "attn_name": self.attn_name,
         }
 
     def __str__(self) -> str:
@@ -189,6 +211,7 @@ class Report:
             lines.append("    (none)")
         lines.append("  not applied:")
         lines += [f"    {n.shim}: {'; '.join(n.reasons)}" for n in self.not_applied] or ["    (none)"]
+        lines += [f"  replaced (not transformers' own): {r.target} <- {r.origin}" for r in self.replaced]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -204,6 +227,7 @@ class Context:
     arch: object  # portvlm.matrix.Arch
     platform: object  # portvlm.platform.Platform
     dtype: str
+    claim: Callable | None = None  # (cls, attr, make_dispatcher) -> dispatch.Hook, held by this handle
 
 
 # -- shim probes and appliers -----------------------------------------------------------------------------------
@@ -270,14 +294,13 @@ def _vision_probe(ctx) -> list[str]:
 def _vision_apply(ctx, patcher) -> list[str]:
     from portvlm.shims import attention
 
-    forward = attention.make_vision_forward(ctx.state)
     tower = ctx.paths.vision_tower
     bound = attention.window_bound(tower)
     full = attention.full_block_indexes(tower)
     targets = []
     for cls in _vision_targets(ctx):
         ctx.state.rotary[cls] = attention.rotary_of(cls)
-        patcher.set_attr(cls, "forward", forward)
+        ctx.claim(cls, "forward", attention.vision_dispatcher)
         targets.append(f"{cls.__module__}.{cls.__qualname__}.forward")
     windowed = 0
     if bound is not None and full is not None:
@@ -305,8 +328,8 @@ def _dense_mask_apply(ctx, patcher) -> list[str]:
     from portvlm.shims import attention
 
     cls = type(ctx.paths.vision_tower)
-    patcher.set_attr(cls, "_prepare_attention_mask", attention._no_dense_mask)
-    return [f"{cls.__qualname__}._prepare_attention_mask -> None"]
+    ctx.claim(cls, "_prepare_attention_mask", attention.dense_mask_dispatcher)
+    return [f"{cls.__qualname__}._prepare_attention_mask -> None (this model's tower)"]
 
 
 def _text_probe(ctx) -> list[str]:
@@ -384,7 +407,7 @@ def _text_classes_probe(ctx) -> list[str]:
 def _text_classes_apply(ctx, patcher) -> list[str]:
     from portvlm.shims import attention
 
-    return attention.install_text_classes(patcher, ctx.model, list(_text_attn_groups(ctx)), ctx.state)
+    return attention.install_text_classes(ctx.claim, ctx.model, list(_text_attn_groups(ctx)))
 
 
 SHIMS: tuple[Shim, ...] = (
@@ -460,56 +483,8 @@ SHIMS: tuple[Shim, ...] = (
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Policy: arch -> platform, dtype, backend priorities
+# Policy (portvlm.policy.resolve_policy: arch -> platform, dtype, backend priorities) and what the report says of it
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _resolve_arch(arch):
-    """``(Arch, Platform, emulation text or None)`` for ``arch`` (None: the host's)."""
-    from portvlm.matrix import load_matrix
-    from portvlm.platform import detect, emulated
-
-    host = detect()
-    matrix = load_matrix()
-    known = ", ".join(a.id for a in matrix.archs)
-    wanted = arch if arch is not None else host.arch_id
-    if wanted is None:
-        raise UnsupportedError(f"host {host.name} matches no arch portvlm has a policy for (known: {known}); pass arch=")
-    try:
-        spec = matrix.arch(wanted)
-    except KeyError:
-        raise UnsupportedError(f"arch {wanted!r} has no policy in matrix.yaml (known: {known})") from None
-    if host.arch_id == spec.id:
-        return spec, host, None
-    platform = emulated(spec, host)
-    text = (
-        f"policy of {spec.id} (dtype rule, backend priority) emulated on {host.name} ({host.device}); "
-        f"kernel availability judged on the real {host.device}"
-    )
-    return spec, platform, text
-
-
-def _dtype_policy(spec, platform, dtype) -> tuple[str, str]:
-    from portvlm.backends import normalize_dtype
-
-    allowed = tuple(spec.dtypes)
-    cap = platform.capability
-    if dtype is None:
-        chosen = allowed[0]
-        why = f"{spec.id} policy dtype (first of {', '.join(allowed)})"
-    else:
-        chosen = normalize_dtype(dtype)
-        why = "requested"
-    if chosen == "bfloat16" and platform.vendor == "nvidia" and cap is not None and tuple(cap) < (8, 0):
-        raise UnsupportedError(
-            f"dtype bfloat16 needs compute capability >= 8.0, {spec.id} has {cap[0]}.{cap[1]} "
-            "(Volta: no bf16 units; torch.cuda.is_bf16_supported() counts emulation); use float16 or float32"
-        )
-    if chosen not in allowed:
-        raise UnsupportedError(f"dtype {chosen} is not in {spec.id}'s policy (supported: {', '.join(allowed)})")
-    if chosen == "float16" and cap is not None and tuple(cap) < (8, 0):
-        why += "; no bf16 below sm80"
-    return chosen, why
 
 
 def _describe_platform(platform) -> str:
@@ -535,15 +510,25 @@ def _head_dims(model) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+_NAMES = itertools.count(1)  # per-handle attention names: portvlm_1, portvlm_2, … (never reused in a process)
+# id(config) -> (weakref to it, attention name of the live handle that set it); configs are unhashable (they
+# define __eq__), so they are keyed by id and checked by identity.
+_LIVE_CONFIGS: dict[int, tuple[weakref.ref, str]] = {}
+
+
 class PatchHandle:
     """The result of ``patch``: a context manager; ``.report`` says what was applied and why; ``.revert()`` undoes."""
 
-    def __init__(self, report: Report, patcher: Patcher, state, dtype: str):
+    def __init__(self, report: Report, patcher: Patcher, state, dtype: str, foreign: str = "warn"):
         self.report = report
         self._patcher = patcher
         self.state = state
         self.dtype_name = dtype
+        self.foreign = foreign
         self.reverted = False
+        self._hooks: list = []  # dispatch.Hook this handle holds
+        self._owned: list = []  # weakrefs to the modules this handle owns (dispatch.OWNERS)
+        self._configs: list[int] = []  # ids in _LIVE_CONFIGS
 
     @property
     def dtype(self):
@@ -553,14 +538,69 @@ class PatchHandle:
         return getattr(torch, self.dtype_name)
 
     @property
+    def attn_name(self) -> str:
+        """The attention implementation name this handle registered (``portvlm_<n>``)."""
+        return self.state.name
+
+    @property
     def touched(self) -> list[tuple[object, str]]:
-        """Every (object, attribute-or-key) the patch changed."""
-        return list(self._patcher.touched)
+        """Every (object, attribute-or-key) the patch changed: its own entries and the class attributes it holds."""
+        return list(self._patcher.touched) + [(h.cls, h.attr) for h in self._hooks]
+
+    def claim(self, cls: type, attr: str, make: Callable) -> dispatch.Hook:
+        """Hold the shared dispatcher ``make(fallback)`` on ``cls.attr``; a foreign fallback is reported (or refused)."""
+        hook = dispatch.acquire(cls, attr, make, self, foreign=self.foreign)
+        if hook not in self._hooks:
+            self._hooks.append(hook)
+        if hook.foreign is not None and not any(r.target == hook.target for r in self.report.replaced):
+            self._replaced(hook.target, hook.foreign)
+        return hook
+
+    def _replaced(self, target: str, origin: str) -> None:
+        self.report.replaced.append(Replaced(target, origin))
+        text = (f"{target} was not transformers' own (it came from {origin}); portvlm runs in its place for this "
+                "model and revert puts it back (patch(..., foreign='refuse') refuses instead)")
+        self.report.warnings.append(text)
+        warnings.warn(text, stacklevel=4)
+
+    def own(self, model) -> None:
+        """Make every module of ``model`` this handle's (the class dispatchers run portvlm's code for them)."""
+        for module in model.modules():
+            dispatch.OWNERS[module] = self.state
+            self._owned.append(weakref.ref(module))
+
+    def take_configs(self, model) -> None:
+        from portvlm.shims import attention
+
+        for cfg in attention.configs_of(model):
+            live = _LIVE_CONFIGS.get(id(cfg))
+            if live is not None and live[0]() is cfg:
+                raise UnsupportedError(
+                    f"{type(model).__name__} shares its config object ({type(cfg).__name__}) with a model patched "
+                    f"as {live[1]!r}: one config cannot name two patches; give each model its own config "
+                    "(copy.deepcopy(config)) or revert the other patch first")
+            _LIVE_CONFIGS[id(cfg)] = (weakref.ref(cfg), self.state.name)
+            self._configs.append(id(cfg))
 
     def revert(self) -> None:
-        """Restore every class, function, config and registry entry the patch changed; idempotent."""
+        """Undo this patch (its modules, configs, registry name; class attributes once no live patch holds them)."""
+        problems = []
+        for ref in self._owned:
+            module = ref()
+            if module is not None and dispatch.OWNERS.get(module) is self.state:
+                del dispatch.OWNERS[module]
+        self._owned.clear()
+        while self._hooks:
+            problems += dispatch.release(self._hooks.pop(), self)
+        for key in self._configs:
+            if key in _LIVE_CONFIGS and _LIVE_CONFIGS[key][1] == self.state.name:
+                del _LIVE_CONFIGS[key]
+        self._configs.clear()
         self._patcher.restore()
         self.reverted = True
+        for text in problems:
+            self.report.warnings.append(text)
+            warnings.warn(text, stacklevel=2)
 
     def __enter__(self) -> PatchHandle:
         return self
@@ -570,17 +610,48 @@ class PatchHandle:
 
     def __repr__(self) -> str:
         state = "reverted" if self.reverted else "active"
-        return f"<portvlm.PatchHandle {state}: {', '.join(sorted(self.report.shim_names())) or 'nothing applied'}>"
+        names = ", ".join(sorted(self.report.shim_names())) or "nothing applied"
+        return f"<portvlm.PatchHandle {self.state.name} {state}: {names}>"
 
 
-def patch(model=None, arch: str | None = None, *, dtype=None) -> PatchHandle:
-    """Apply portvlm's shims for ``arch``'s policy (``None``: the host) to ``model``; returns a ``PatchHandle``."""
+def _instance_overrides(handle: PatchHandle, model, patcher: Patcher) -> None:
+    """Instance attributes that shadow a claimed class attribute (``module.forward = ...``): foreign too."""
+    for hook in list(handle._hooks):
+        for name, module in model.named_modules():
+            if not isinstance(module, hook.cls) or hook.attr not in vars(module):
+                continue
+            where = f"{type(model).__name__}.{name or '(model)'}.{hook.attr} (instance attribute)"
+            origin = dispatch.code_origin(getattr(vars(module)[hook.attr], "func", vars(module)[hook.attr]))
+            if handle.foreign == "refuse" or hasattr(module, "_hf_hook"):
+                why = ("accelerate's hook keeps the class forward it found (portvlm's would never run there); patch "
+                       "before dispatching the model" if hasattr(module, "_hf_hook") else "foreign='refuse'")
+                raise UnsupportedError(f"{where} is not transformers' own: it came from {origin}; portvlm refuses "
+                                       f"to replace it ({why})")
+            patcher.record_attr(module, hook.attr)
+            delattr(module, hook.attr)
+            handle._replaced(where, origin)
+
+
+def patch(model=None, arch: str | None = None, *, dtype=None, matrix=None, foreign: str = "warn") -> PatchHandle:
+    """Apply portvlm's shims for ``arch``'s policy (``None``: the host) to ``model``; returns a ``PatchHandle``.
+
+    ``matrix``: a ``Matrix`` or a path whose archs define the policies (default: the packaged matrix; nothing is
+    read from the current directory). ``foreign``: ``"warn"`` (default) runs portvlm in place of a forward that is
+    not transformers' own and says so in the report; ``"refuse"`` raises instead.
+    """
+    from portvlm.policy import resolve_policy
+
+    if foreign not in dispatch.FOREIGN_POLICIES:
+        raise ValueError(f"foreign={foreign!r}: one of {', '.join(dispatch.FOREIGN_POLICIES)}")
     gate = versions.check_transformers()
     family = None
     paths = None
     if model is not None:
         from portvlm.shims import layer_paths
 
+        reasons = dispatch.owner_reasons(model.modules())
+        if reasons:
+            raise UnsupportedError(f"{type(model).__name__} is already patched: {reasons[0]}")
         family = getattr(getattr(model, "config", None), "model_type", None)
         reasons = versions.family_reasons(family)
         if reasons:
@@ -591,37 +662,42 @@ def patch(model=None, arch: str | None = None, *, dtype=None) -> PatchHandle:
             )
         paths = layer_paths.resolve(model)
 
-    spec, platform, emulation = _resolve_arch(arch)
-    chosen_dtype, dtype_why = _dtype_policy(spec, platform, dtype)
+    policy = resolve_policy(arch, dtype=dtype, matrix=matrix)
+    spec, platform = policy.arch, policy.platform
 
     from portvlm.backends import select
-    from portvlm.shims.attention import AttentionState
+    from portvlm.shims.attention import ATTN_NAME, AttentionState
 
     training = bool(getattr(model, "training", False))
     v_head, t_head = _head_dims(model) if model is not None else (64, 64)
-    vision_sel = select(spec.vision_backends, platform, chosen_dtype, v_head, training)
-    text_sel = select(spec.text_backends, platform, chosen_dtype, t_head, training)
-    state = AttentionState(vision_backend=vision_sel.name, text_backend=text_sel.name)
+    vision_sel = select(policy.vision_backends, platform, policy.dtype, v_head, training)
+    text_sel = select(policy.text_backends, platform, policy.dtype, t_head, training)
+    state = AttentionState(name=f"{ATTN_NAME}_{next(_NAMES)}", vision_backend=vision_sel.name,
+                           text_backend=text_sel.name)
 
     report = Report(
         transformers=gate.version,
         family=family,
         arch=spec.id,
         platform=_describe_platform(platform),
-        emulation=emulation,
-        dtype=chosen_dtype,
-        dtype_why=dtype_why,
+        emulation=policy.emulation,
+        dtype=policy.dtype,
+        dtype_why=policy.dtype_why,
         vision_backend=vision_sel,
         text_backend=text_sel,
+        attn_name=state.name,
     )
     if gate.warning:
         report.warnings.append(gate.warning)
         warnings.warn(gate.warning, stacklevel=2)
 
-    ctx = Context(model, family, paths, state, spec, platform, chosen_dtype)
     patcher = Patcher()
+    handle = PatchHandle(report, patcher, state, policy.dtype, foreign)
+    ctx = Context(model, family, paths, state, spec, platform, policy.dtype, claim=handle.claim)
     version = versions.transformers_version()
     try:
+        if model is not None:
+            handle.take_configs(model)
         for shim in SHIMS:
             reasons = []
             if not versions.in_range(shim.transformers, version):
@@ -632,7 +708,10 @@ def patch(model=None, arch: str | None = None, *, dtype=None) -> PatchHandle:
                 continue
             for target in shim.apply(ctx, patcher) if shim.apply else []:
                 report.applied.append(Applied(shim.name, target, shim.answers))
+        if model is not None:
+            _instance_overrides(handle, model, patcher)
+            handle.own(model)
     except BaseException:
-        patcher.restore()
+        handle.revert()
         raise
-    return PatchHandle(report, patcher, state, chosen_dtype)
+    return handle

@@ -1,0 +1,552 @@
+"""``portvlm.check``: hold a user's model, as it is in their process, to portvlm's independent fp32 reference.
+
+    import portvlm
+    report = portvlm.check(model)          # the model with whatever port / patches the user applied
+    print(report); assert report.ok
+
+    $ portvlm check mypkg.models:build     # a factory returning the model; exit 1 when a check fails
+
+The model under test runs untouched (its dtype, device and class patches, portvlm's or anyone's). The reference is
+a fresh fp32 CPU copy built from the model's config and state dict with ``attn_implementation="eager"``, whose
+vision attention modules run a per-segment eager attention written here (one softmax per image / frame group, from
+``cu_seqlens``) — so neither a class-level port nor portvlm's own kernels are in the reference. Inputs are built
+from the model's config (token ids, patch / merge / temporal sizes, window): several images of different sizes and
+a video packed in one sequence, a padded batch, text only.
+
+Checks (Qwen-VL; LLaVA packs one image per batch row, so only the logits and the per-image tower run):
+- ``vision.packed_vs_alone``: the model's tower on all items packed in one call vs the reference on each alone —
+  the total leak (attention crossing images, frames or windows).
+- ``vision.across_items``: the model's tower packed vs the same tower on each item alone — what packing adds.
+- ``vision.alone`` (``vision.windows`` on Qwen2.5-VL): the model's tower on each item alone vs the reference — on
+  Qwen2.5-VL, where an item spans several windows, what window blocks leak across windows (full blocks agree).
+- ``logits.<case>``: text, image, packed, padded batch (left / right, padded positions not compared) vs fp32.
+Tolerances: ``portvlm.suites.tolerances`` keyed by the model's device kind and dtype (forward).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+FAMILIES = {"qwen2_5_vl": "qwen2_5vl", "qwen3_vl": "qwen3vl", "llava": "llava"}  # config.model_type -> suite id
+CASES = (("text", None), ("image", None), ("packed", None), ("padded_batch", "left"), ("padded_batch", "right"))
+
+
+@dataclass
+class CheckReport:
+    """What ``check`` measured: each check with its value and bound, the figures, and what ran the attention."""
+
+    family: str
+    arch: str
+    device_kind: str
+    dtype: str
+    checks: list = field(default_factory=list)  # portvlm.run.results.Check
+    figures: dict[str, Any] = field(default_factory=dict)
+    runs: dict[str, str] = field(default_factory=dict)  # attention forward -> what runs it for this model
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every check passed (and there was at least one)."""
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    @property
+    def failed(self) -> list:
+        return [c for c in self.checks if not c.ok]
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok, "family": self.family, "arch": self.arch, "device_kind": self.device_kind,
+            "dtype": self.dtype, "checks": [dict(c.__dict__) for c in self.checks], "figures": self.figures,
+            "runs": dict(self.runs), "warnings": list(self.warnings),
+        }
+
+    def __str__(self) -> str:
+        verdict = "PASS" if self.ok else "FAIL"
+        lines = [f"portvlm check: {verdict} — {self.family} in {self.dtype}, tolerances of {self.device_kind} "
+                 f"(arch {self.arch}), against an independent fp32 eager reference"]
+        lines += [f"  {target}: {who}" for target, who in self.runs.items()]
+        for c in self.checks:
+            lines.append(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+        for key in ("leak_max_abs", "across_items_max_abs", "across_windows_max_abs", "logits_max_abs"):
+            if key in self.figures:
+                lines.append(f"  {key} = {self.figures[key]:.3g}")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs from the model's config
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the inputs need to know about a model: token ids and the vision tower's patch geometry."""
+
+    family: str
+    vocab: int
+    bos: int
+    pad: int
+    image: int
+    video: int | None = None
+    vstart: int | None = None
+    vend: int | None = None
+    patch: int = 14
+    merge: int = 2
+    temporal: int = 2
+    channels: int = 3
+    image_size: int | None = None  # LLaVA
+    window: int | None = None  # Qwen2.5-VL window size in patches
+
+    @classmethod
+    def of(cls, model) -> Geometry:
+        cfg = model.config
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        vc = cfg.vision_config
+        family = FAMILIES[cfg.model_type]
+        vocab = int(getattr(text, "vocab_size", None) or cfg.vocab_size)
+        bos = getattr(text, "bos_token_id", None)
+        pad = getattr(text, "pad_token_id", None)
+        if family == "llava":
+            image = getattr(cfg, "image_token_index", None)
+            image = image if image is not None else cfg.image_token_id
+            return cls(family, vocab, 1 if bos is None else bos, 0 if pad is None else pad, int(image),
+                       patch=vc.patch_size, image_size=vc.image_size, channels=getattr(vc, "num_channels", 3))
+        window = getattr(vc, "window_size", None)
+        return cls(
+            family, vocab, 1 if bos is None else bos, 0 if pad is None else pad, int(cfg.image_token_id),
+            int(cfg.video_token_id), int(cfg.vision_start_token_id), int(cfg.vision_end_token_id),
+            patch=vc.patch_size, merge=vc.spatial_merge_size, temporal=vc.temporal_patch_size,
+            channels=getattr(vc, "in_channels", None) or getattr(vc, "in_chans", 3),
+            window=window // vc.patch_size if window else None,
+        )
+
+    def special(self) -> set[int]:
+        return {t for t in (self.bos, self.pad, self.image, self.video, self.vstart, self.vend) if t is not None}
+
+
+def _text(geo: Geometry, n: int, g) -> list[int]:
+    import torch
+
+    ids = [t for t in range(3, min(geo.vocab, 200)) if t not in geo.special()]
+    return [ids[i] for i in torch.randint(0, len(ids), (n,), generator=g).tolist()]
+
+
+def _qwen_row(geo: Geometry, segments, dtype, seed: int) -> dict:
+    """One Qwen sequence: ids, mask, explicit 3-D mrope positions (as portvlm.suites.tiny does), pixels."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids: list[int] = []
+    rows: list = []
+    nxt = 0
+    grids = {"image": [], "video": []}
+    for seg in segments:
+        if seg.kind == "text":
+            ids += seg.tokens
+            rows.append(torch.arange(nxt, nxt + len(seg.tokens)).expand(3, len(seg.tokens)))
+            nxt += len(seg.tokens)
+            continue
+        grids[seg.kind].append(seg.grid)
+        t, h, w = seg.grid
+        gh, gw = h // geo.merge, w // geo.merge
+        token = geo.image if seg.kind == "image" else geo.video
+        per_frame_video = geo.family == "qwen3vl" and seg.kind == "video"  # Qwen3-VL: <vs> frame <ve> per frame
+        for ft in [1] * t if per_frame_video else [t]:
+            ids += [geo.vstart] + [token] * (ft * gh * gw) + [geo.vend]
+            rows.append(torch.full((3, 1), nxt))
+            nxt += 1
+            step = 2 if seg.kind == "video" else 0
+            tt = (torch.arange(ft) * step).view(-1, 1, 1).expand(ft, gh, gw).flatten()
+            hh = torch.arange(gh).view(1, -1, 1).expand(ft, gh, gw).flatten()
+            ww = torch.arange(gw).view(1, 1, -1).expand(ft, gh, gw).flatten()
+            block = torch.stack([tt, hh, ww]) + nxt
+            rows.append(block)
+            nxt = int(block.max()) + 1
+            rows.append(torch.full((3, 1), nxt))
+            nxt += 1
+    out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+           "position_ids": torch.cat(rows, 1).long()[:, None, :]}
+    dim = geo.channels * geo.temporal * geo.patch**2
+    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if grids[kind]:
+            n = sum(t * h * w for t, h, w in grids[kind])
+            out[key] = torch.randn(n, dim, generator=g).to(dtype)
+            out[f"{kind}_grid_thw"] = torch.tensor(grids[kind])
+    return out
+
+
+def _llava_row(geo: Geometry, n_images: int, text_lens: list[int], dtype, seed: int) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    per_image = (geo.image_size // geo.patch) ** 2  # the "default" strategy drops CLS
+    ids = [geo.bos] + _text(geo, text_lens[0], g)
+    for i in range(n_images):
+        ids += [geo.image] * per_image + _text(geo, text_lens[i + 1], g)
+    out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+           "position_ids": torch.arange(len(ids))[None]}
+    if n_images:
+        size = geo.image_size
+        out["pixel_values"] = torch.randn(n_images, geo.channels, size, size, generator=g).to(dtype)
+    return out
+
+
+def _segments(geo: Geometry, kind: str, seed: int):
+    import torch
+
+    from portvlm.suites.tiny import PACKED_IMAGES, PACKED_VIDEO, SINGLE_IMAGE, Segment
+
+    g = torch.Generator().manual_seed(seed + 1000)
+    if kind == "text":
+        return [Segment("text", [geo.bos] + _text(geo, 23, g))]
+    if kind == "image":
+        return [Segment("text", [geo.bos] + _text(geo, 5, g)), Segment("image", grid=SINGLE_IMAGE),
+                Segment("text", _text(geo, 6, g))]
+    segs = [Segment("text", [geo.bos] + _text(geo, 4, g))]
+    for grid in PACKED_IMAGES:
+        segs += [Segment("image", grid=grid), Segment("text", _text(geo, 3, g))]
+    return segs + [Segment("video", grid=PACKED_VIDEO), Segment("text", _text(geo, 5, g))]
+
+
+def inputs(geo: Geometry, kind: str, dtype, side: str = "left", seed: int = 0) -> dict:
+    """Model kwargs for ``kind`` (text / image / packed / padded_batch) built from the model's geometry."""
+    import torch
+
+    from portvlm.suites.tiny import Segment, pad_rows
+
+    if geo.family == "llava":
+        if kind == "padded_batch":
+            return _pad(pad_rows([_llava_row(geo, 1, [6, 8], dtype, seed), _llava_row(geo, 1, [2, 3], dtype, seed + 1)],
+                                 side), geo)
+        n, lens = {"text": (0, [24]), "image": (1, [5, 6]), "packed": (3, [4, 3, 3, 5])}[kind]
+        return _llava_row(geo, n, lens, dtype, seed)
+    if kind != "padded_batch":
+        return _qwen_row(geo, _segments(geo, kind, seed), dtype, seed)
+    g = torch.Generator().manual_seed(seed + 2000)
+    rows = [
+        _qwen_row(geo, [Segment("text", [geo.bos] + _text(geo, 6, g)), Segment("image", grid=(1, 8, 12)),
+                        Segment("text", _text(geo, 7, g))], dtype, seed),
+        _qwen_row(geo, [Segment("text", [geo.bos] + _text(geo, 2, g)), Segment("image", grid=(1, 8, 8)),
+                        Segment("text", _text(geo, 3, g))], dtype, seed + 1),
+    ]
+    return _pad(pad_rows(rows, side), geo)
+
+
+def _pad(batch: dict, geo: Geometry) -> dict:
+    from portvlm.suites.tiny import PAD
+
+    if geo.pad != PAD:  # pad_rows pads with portvlm.suites.tiny.PAD; the model's own pad id is what it expects
+        batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, geo.pad)
+    return batch
+
+
+def vision_items(geo: Geometry, dtype, seed: int = 0) -> list[dict]:
+    """The packed input's images and video one at a time, in the order the tower's features come out."""
+    import torch
+
+    if geo.family == "llava":
+        pv = inputs(geo, "packed", dtype, seed=seed)["pixel_values"]
+        return [{"pixel_values": pv[i: i + 1], "grid_thw": None} for i in range(pv.shape[0])]
+    full = inputs(geo, "packed", dtype, seed=seed)
+    out, offset = [], {"image": 0, "video": 0}
+    for seg in (s for s in _segments(geo, "packed", seed) if s.kind != "text"):
+        key = "pixel_values" if seg.kind == "image" else "pixel_values_videos"
+        n = seg.grid[0] * seg.grid[1] * seg.grid[2]
+        out.append({"pixel_values": full[key][offset[seg.kind]: offset[seg.kind] + n],
+                    "grid_thw": torch.tensor([seg.grid]), "kind": seg.kind})
+        offset[seg.kind] += n
+    return out  # images first, then videos: the order the model concatenates their features
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The independent reference
+# --------------------------------------------------------------------------------------------------------------
+
+
+def reference_vision_forward(self, hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None, **kwargs):
+    """Vision attention as the oracle: the module's q/k/v and rotary, then one fp32 softmax per ``cu_seqlens`` segment."""
+    import torch
+
+    from portvlm.shims.attention import rotary_of
+
+    seq = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    if position_embeddings is None:
+        emb = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)
+        position_embeddings = (emb.cos(), emb.sin())
+    q, k = rotary_of(type(self))(q, k, *position_embeddings)
+    out = torch.empty_like(q)
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1).float() for t in (q, k, v))  # [H, L, D]
+        probs = torch.softmax(qs @ ks.transpose(-1, -2) / math.sqrt(qs.shape[-1]), dim=-1)
+        out[start:end] = (probs @ vs).transpose(0, 1).to(out.dtype)
+    return self.proj(out.reshape(seq, -1))
+
+
+def _vision_attention(model) -> list:
+    from portvlm.shims.layer_paths import resolve
+
+    return [getattr(b, "attn") for b in resolve(model).vision_blocks if hasattr(getattr(b, "attn", None), "qkv")]
+
+
+def _text_attention(model) -> list:
+    from portvlm.shims.layer_paths import resolve
+
+    return [layer.self_attn for layer in resolve(model).text_layers if hasattr(layer, "self_attn")]
+
+
+def reference(model):
+    """A fresh fp32 CPU eager copy of ``model`` (config + state dict), vision attention per segment; foreign notes."""
+    import torch
+
+    cfg = copy.deepcopy(model.config)
+    cls = type(model)
+    ref = cls._from_config(cfg, attn_implementation="eager")
+    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in model.state_dict().items()}
+    ref.load_state_dict(state)
+    ref = ref.to(torch.float32).eval()
+    for module in _vision_attention(ref):
+        module.forward = reference_vision_forward.__get__(module)
+    notes = []
+    for module in _text_attention(ref):
+        origin = _upstream_reasons(type(module), "forward")
+        if origin:
+            notes.append(origin)
+    return ref, sorted(set(notes))
+
+
+def _upstream_reasons(cls, attr: str) -> str | None:
+    """Why the reference's ``cls.attr`` is not transformers' own for an unpatched module (None: it is)."""
+    from portvlm.shims import dispatch
+
+    hook = dispatch.HOOKS.get((cls, attr))
+    fn = hook.fallback if hook is not None else getattr(cls, attr)  # portvlm's dispatcher runs the fallback for it
+    origin = dispatch.foreign_origin(fn)
+    if origin is None:
+        return None
+    return f"{cls.__qualname__}.{attr} is not transformers' own ({origin}): the reference's text attention runs it too"
+
+
+def runs(model) -> dict[str, str]:
+    """What runs each attention class's forward for ``model``: transformers, portvlm (which handle), or a foreign port."""
+    from portvlm.shims import dispatch
+
+    out = {}
+    owner = dispatch.OWNERS.get(model)
+    for module in _vision_attention(model) + _text_attention(model):
+        cls = type(module)
+        key = f"{cls.__qualname__}.forward"
+        if key in out:
+            continue
+        if "forward" in vars(module):
+            out[key] = f"an instance attribute: {dispatch.code_origin(vars(module)['forward'])}"
+            continue
+        hook = dispatch.HOOKS.get((cls, "forward"))
+        if hook is not None and owner is not None:
+            out[key] = f"portvlm ({owner.name})" + (f", in place of {hook.foreign}" if hook.foreign else "")
+            continue
+        origin = dispatch.foreign_origin(hook.fallback if hook is not None else cls.forward)
+        out[key] = "transformers" if origin is None else f"not transformers' own: {origin}"
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The checks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _forward(model, inp):
+    from portvlm.suites._common import logits_of
+
+    for holder in (model, getattr(model, "model", None)):
+        if holder is not None and hasattr(holder, "rope_deltas"):
+            holder.rope_deltas = None  # Qwen keeps rope deltas between calls on some versions; start clean
+    return logits_of(model(**inp, use_cache=False))
+
+
+def _tower_features(family, tower, items, device, dtype) -> dict:
+    import torch
+
+    from portvlm.suites._common import vision_features
+
+    outs: dict[str, list] = {}
+    for item in items:
+        grid = None if item["grid_thw"] is None else item["grid_thw"].to(device)
+        for key, t in vision_features(family, tower, item["pixel_values"].to(device, dtype), grid).items():
+            outs.setdefault(key, []).append(t.float().cpu())
+    return {k: torch.cat(v, 0) for k, v in outs.items()}
+
+
+def _packed(items) -> dict:
+    import torch
+
+    grids = [i["grid_thw"] for i in items]
+    return {"pixel_values": torch.cat([i["pixel_values"] for i in items], 0),
+            "grid_thw": None if grids[0] is None else torch.cat(grids, 0)}
+
+
+def _device_kind(model_device, arch: str | None) -> tuple[str, str]:
+    from portvlm.suites.tolerances import device_kind
+
+    if model_device.type == "cpu":
+        return "cpu", arch or "cpu"
+    if arch is None:
+        from portvlm.platform import detect
+
+        arch = detect().arch_id
+    return device_kind(arch, "cuda"), arch or "unknown"
+
+
+def check(model, arch: str | None = None, *, seed: int = 0) -> CheckReport:
+    """Run the parity checks on ``model`` as it is (its patches included) against portvlm's fp32 reference."""
+    import torch
+
+    from portvlm.errors import UnsupportedError
+    from portvlm.shims.layer_paths import resolve
+    from portvlm.suites import tolerances
+    from portvlm.suites._common import check_from, compare
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise UnsupportedError(f"portvlm.check knows {', '.join(FAMILIES)}; this model is {model_type!r} "
+                               f"({type(model).__name__})")
+    family = FAMILIES[model_type]
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    kind, arch_id = _device_kind(device, arch)
+    dtype_name = str(dtype).removeprefix("torch.")
+    atol, rtol = tolerances.tolerance(kind, dtype_name, None, "fwd")
+    report = CheckReport(model_type, arch_id, kind, dtype_name, runs=runs(model))
+    report.figures.update(atol=atol, rtol=rtol)
+    geo = Geometry.of(model)
+    ref, notes = reference(model)
+    report.warnings += notes
+
+    was_training = model.training
+    model.eval()  # dropout off for the comparison; the caller's mode is put back below
+    try:
+        with torch.no_grad():
+            _run_checks(report, model, ref, geo, family, device, dtype, atol, rtol, seed, resolve, compare, check_from)
+    finally:
+        model.train(was_training)
+    if notes:
+        report.checks.append(_check("reference.independent", False,
+                                    "; ".join(notes) + " — fix or remove that port to get an independent verdict"))
+    return report
+
+
+def _check(name, ok, detail, value=None, bound=None):
+    from portvlm.run.results import Check
+
+    return Check(name=name, ok=bool(ok), detail=detail, value=value, bound=bound)
+
+
+def _run_checks(report, model, ref, geo, family, device, dtype, atol, rtol, seed, resolve, compare, check_from):
+    import torch
+
+    items = vision_items(geo, torch.float32, seed)
+    ref_tower, tower = resolve(ref).vision_tower, resolve(model).vision_tower
+    alone_ref = _tower_features(family, ref_tower, items, torch.device("cpu"), torch.float32)
+    alone = _tower_features(family, tower, items, device, dtype)
+    packed = _tower_features(family, tower, [_packed(items)], device, dtype)
+    windowed = family == "qwen2_5vl"
+    name_alone = "vision.windows" if windowed else "vision.alone"
+    figures: dict[str, list] = {}
+    for key in alone_ref:
+        total = compare(packed[key], alone_ref[key], atol, rtol)
+        across = compare(packed[key], alone[key], atol, rtol)
+        each = compare(alone[key], alone_ref[key], atol, rtol)
+        n = len(items)
+        report.checks.append(check_from(f"vision.packed_vs_alone.{key}", total,
+                                        f"{n} items packed in one call vs the reference on each alone; "))
+        report.checks.append(check_from(f"vision.across_items.{key}", across,
+                                        f"{n} items packed vs the same tower on each alone; "))
+        report.checks.append(check_from(f"{name_alone}.{key}", each, "each item alone vs the reference; "))
+        figures.setdefault("leak_max_abs", []).append(total.max_abs_err)
+        figures.setdefault("across_items_max_abs", []).append(across.max_abs_err)
+        figures.setdefault("across_windows_max_abs" if windowed else "alone_max_abs", []).append(each.max_abs_err)
+    report.figures.update({k: max(v) for k, v in figures.items() if v})
+    report.figures["items"] = [list(map(int, i["grid_thw"][0])) if i["grid_thw"] is not None else "image" for i in items]
+    if windowed:
+        from portvlm.suites.tiny import num_windows
+
+        vc = model.config.vision_config
+        full = list(getattr(vc, "fullatt_block_indexes", []) or [])
+        spans = [num_windows(tuple(map(int, i["grid_thw"][0])), geo.window) for i in items]
+        report.figures.update(full_attention_blocks=full, windows_per_item=spans)
+        report.checks.append(_check(
+            "vision.window_and_full_blocks_exercised", bool(full) and len(full) < vc.depth and max(spans) > 1,
+            f"full blocks {full} of {vc.depth}, windows per item {spans}", max(spans), 2))
+
+    errors = {}
+    for kind, side in CASES:
+        name = kind if side is None else f"{kind}_{side}"
+        expected = _forward(ref, inputs(geo, kind, torch.float32, side or "left", seed))
+        inp = {k: v.to(device) for k, v in inputs(geo, kind, dtype, side or "left", seed).items()}
+        got = _forward(model, inp).float().cpu()
+        c = compare(got, expected, atol, rtol, mask=inp["attention_mask"].bool().cpu())
+        errors[name] = c.max_abs_err
+        report.checks.append(check_from(f"logits.{name}", c))
+    report.figures["logits_max_abs"] = max(errors.values())
+    report.figures["logits_errors"] = errors
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line: portvlm check module:function
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_factory(spec: str):
+    """``"pkg.module:function"`` -> the function (the current directory is importable, as with ``python -m``)."""
+    import importlib
+    import os
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{spec!r}: expected module:function (e.g. mypkg.models:build_model)")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module = importlib.import_module(module_name)
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise ValueError(f"{spec}: {attr} is not callable")
+    return fn
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="portvlm check",
+        description="Run portvlm's parity checks on YOUR model (as your factory builds it, patches included) against "
+                    "an independent fp32 eager reference. Exit 0: every check passed; 1: a check failed; 2: usage.")
+    parser.add_argument("factory", help="module:function that returns the model (e.g. mypkg.models:build_model)")
+    parser.add_argument("--arch", help="arch id whose tolerances apply to a GPU model (default: the host's)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    try:
+        model = load_factory(args.factory)()
+    except (ValueError, ImportError, AttributeError) as exc:
+        print(f"error: cannot load the factory {args.factory}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    from portvlm.errors import PortvlmError
+
+    try:
+        report = check(model, arch=args.arch)
+    except PortvlmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report)
+    return 0 if report.ok else 1
+
+
+__all__ = ["CheckReport", "Geometry", "check", "inputs", "main", "reference", "runs", "vision_items"]
