@@ -31,7 +31,7 @@ from portvlm.errors import UnsupportedError
 
 SP_FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # LLaVA: data parallel only
 TEXT_SHIMS = ("text_registry", "text_registry_legacy", "text_classes")
-FAULTS = (None, "local_cu", "local_positions", "unordered_vision")  # negative controls (tests only)
+FAULTS = (None, "local_cu", "local_positions", "unordered_vision", "average_gradients")  # negative controls (tests)
 ROW_KEYS = ("input_ids", "position_ids", "labels", "pixel_values", "image_grid_thw", "pixel_values_videos",
             "video_grid_thw")
 
@@ -160,6 +160,7 @@ class ParallelModel(torch.nn.Module):
         feats = vision.distributed_features(self._paths.vision_tower, row, lay.sp_rank, lay.sp, lay.sp_group,
                                             ordered=self.fault != "unordered_vision")
         embeds = self._text_model.get_input_embeddings()(ids)
+        embeds = embeds + feats["anchor"].to(embeds.dtype)
         masks = {}
         for kind, token in (("image", cfg.image_token_id), ("video", cfg.video_token_id)):
             mask = ids == token
@@ -198,17 +199,19 @@ class ParallelModel(torch.nn.Module):
         """Data parallel through the model's own forward (LLaVA); a row without images still runs the tower."""
         ids = row["input_ids"]
         pos = row["position_ids"] if row["position_ids"] is not None else torch.arange(ids.shape[1], device=ids.device)[None]
-        kwargs = dict(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=False,
+        kwargs = dict(position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=False,
                       cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen)
         if row["pixel_values"] is not None:
-            kwargs["pixel_values"] = row["pixel_values"]
+            kwargs.update(input_ids=ids, pixel_values=row["pixel_values"])
+        else:
+            # The tower runs first, as in a row with images, and feeds the embeddings (times zero): every rank
+            # all-gathers and reduce-scatters the same FSDP blocks in the same order.
+            embeds = self.module.get_input_embeddings()(ids)
+            kwargs["inputs_embeds"] = embeds + 0.0 * self._llava_dummy(ids.device).to(embeds.dtype)
         out = self.module(**kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0]
-        total = torch.nn.functional.cross_entropy(logits[0].float(), targets[0], ignore_index=loss_mod.IGNORE,
-                                                  reduction="sum")
-        if row["pixel_values"] is None:
-            total = total + 0.0 * self._llava_dummy(ids.device)
-        return total
+        return torch.nn.functional.cross_entropy(logits[0].float(), targets[0], ignore_index=loss_mod.IGNORE,
+                                                 reduction="sum")
 
     def _llava_dummy(self, device):
         """The tower and projector on one blank image (FSDP gathers their weights on every rank)."""
@@ -259,7 +262,7 @@ def parallelize(model, handle, mesh, *, activation_checkpointing: bool = False, 
         fully_shard(block, **kwargs)
     fully_shard(pmodel, **kwargs)
     for m in pmodel.modules():
-        if isinstance(m, FSDPModule):
+        if isinstance(m, FSDPModule) and fault != "average_gradients":  # the fault keeps FSDP's mean over ranks
             sum_gradients(m)
     return pmodel
 

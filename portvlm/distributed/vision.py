@@ -145,6 +145,9 @@ def distributed_features(tower, row: dict, rank: int, ranks: int, group, *, orde
     n_image = sum(it.patches // m2 for it in items if it.kind == "image")
     chunks = gathered.split(width, dim=-1)
     out = {"image": chunks[0][:n_image], "video": chunks[0][n_image:], "deepstack": [(d[:n_image], d[n_image:]) for d in chunks[1:]]}
+    # A zero that depends on every feature: the row's embeddings add it, so the tower's backward (and FSDP's
+    # reduce-scatter of its blocks) runs on every rank, also where the row has no vision token at all.
+    out["anchor"] = 0.0 * gathered.sum()
     out["items"], out["plan"] = len(items), plan
     return out
 
