@@ -389,54 +389,66 @@ def part_size(args, rank, world, device, kind):
     recorded = {}
     for name, text_backend, vision_backend in policies:
         arch = {"sm70": "sm70", "flash": "sm90"}.get(name, "cpu")
+        model = pmodel = None
+        try:  # one model per policy, both workloads
+            model = build(model_id, cfg, device, torch.float32 if kind == "cpu" else torch.bfloat16)
+            handle = portvlm.patch(model, arch=arch)
+            dtype = handle.dtype
+            model.to(dtype)
+            base = {"arch_policy": arch, "text_backend": text_backend, "vision_backend": vision_backend,
+                    "dtype": str(dtype).removeprefix("torch."), "policy_text_backend": handle.state.text_backend,
+                    "evidence": policy_evidence(arch, device)}
+            handle.state.text_backend, handle.state.vision_backend = text_backend, vision_backend
+            pmodel = parallelize(model, handle, make_mesh(world, 1, device.type), activation_checkpointing=True)
+        except Exception as exc:  # noqa: BLE001
+            base = {"arch_policy": arch, "status": "fail", "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
         for label, batch in (("mix", rows), ("long", [long])):
-            res = {"arch_policy": arch, "text_backend": text_backend, "vision_backend": vision_backend}
+            res = dict(base)
+            if pmodel is None:
+                out["runs"][f"{name}/{label}"] = res
+                continue
             try:
-                model = build(model_id, cfg, device, torch.float32 if kind == "cpu" else torch.bfloat16)
-                with portvlm.patch(model, arch=arch) as handle:
-                    dtype = handle.dtype
-                    model.to(dtype)
-                    res.update(dtype=str(dtype).removeprefix("torch."), policy_text_backend=handle.state.text_backend,
-                               evidence=policy_evidence(arch, device))
-                    handle.state.text_backend, handle.state.vision_backend = text_backend, vision_backend
-                    pmodel = parallelize(model, handle, make_mesh(world, 1, device.type), activation_checkpointing=True)
-                    packed = [to(pack(r), device, dtype) for r in batch]
-                    rec = Recorder() if name in ("sm70", "cpu") else None
+                packed = [to(pack(r), device, dtype) for r in batch]
+                rec = Recorder() if name in ("sm70", "cpu") else None
 
-                    def step():
-                        for i, r in enumerate(packed):
-                            if rec is not None:
-                                rec.on = not recorded.get(label) and i == 0
-                            o = pmodel(**r)
-                            o.loss.backward()
-                            if rec is not None and rec.on:
-                                recorded[label] = (list(rec.calls), dtype)
-                                rec.on = False
-                        with torch.no_grad():
-                            for p in pmodel.parameters():
-                                if p.grad is not None:
-                                    p -= 1e-6 * p.grad
-                                    p.grad = None
+                def step():
+                    for i, r in enumerate(packed):
+                        if rec is not None:
+                            rec.on = not recorded.get(label) and i == 0
+                        o = pmodel(**r)
+                        o.loss.backward()
+                        if rec is not None and rec.on:
+                            recorded[label] = (list(rec.calls), dtype)
+                            rec.on = False
+                    with torch.no_grad():
+                        for p in pmodel.parameters():
+                            if p.grad is not None:
+                                p -= 1e-6 * p.grad
+                                p.grad = None
 
-                    if kind == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
+                if kind == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
                     med, times = train_timed(step, steps, device)
+                finally:
                     if rec is not None:
                         rec.close()
-                    tokens = sum(int(r["input_ids"].shape[1]) for r in packed)
-                    flops = model_flops(cfg, [s for r in batch for s in r])
-                    res.update(step_s=round(med, 4), tokens_per_s=round(tokens / med, 1), tokens=tokens,
-                               peak_GiB=peak_gib(device), mfu=round(flops / med / (peak * 1e12), 4) if peak else None,
-                               status="pass")
-                    pmodel.close()
-                del model, pmodel
+                tokens = sum(int(r["input_ids"].shape[1]) for r in packed)
+                flops = model_flops(cfg, [s for r in batch for s in r])
+                res.update(step_s=round(med, 4), tokens_per_s=round(tokens / med, 1), tokens=tokens,
+                           peak_GiB=peak_gib(device), mfu=round(flops / med / (peak * 1e12), 4) if peak else None,
+                           status="pass")
             except Exception as exc:  # noqa: BLE001
                 res.update(status="fail", error=f"{type(exc).__name__}: {str(exc)[:400]}")
-            if kind == "cuda":
-                torch.cuda.empty_cache()
             out["runs"][f"{name}/{label}"] = res
             if rank == 0:
                 print(json.dumps({f"{name}/{label}": res}), flush=True)
+        if pmodel is not None:
+            pmodel.close()
+            handle.revert()
+        del model, pmodel
+        if kind == "cuda":
+            torch.cuda.empty_cache()
     # transformers' own sdpa, unpatched, padded batches of the same samples (what a V100 user runs today)
     for label, batch in (("mix", rows), ("long", [long])):
         res = {"arch_policy": "none (transformers sdpa, padded)", "text_backend": "sdpa", "vision_backend": "sdpa"}
