@@ -416,10 +416,10 @@ def part_size(args, rank, world, device, kind):
                         if rec is not None:
                             rec.on = not recorded.get(label) and i == 0
                         o = pmodel(**r)
-                        o.loss.backward()
-                        if rec is not None and rec.on:
+                        if rec is not None and rec.on:  # the forward's calls; recompute is added when timing
                             recorded[label] = (list(rec.calls), dtype)
                             rec.on = False
+                        o.loss.backward()
                     with torch.no_grad():
                         for p in pmodel.parameters():
                             if p.grad is not None:
