@@ -51,6 +51,7 @@ def write_all(results_dir="results", matrix=None, out_dir=".") -> tuple[dict[str
         "results_name": results_dir.name or "results",
         "status_style": STATUS_STYLE,
         "evidence_style": EVIDENCE_STYLE,
+        "distributed": _distributed(loaded, results_dir),
     }
     env = _jinja_env()
     link = Path(os.path.relpath(results_dir, out_dir)).as_posix()
@@ -72,6 +73,14 @@ def write_all(results_dir="results", matrix=None, out_dir=".") -> tuple[dict[str
         write(f"site/badges/{summary.platform}.svg", env.get_template("badge.svg.j2").render(b=svg_geometry(summary)))
     written.update(_copy_results(table, loaded.files, site / "results"))
     return written, table
+
+
+def _distributed(loaded, results_dir: Path) -> list:
+    """The distributed section's rows: the cells' sp checks, then the GPU benchmarks beside the results."""
+    from portvlm.publish import distributed
+
+    bench, _ = distributed.from_benchmarks(results_dir.resolve().parent / "benchmarks" / "results")
+    return distributed.from_cells(loaded.by_cell) + bench
 
 
 def _copy_results(table: Table, files: dict[str, Path], target: Path) -> dict[str, Path]:

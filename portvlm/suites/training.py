@@ -405,7 +405,42 @@ def run(ctx):
         rec.figures["fsdp2"] = {"losses": got["losses"], "single_process_losses": single_losses, "wrapped_layers": got["wrapped"], "layer_classes": got["classes"]}
         c = compare(torch.tensor(got["losses"]), torch.tensor(single_losses), 1e-5, 1e-5)
         rec.add(check_from("fsdp2.loss_equals_single_process", c, what=f"{FSDP_WORLD} gloo processes, fully_shard on {got['wrapped']} {got['classes']} + root, {FSDP_STEPS} steps; "))
+    # 5. sp: Ulysses SP=2 (2 gloo processes, one packed row cut through a sample and an image) vs one process;
+    #    LLaVA has no SP (data parallel only): DP=2 on different rows vs one process on their union instead.
+    if ctx.fast:
+        skipped["sp"] = "fast=True: the SP=2 check over 2 processes not run"
+    elif ctx.device != "cpu":
+        skipped["sp"] = f"the sp check runs on the CPU with gloo; this cell's device is {ctx.device}"
+    else:
+        with timer("sp"):
+            _sp_check(rec, ctx)
     if skipped:
         rec.figures["skipped"] = skipped
     rec.figures["times_s"] = timer.t
     return rec.result()
+
+
+def _sp_check(rec, ctx) -> None:
+    """SP=2 vs SP=1 (Qwen) or DP=2 vs the union (LLaVA) through ``portvlm.distributed`` on gloo."""
+    from portvlm.distributed import check
+    from portvlm.distributed.parallel import SP_FAMILIES
+
+    family = tiny.config(ctx.model_id).model_type
+    sp = family in SP_FAMILIES
+    dp, spd, kind = (1, 2, "sp") if sp else (2, 1, "dp")
+    rows = check.rows_for(ctx.model_id, kind, seed=ctx.seed)
+    ref = check.reference(ctx.model_id, ctx.arch_id, tiny.build(ctx.model_id, seed=ctx.seed).state_dict(), rows)
+    got = check.run(ctx.model_id, ctx.arch_id, dp=dp, sp=spd, rows=rows, cases=[{"name": "ok"}], seed=ctx.seed,
+                    timeout_s=240)["ok"]
+    atol, rtol = 1e-5, 1e-4
+    c = check.compare(got, ref, atol, rtol)
+    c["cuts"] = check.straddles(rows[0], spd) if sp else None
+    c["mesh"] = {"dp": dp, "sp": spd}
+    rec.figures["sp"] = c
+    if not sp:
+        rec.figures["sp"]["not_applicable"] = f"Ulysses SP is implemented for {', '.join(SP_FAMILIES)}, not {family}; DP=2 checked instead"
+    what = (f"SP=2 over 1 row of {rows[0]['input_ids'].shape[1]} tokens cut at {c['cuts']['cuts']}" if sp
+            else "DP=2 over 2 different rows vs one process on both") + f"; loss {c['loss']:.6f} vs {c['ref_loss']:.6f}, "
+    rec.check("sp.loss_and_grads_equal_one_process" if sp else "sp.dp2_equals_union", c["ok"],
+              detail=what + f"worst grad {c['grad_worst']} ratio {c['grad_ratio']:.3g}, worst param ratio "
+              f"{c['param_ratio']:.3g} (atol {atol:g}, rtol {rtol:g})", value=max(c["grad_ratio"], c["param_ratio"]), bound=1.0)
