@@ -187,3 +187,14 @@ def _complement(row: torch.Tensor, head_dim: int) -> torch.Tensor:
     keep[row.long()] = False
     return torch.arange(head_dim)[keep]
 
+
+
+def __getattr__(name: str):
+    # Declared like a modeling_* module: this module dispatches through transformers' ALL_ATTENTION_FUNCTIONS
+    # (portvlm.patch's <=4.52 text_registry_legacy shim probes the attention class's module for it). Lazy, so
+    # importing portvlm.mla.attention imports no transformers.
+    if name == "ALL_ATTENTION_FUNCTIONS":
+        from transformers import modeling_utils
+
+        return modeling_utils.ALL_ATTENTION_FUNCTIONS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
