@@ -10,7 +10,8 @@ rows (``cu_seq_lens_q``) and padding unchanged. Dot products do not depend on th
 gathered into the key's order (rope dims first, then nope dims) and no weight is permuted.
 
 Call conventions answered here (../shared/research/transformers-breakpoints.md §5): the decoder layer passes the
-cache as ``past_key_value`` (<=4.55) or ``past_key_values`` (4.56+), and ``cache_kwargs`` to ``update`` until 5.3
+cache as ``past_key_value`` (<=4.55), ``past_key_values`` (4.56–5.23) or ``cache`` (5.24.0, with
+``@deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")``), and ``cache_kwargs`` to ``update`` until 5.3
 (5.4+ passes none; ``Cache.update(k, v, i, *args, **kwargs)`` takes either). Every version from 4.48 unpacks two
 return values ``(attn_output, attn_weights)``.
 
@@ -111,8 +112,8 @@ class MLAAttention(nn.Module):
         return x * c + rotate_half(x) * s
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_value=None,
-                cache_position=None, past_key_values=None, **kwargs):
-        cache = past_key_values if past_key_values is not None else past_key_value
+                cache_position=None, past_key_values=None, cache=None, **kwargs):
+        cache = next((c for c in (cache, past_key_values, past_key_value) if c is not None), None)
         kwargs.pop("position_ids", None)
         kwargs.pop("use_cache", None)
         kwargs.pop("output_attentions", None)

@@ -139,13 +139,31 @@ class LowRankKV:
     singular_values: torch.Tensor
 
 
-def joint_svd(k_nope: torch.Tensor, v: torch.Tensor, latent_dim: int) -> LowRankKV:
-    """Factor ``[k_nope; v]`` (rows × hidden) at ``latent_dim``: down = √S Vᵀ, up = U √S, split back into k and v rows."""
+SVD_METHODS = ("full", "gram")
+
+
+def joint_svd(k_nope: torch.Tensor, v: torch.Tensor, latent_dim: int, method: str = "full") -> LowRankKV:
+    """Factor ``[k_nope; v]`` (rows × hidden) at ``latent_dim``: down = √S Vᵀ, up = U √S, split back into k and v rows.
+
+    ``method="gram"``: the top right singular vectors from ``eigh(WᵀW)`` (hidden × hidden, float64) and
+    ``up = W V / √S`` — the same truncation (``up @ down = W V Vᵀ``), much faster than a full SVD of a
+    7,168 × 4,096 matrix per layer on a GPU (LLaVA-1.5-7B); accurate for the singular values kept.
+    """
     w = torch.cat((k_nope, v), 0).double()
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    u, s, vh = u[:, :latent_dim], s[:latent_dim], vh[:latent_dim]
-    root = s.sqrt()
-    up = u * root[None]
+    if method == "gram":
+        evals, evecs = torch.linalg.eigh(w.T @ w)  # ascending
+        s = evals.flip(0)[:latent_dim].clamp_min(0).sqrt()
+        vecs = evecs.flip(1)[:, :latent_dim]
+        root = s.sqrt()
+        up = torch.where(root > 0, (w @ vecs) / torch.where(root > 0, root, 1.0), 0.0)
+        vh = vecs.T
+    elif method == "full":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = u[:, :latent_dim], s[:latent_dim], vh[:latent_dim]
+        root = s.sqrt()
+        up = u * root[None]
+    else:
+        raise ValueError(f"svd method {method!r} is not one of {', '.join(SVD_METHODS)}")
     if latent_dim > s.shape[0]:  # a latent wider than the matrix's rank: pad with zero directions (still exact)
         pad = latent_dim - s.shape[0]
         up = torch.cat((up, up.new_zeros(up.shape[0], pad)), 1)
@@ -167,10 +185,11 @@ def _text_layers(model):
     return resolve(model).text_layers
 
 
-def convert(model, spec: MLASpec, *, latent: bool = True):
+def convert(model, spec: MLASpec, *, latent: bool = True, svd: str = "full"):
     """Replace every text decoder layer's ``self_attn`` of ``model`` (a LLaVA) by ``MLAAttention``; returns ``model``.
 
-    ``latent=False`` converts to the partial-RoPE MHA oracle instead (same RoPE selection, no SVD).
+    ``latent=False`` converts to the partial-RoPE MHA oracle instead (same RoPE selection, no SVD). ``svd``: one
+    of ``SVD_METHODS`` (``joint_svd``).
     """
     from portvlm.errors import UnsupportedError
     from portvlm.mla.attention import MLAAttention
@@ -205,7 +224,7 @@ def convert(model, spec: MLASpec, *, latent: bool = True):
             k_nope = rows(k_heads, new.nope_index)
             k_nope_b = rows(k_b, new.nope_index).flatten() if bias else None
             if latent:
-                low = joint_svd(k_nope, v_w, spec.rank * geo.kv_heads)
+                low = joint_svd(k_nope, v_w, spec.rank * geo.kv_heads, svd)
                 _copy(new.kv_down, low.down, None)
                 _copy(new.k_up, low.k_up, k_nope_b)
                 _copy(new.v_up, low.v_up, old.v_proj.bias)

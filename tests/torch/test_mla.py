@@ -59,8 +59,8 @@ def test_wrong_up_projection_fails_the_full_rank_oracle(base, geo, inp, monkeypa
     """Negative control: up = U (the √S forgotten on one side) must be far outside the fp32 tolerance."""
     right = conversion.joint_svd
 
-    def forgets_root(k_nope, v, latent_dim):
-        low = right(k_nope, v, latent_dim)
+    def forgets_root(k_nope, v, latent_dim, method="full"):
+        low = right(k_nope, v, latent_dim, method)
         root = low.singular_values.sqrt()
         return conversion.LowRankKV(low.down, low.k_up / root, low.v_up / root, low.singular_values)
 
@@ -68,6 +68,16 @@ def test_wrong_up_projection_fails_the_full_rank_oracle(base, geo, inp, monkeypa
     spec = checks.oracle_specs(geo)["all_rope"]
     err = (_logits(convert(_clone(base), spec), inp) - _logits(base, inp)).abs().max()
     assert err > 100 * FP32["atol"], f"a wrong up-projection passed the oracle (max err {err:.2e})"
+
+
+def test_gram_svd_is_the_same_truncation_as_the_full_svd():
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(24, 64, generator=g), torch.randn(32, 64, generator=g)
+    full, gram = (conversion.joint_svd(k, v, 16, m) for m in ("full", "gram"))
+    for a, b in ((full.k_up @ full.down, gram.k_up @ gram.down), (full.v_up @ full.down, gram.v_up @ gram.down)):
+        torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-8)
+    exact = conversion.joint_svd(k, v, 56, "gram")  # full rank: [k; v] itself
+    torch.testing.assert_close(torch.cat((exact.k_up, exact.v_up)) @ exact.down, torch.cat((k, v)).double(), atol=1e-9, rtol=1e-9)
 
 
 def test_reduced_rank_cached_decoding_equals_full_forward():
