@@ -13,7 +13,8 @@ Call conventions answered here (../shared/research/transformers-breakpoints.md �
 cache as ``past_key_value`` (<=4.55), ``past_key_values`` (4.56–5.23) or ``cache`` (5.24.0, with
 ``@deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")``), and ``cache_kwargs`` to ``update`` until 5.3
 (5.4+ passes none; ``Cache.update(k, v, i, *args, **kwargs)`` takes either). Every version from 4.48 unpacks two
-return values ``(attn_output, attn_weights)``.
+return values ``(attn_output, attn_weights)``; before (the per-backend ``*_ATTENTION_CLASSES`` era, e.g. the
+seed's 4.46.3) three, ``(attn_output, attn_weights, present_key_value)`` — ``returns_cache``, probed by ``convert``.
 
 ``latent=False`` gives the oracle for partial RoPE at full rank: the same partial RoPE, with ``k_nope`` and ``v``
 projected directly (plain MHA + partial RoPE); it caches full ``(k, v)``.
@@ -55,7 +56,8 @@ class MLAAttention(nn.Module):
     """Multi-head latent attention with a decoupled partial-RoPE key (MHA2MLA), for a Llama-style backbone."""
 
     def __init__(self, config, layer_idx: int, *, num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: int,
-                 rank: int, rope_index: torch.Tensor, bias: bool, eager_module: str | None, latent: bool = True):
+                 rank: int, rope_index: torch.Tensor, bias: bool, eager_module: str | None, latent: bool = True,
+                 returns_cache: bool = False):
         super().__init__()
         rope_dims = rope_index.shape[-1]
         nope_dims = head_dim - rope_dims
@@ -69,6 +71,7 @@ class MLAAttention(nn.Module):
         self.rope_dims, self.nope_dims, self.rank, self.latent = rope_dims, nope_dims, rank, latent
         self.eager_module = eager_module  # where the backbone's own eager_attention_forward lives
         self.last_attention: str | None = None
+        self.returns_cache = returns_cache  # <4.48 decoder layers unpack (output, weights, present_key_value)
         # Dims of each KV head's key that are RoPE'd (k_rope), then the rest (nope); queries follow their KV head.
         nope_index = torch.stack([_complement(row, head_dim) for row in rope_index])
         self.register_buffer("rope_index", rope_index.clone().long(), persistent=True)
@@ -155,7 +158,8 @@ class MLAAttention(nn.Module):
             self, query, key, value, attention_mask,
             dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
         )
-        return self.o_proj(out.reshape(bsz, q_len, -1).contiguous()), weights
+        out = self.o_proj(out.reshape(bsz, q_len, -1).contiguous())
+        return (out, weights, cache) if self.returns_cache else (out, weights)
 
     def expand(self, c_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k_nope, v)`` ([B, n_kv, S, ·]) rebuilt from a latent ``[B, 1, S, rank·n_kv]``."""

@@ -18,6 +18,7 @@ KV bytes per token and layer: MHA stores ``2 · n_kv · head_dim`` values, MLA `
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -209,10 +210,12 @@ def convert(model, spec: MLASpec, *, latent: bool = True, svd: str = "full"):
         q_w, k_w, v_w = old.q_proj.weight, old.k_proj.weight, old.v_proj.weight
         bias = old.k_proj.bias is not None
         index = rope_index(q_w, k_w, geo, spec)
+        backbone = sys.modules.get(type(old).__module__)
         new = MLAAttention(
             getattr(old, "config", text_config), getattr(old, "layer_idx", i),
             num_heads=geo.heads, num_kv_heads=geo.kv_heads, head_dim=geo.head_dim, hidden_size=geo.hidden,
             rank=spec.rank, rope_index=index, bias=bias, eager_module=type(old).__module__, latent=latent,
+            returns_cache=returns_cache(backbone),
         ).to(device=q_w.device, dtype=q_w.dtype)
         with torch.no_grad():
             _copy(new.q_proj, old.q_proj.weight, old.q_proj.bias)
@@ -235,6 +238,17 @@ def convert(model, spec: MLASpec, *, latent: bool = True, svd: str = "full"):
         layer.self_attn = new
     setattr(model, SPEC_ATTR, spec)
     return model
+
+
+def returns_cache(backbone_module) -> bool:
+    """Whether the backbone's decoder layer unpacks ``(out, weights, present_key_value)`` from ``self_attn``.
+
+    Feature probe: modules that still pick attention from a per-backend ``*_ATTENTION_CLASSES`` table and have no
+    ``ALL_ATTENTION_FUNCTIONS`` (Llama before 4.48) return the cache as a third value.
+    """
+    names = vars(backbone_module) if backbone_module is not None else {}
+    has_table = any(n.endswith("_ATTENTION_CLASSES") and "VISION" not in n for n in names)
+    return has_table and "ALL_ATTENTION_FUNCTIONS" not in names
 
 
 def spec_of(model) -> MLASpec | None:

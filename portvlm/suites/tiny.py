@@ -149,6 +149,8 @@ def _llava_config():
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
         tie_word_embeddings=False,
+        # <=4.47 LLaVA takes a prompt with fewer image tokens than this for an unexpanded (legacy) one: keep it true.
+        image_seq_length=(LLAVA_IMAGE_SIZE // PATCH["llava"]) ** 2,
     )
     params = inspect.signature(tf.LlavaConfig.__init__).parameters
     kwargs["image_token_index" if "image_token_index" in params else "image_token_id"] = LLAVA_IMG

@@ -248,3 +248,14 @@ def test_kv_bytes_per_token_llava_1_5_7b():
     assert figures["mha"] == 524_288  # 2 · 32 layers · 32 heads · 128 · 2 B
     assert figures["mla"] == 131_072  # 32 layers · (32 · 32 k_rope + 32 · 32 latent) · 2 B
     assert tiny.family_figures("llava_mla", "float32")["kv_bytes_per_token"]["mla"] == 192
+
+
+def test_return_arity_is_probed_from_the_backbone_module():
+    """<4.48 Llama (LLAMA_ATTENTION_CLASSES, no registry) unpacks 3 values from self_attn; 4.48+ two."""
+    import types
+
+    old = types.SimpleNamespace(LLAMA_ATTENTION_CLASSES={}, QWEN2_5_VL_VISION_ATTENTION_CLASSES={})
+    new = types.SimpleNamespace(ALL_ATTENTION_FUNCTIONS={}, eager_attention_forward=None)
+    assert conversion.returns_cache(old) is True
+    assert conversion.returns_cache(new) is False
+    assert conversion.returns_cache(types.SimpleNamespace(X_ATTENTION_CLASSES={}, ALL_ATTENTION_FUNCTIONS={})) is False
