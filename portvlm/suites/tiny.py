@@ -238,7 +238,6 @@ def family_figures(model_id: str, dtype) -> dict:
     if model_id != "llava_mla":
         return {}
     from portvlm.mla.conversion import Geometry, MLASpec, kv_figures
-
     from portvlm.suites.tolerances import _dtype_name
 
     size = torch.empty((), dtype=getattr(torch, _dtype_name(dtype))).element_size()
