@@ -154,10 +154,12 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU (wiring check)")
     ap.add_argument("--decode", type=int, help="greedy tokens to decode after the prefill")
     ap.add_argument("--rank", type=int, help="latent rank per KV head (default 32)")
+    ap.add_argument("--arch", help="portvlm.patch policy (default: the host's; e.g. sm70 for an fp16 smoke on a CPU)")
+    ap.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="default: float16 (smoke: float32)")
     ap.add_argument("--out", help="result JSON (default: benchmarks/results/mla_kv.json; smoke: none)")
     a = ap.parse_args(argv)
     cfg = dict(SMOKE if a.smoke else FULL)
-    cfg.update({k: v for k, v in (("decode", a.decode), ("rank", a.rank)) if v is not None})
+    cfg.update({k: v for k, v in (("decode", a.decode), ("rank", a.rank), ("dtype", a.dtype)) if v is not None})
     device = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
     if not a.smoke and device != "cuda":
         print("error: the full run needs a CUDA GPU (LLaVA-1.5-7B in fp16); use --smoke on a CPU", file=sys.stderr)
@@ -183,7 +185,7 @@ def main(argv=None) -> int:
 
     from portvlm.mla.cache import LatentCache
 
-    with portvlm.patch(model, dtype=dtype) as handle:
+    with portvlm.patch(model, arch=a.arch, dtype=dtype) as handle:
         result["patch"] = {"arch": handle.report.arch, "applied": sorted(handle.report.shim_names())}
         log("MHA: prefill + decode")
         result["mha"] = run_case(model, inp, DynamicCache(), cfg["decode"], device)
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
     result["convert_s"] = round(time.perf_counter() - t0, 2)
     if device == "cuda":
         torch.cuda.empty_cache()
-    with portvlm.patch(model, dtype=dtype) as handle:
+    with portvlm.patch(model, arch=a.arch, dtype=dtype) as handle:
         log("MLA: prefill + decode")
         result["mla"] = run_case(model, inp, LatentCache(), cfg["decode"], device)
         paths = sorted({m.last_attention for m in model.modules() if getattr(m, "last_attention", None)})

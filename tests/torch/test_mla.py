@@ -156,6 +156,9 @@ def test_latent_cache_seq_length_crop_and_bytes():
     assert cache.get_seq_length() == 7
     assert torch.equal(cache.k_rope(1), k[..., :7, :]) and torch.equal(cache.latent(1), c[..., :7, :])
     assert stored_bytes(cache) == 2 * 7 * (2 * 4 + 16) * 4
+    view.evict(2, 5)  # what a streaming cache drops: both slots, every layer
+    assert cache.get_seq_length() == 4
+    assert torch.equal(cache.k_rope(1), k[..., [0, 1, 5, 6], :]) and torch.equal(cache.latent(1), c[..., [0, 1, 5, 6], :])
 
 
 def test_latent_sink_window_evicts_k_rope_and_latent_together():
