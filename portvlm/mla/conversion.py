@@ -211,12 +211,13 @@ def convert(model, spec: MLASpec, *, latent: bool = True, svd: str = "full"):
         bias = old.k_proj.bias is not None
         index = rope_index(q_w, k_w, geo, spec)
         backbone = sys.modules.get(type(old).__module__)
-        new = MLAAttention(
-            getattr(old, "config", text_config), getattr(old, "layer_idx", i),
-            num_heads=geo.heads, num_kv_heads=geo.kv_heads, head_dim=geo.head_dim, hidden_size=geo.hidden,
-            rank=spec.rank, rope_index=index, bias=bias, eager_module=type(old).__module__, latent=latent,
-            returns_cache=returns_cache(backbone),
-        ).to(device=q_w.device, dtype=q_w.dtype)
+        with torch.device(q_w.device):  # built where the weights are (a 7B layer's init on a CPU takes seconds)
+            new = MLAAttention(
+                getattr(old, "config", text_config), getattr(old, "layer_idx", i),
+                num_heads=geo.heads, num_kv_heads=geo.kv_heads, head_dim=geo.head_dim, hidden_size=geo.hidden,
+                rank=spec.rank, rope_index=index, bias=bias, eager_module=type(old).__module__, latent=latent,
+                returns_cache=returns_cache(backbone),
+            ).to(dtype=q_w.dtype)
         with torch.no_grad():
             _copy(new.q_proj, old.q_proj.weight, old.q_proj.bias)
             _copy(new.o_proj, old.o_proj.weight, old.o_proj.bias)
