@@ -21,6 +21,7 @@ from portvlm.publish.table import (
     Slot,
     Table,
     build_table,
+    format_kv,
     format_number,
     format_seconds,
     read_results,
@@ -116,7 +117,7 @@ def _jinja_env():
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
     )
-    env.filters.update(md=md_escape, num=format_number, secs=format_seconds, slug=lambda s: s.replace(" ", "-"))
+    env.filters.update(md=md_escape, num=format_number, secs=format_seconds, kv=format_kv, slug=lambda s: s.replace(" ", "-"))
     return env
 
 
@@ -136,6 +137,8 @@ def md_slot(slot: Slot | None, link: str) -> str:
     parts = [f"{head} {ev['glyph']} {ev['short']}"]
     if slot.has_result:
         parts.append(f"err {format_number(slot.parity_err)} · step {format_seconds(slot.step_s)}")
+        if slot.kv_bytes is not None:
+            parts.append(format_kv(slot.kv_bytes))
     if slot.reason and slot.status != "pass":
         parts.append(md_escape(slot.reason))
     return "<br>".join(parts)

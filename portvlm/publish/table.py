@@ -40,6 +40,8 @@ STATUS_STYLE: dict[str, dict[str, str]] = {
 # largest measured value among its checks. Step time: the training suite's figures, else the cell's timings.
 PARITY_FIGURES = ("max_abs_err", "max_parity_err", "max_err")
 STEP_FIGURES = ("step_time_s", "step_s", "train_step_s")
+# Families with a compressed KV cache (llava_mla) report KV bytes per token, MHA vs theirs, in every suite.
+KV_FIGURE = "kv_bytes_per_token"
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Slot:
     reason: str | None = None  # shown for fail/xfail/error/... and for excluded cells
     parity_err: float | None = None
     step_s: float | None = None
+    kv_bytes: tuple[int, int, int] | None = None  # (MHA, MLA, rank): KV cache bytes per token, where reported
     has_result: bool = False
     evidence_notes: tuple[str, ...] = ()
 
@@ -218,6 +221,7 @@ def make_slot(cell, result: CellResult | None) -> Slot:
         reason=result_reason(result, cell),
         parity_err=parity_error(result),
         step_s=step_time(result),
+        kv_bytes=kv_bytes(result),
         has_result=True,
         evidence_notes=tuple(str(n) for n in result.evidence_notes),
     )
@@ -270,6 +274,23 @@ def step_time(result: CellResult) -> float | None:
             if value is not None:
                 return value
     return None
+
+
+def kv_bytes(result: CellResult) -> tuple[int, int, int] | None:
+    """``(MHA, MLA, rank)`` KV bytes per token from the first suite that reports them, or None."""
+    for _, suite in sorted(result.suites.items()):
+        fig = suite.figures.get(KV_FIGURE)
+        if isinstance(fig, dict) and all(isinstance(fig.get(k), int) for k in ("mha", "mla", "rank")):
+            return fig["mha"], fig["mla"], fig["rank"]
+    return None
+
+
+def format_kv(value: tuple[int, int, int] | None) -> str:
+    """``KV 512→192 B/tok (r=8)``, or "" when the result reports no KV figure."""
+    if value is None:
+        return ""
+    mha, mla, rank = value
+    return f"KV {mha}→{mla} B/tok (r={rank})"
 
 
 def summarise(platform: str, archs: tuple[str, ...], slots) -> PlatformSummary:

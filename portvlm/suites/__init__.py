@@ -22,7 +22,7 @@ SUITES = ("parity", "training", "streaming")
 class SuiteContext:
     """Where and how a cell runs its suites."""
 
-    model_id: str  # "qwen2_5vl" | "qwen3vl" | "llava"
+    model_id: str  # "qwen2_5vl" | "qwen3vl" | "llava" | "llava_mla"
     arch_id: str  # matrix arch id whose policy applies ("cpu", "sm70", "sm90", "gfx942", ...)
     device: str = "cpu"
     dtype: Any = "float32"  # torch dtype or its name
@@ -62,6 +62,7 @@ def run_suite(ctx: SuiteContext, name: str):
                 result = module.run(ctx)
             except SuiteSkip as skip:
                 result = SuiteResult(name=name, status=SuiteStatus.SKIPPED, reason=str(skip))
+            result.figures.update(tiny.family_figures(ctx.model_id, ctx.dtype))  # e.g. llava_mla's KV bytes/token
     except Exception:  # noqa: BLE001 - a suite's crash is its result, never the cell's
         tail = traceback.format_exc()[-4000:]
         result = SuiteResult(name=name, status=SuiteStatus.ERROR, error=tail)

@@ -156,7 +156,9 @@ def _first_tensor(out) -> torch.Tensor:
 
 def vision_features(model_id: str, tower, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Run the vision tower once and return what the language model would get (plus deepstack features)."""
-    if model_id == "llava":
+    from portvlm.suites.tiny import input_family
+
+    if input_family(model_id) == "llava":
         out = tower(pixel_values, output_hidden_states=True)
         # LLaVA feeds hidden_states[vision_feature_layer = -2] (CLS dropped) to the projector.
         return {"features": out.hidden_states[-2][:, 1:]}

@@ -140,5 +140,9 @@ def run(ctx):
             value=max(wf["windows_per_item"]),
             bound=2,
         )
+    if mid == "llava_mla":  # the family's own oracles: full rank vs MHA, cached decoding at reduced rank
+        from portvlm.mla import checks as mla_checks
+
+        mla_checks.parity_checks(ctx, rec, timer)
     rec.figures["times_s"] = timer.t
     return rec.result()

@@ -60,7 +60,7 @@ class Stream:
 
     def __init__(self, ctx, model, cache, dtype):
         self.ctx, self.model, self.cache, self.dtype = ctx, model, cache, dtype
-        self.mid = ctx.model_id
+        self.mid = tiny.input_family(ctx.model_id)  # llava_mla streams LLaVA inputs
         self.segments: list[Segment] = []  # Qwen: what was fed, for positions and the full replay
         self.ids: list[int] = []
         self.pixels: list[torch.Tensor] = []
@@ -153,10 +153,19 @@ def _prompt(i: int) -> list[int]:
     return [10 + (i % 50)]
 
 
-def _run_stream(ctx, model, dtype, sink, window, chunks, check_every=True):
+def cache_class(model_id: str):
+    """The streaming cache of a family: ``SinkWindowCache``; llava_mla's latent one (k_rope + latent per layer)."""
+    if model_id == "llava_mla":
+        from portvlm.mla.cache import LatentSinkWindowCache
+
+        return LatentSinkWindowCache
     from portvlm.shims.kv_cache import SinkWindowCache
 
-    cache = SinkWindowCache(sink=sink, window=window)
+    return SinkWindowCache
+
+
+def _run_stream(ctx, model, dtype, sink, window, chunks, check_every=True, cache_cls=None):
+    cache = (cache_cls or cache_class(ctx.model_id))(sink=sink, window=window)
     stream = Stream(ctx, model, cache, dtype)
     problems: list[str] = []
     sink_snapshot = None
@@ -170,7 +179,8 @@ def _run_stream(ctx, model, dtype, sink, window, chunks, check_every=True):
 
 
 @torch.no_grad()
-def run(ctx):
+def run(ctx, cache_cls=None):
+    """``cache_cls``: tests only, a streaming cache in place of the family's (negative controls)."""
     rec = Recorder("streaming")
     timer = Timer()
     dtype = torch_dtype(ctx.dtype)
@@ -189,7 +199,7 @@ def run(ctx):
         # 1. Equivalence: window larger than the stream -> nothing evicted -> streamed == one full forward.
         try:
             with timer("equivalence"):
-                stream, problems = _run_stream(ctx, model, dtype, SINK, 10_000, EQUIV_CHUNKS)
+                stream, problems = _run_stream(ctx, model, dtype, SINK, 10_000, EQUIV_CHUNKS, cache_cls=cache_cls)
                 full = logits_of(model(**stream.replay_inputs()))[0].float().cpu()
             streamed = torch.cat(stream.logits, 0)
             rec.figures["cache_api"] = cache_api(stream.cache)
@@ -212,7 +222,8 @@ def run(ctx):
         # 2. Boundedness: small window, >= 20 chunks; constant size after warm-up, finite, deterministic.
         try:
             with timer("bounded"):
-                runs = [_run_stream(ctx, model, dtype, SINK, WINDOW, BOUNDED_CHUNKS, check_every=(r == 0)) for r in range(2)]
+                runs = [_run_stream(ctx, model, dtype, SINK, WINDOW, BOUNDED_CHUNKS, check_every=(r == 0), cache_cls=cache_cls)
+                        for r in range(2)]
             (s1, problems), (s2, _) = runs
             sizes = s1.sizes
             bound = SINK + WINDOW
@@ -234,6 +245,11 @@ def run(ctx):
             rec.check("bounded.finite", finite, detail=f"{len(s1.logits) + len(s2.logits)} forward outputs")
             rec.check("bounded.deterministic", s1.tokens == s2.tokens, detail=f"run 1 {s1.tokens[:8]}… vs run 2 {s2.tokens[:8]}…")
             rec.check("bounded.cache_view_consistent", not problems, detail="; ".join(problems[:3]) or "CacheView agrees with the stored cache after every chunk; sink keys unchanged", value=len(problems), bound=0)
+            if mid == "llava_mla":  # the latent cache holds what the KV figure says, evicted or not
+                from portvlm.mla import checks as mla_checks
+                from portvlm.mla.conversion import Geometry
+
+                mla_checks.streaming_checks(rec, s1, mla_checks.spec_of(model), Geometry.of(model.config))
         except Exception as exc:  # noqa: BLE001
             rec.check("bounded.stream_completes", False, detail=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-1500:]}")
 

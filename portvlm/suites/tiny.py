@@ -23,7 +23,17 @@ from typing import Any
 
 import torch
 
-MODEL_IDS = ("qwen2_5vl", "qwen3vl", "llava")
+MODEL_IDS = ("qwen2_5vl", "qwen3vl", "llava", "llava_mla")
+
+# llava_mla: the tiny LLaVA below, converted by portvlm.mla.convert (MHA2MLA: partial RoPE + joint SVD) — the
+# conversion is part of the family. Reduced rank (full rank is 28 per KV head here), so the latent path is real.
+MLA_SPEC = dict(rank=8, rope_dims=4, selection="2-norm")
+INPUT_FAMILY = {"llava_mla": "llava"}  # families fed the same inputs as another
+
+
+def input_family(model_id: str) -> str:
+    """The family whose inputs ``model_id`` takes (llava_mla is a LLaVA to its inputs)."""
+    return INPUT_FAMILY.get(model_id, model_id)
 
 # Token ids inside the tiny vocab (all < VOCAB).
 VOCAB = 256
@@ -139,6 +149,8 @@ def _llava_config():
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
         tie_word_embeddings=False,
+        # <=4.47 LLaVA takes a prompt with fewer image tokens than this for an unexpanded (legacy) one: keep it true.
+        image_seq_length=(LLAVA_IMAGE_SIZE // PATCH["llava"]) ** 2,
     )
     params = inspect.signature(tf.LlavaConfig.__init__).parameters
     kwargs["image_token_index" if "image_token_index" in params else "image_token_id"] = LLAVA_IMG
@@ -159,7 +171,7 @@ def _unsupported(model_id: str):
 
 def config(model_id: str):
     """The tiny config for ``model_id`` ("qwen2_5vl" | "qwen3vl" | "llava") on the installed transformers."""
-    if model_id == "llava":
+    if input_family(model_id) == "llava":
         return _llava_config()
     if model_id in ("qwen2_5vl", "qwen3vl"):
         return _qwen_config(model_id)
@@ -173,6 +185,7 @@ def model_class(model_id: str):
         "qwen2_5vl": "Qwen2_5_VLForConditionalGeneration",
         "qwen3vl": "Qwen3VLForConditionalGeneration",
         "llava": "LlavaForConditionalGeneration",
+        "llava_mla": "LlavaForConditionalGeneration",
     }[model_id]
     if not hasattr(tf, name):
         raise _unsupported(model_id)
@@ -218,7 +231,22 @@ def build(model_id: str, *, attn_implementation: str = "eager", seed: int = 0, d
         cfg._attn_implementation = attn_implementation
         model = cls(cfg)
     _reinit(model, seed)
+    if model_id == "llava_mla":
+        from portvlm.mla.conversion import MLASpec, convert
+
+        convert(model, MLASpec(**MLA_SPEC))
     return model.to(dtype).eval()
+
+
+def family_figures(model_id: str, dtype) -> dict:
+    """Figures every result of ``model_id`` carries beyond its suite's (llava_mla: KV bytes per token, MHA vs MLA)."""
+    if model_id != "llava_mla":
+        return {}
+    from portvlm.mla.conversion import Geometry, MLASpec, kv_figures
+    from portvlm.suites.tolerances import _dtype_name
+
+    size = torch.empty((), dtype=getattr(torch, _dtype_name(dtype))).element_size()
+    return {"kv_bytes_per_token": kv_figures(Geometry.of(config(model_id)), MLASpec(**MLA_SPEC), size)}
 
 
 def clone(model, *, attn_implementation: str = "eager", dtype: torch.dtype = torch.float32, model_id: str):
@@ -361,6 +389,7 @@ def segments(model_id: str, kind: str, seed: int = 0) -> list[Segment]:
 
 def inputs(model_id: str, kind: str, dtype: torch.dtype = torch.float32, *, padding_side: str = "left", seed: int = 0) -> dict[str, Any]:
     """Model kwargs for input ``kind`` ∈ ``KINDS`` (float tensors in ``dtype``); ``padded_batch`` pads on ``padding_side``."""
+    model_id = input_family(model_id)
     if kind == "padded_batch":
         return _padded_batch(model_id, dtype, padding_side, seed)
     if model_id == "llava":
@@ -411,6 +440,7 @@ def pad_rows(rows: list[dict[str, Any]], side: str = "left") -> dict[str, Any]:
 def vision_items(model_id: str, kind: str = "packed", dtype=torch.float32, seed: int = 0) -> list[dict[str, Any]]:
     """The images/videos of input ``kind`` one at a time: ``[{"pixel_values", "grid_thw"}]`` in sequence order."""
     full = inputs(model_id, kind, dtype, seed=seed)
+    model_id = input_family(model_id)
     if model_id == "llava":
         pv = full.get("pixel_values")
         return [] if pv is None else [{"pixel_values": pv[i : i + 1], "grid_thw": None} for i in range(pv.shape[0])]
@@ -432,7 +462,7 @@ def vision_items(model_id: str, kind: str = "packed", dtype=torch.float32, seed:
 def vision_batch(model_id: str, kind: str = "packed", dtype=torch.float32, seed: int = 0) -> dict[str, Any]:
     """All images/videos of ``kind`` packed into one vision-tower call: ``{"pixel_values", "grid_thw"}``."""
     items = vision_items(model_id, kind, dtype, seed)
-    if model_id == "llava":
+    if input_family(model_id) == "llava":
         return {"pixel_values": torch.cat([i["pixel_values"] for i in items], 0), "grid_thw": None}
     return {"pixel_values": torch.cat([i["pixel_values"] for i in items], 0), "grid_thw": torch.cat([i["grid_thw"] for i in items], 0)}
 

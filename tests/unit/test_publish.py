@@ -335,3 +335,18 @@ def test_real_matrix_publishes_with_no_results(tmp_path):
             assert html.escape(cell.reason) in cells_of(page)[cell.id]
     text = page + out["SUPPORT.md"].read_text()
     assert str(ROOT) not in text and str(tmp_path) not in text  # links stay relative
+
+
+def test_kv_bytes_per_token_is_shown_where_a_result_reports_it(tmp_path):
+    """Latent-KV families (llava_mla) report KV bytes per token, MHA vs MLA; the table shows them, others nothing."""
+    from portvlm.publish.table import format_kv, kv_bytes
+
+    kv = {"mha": 512, "mla": 192, "ratio": 0.375, "rank": 8}
+    suites = {"parity": SuiteResult(name="parity", status="pass", figures={"max_abs_err": 1e-6, "kv_bytes_per_token": kv})}
+    with_kv = CellResult(cell="c", arch="cpu", model="m", stack={}, expected="pass", status="pass",
+                         evidence="hardware", suites=suites)
+    assert kv_bytes(with_kv) == (512, 192, 8)
+    assert format_kv(kv_bytes(with_kv)) == "KV 512→192 B/tok (r=8)"
+    plain = CellResult(cell="c", arch="cpu", model="m", stack={}, expected="pass", status="pass", evidence="hardware",
+                       suites={"parity": SuiteResult(name="parity", status="pass", figures={"max_abs_err": 1e-6})})
+    assert kv_bytes(plain) is None and format_kv(None) == ""
