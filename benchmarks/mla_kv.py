@@ -140,8 +140,8 @@ def run_case(model, inp: dict, cache, decode: int, device: str) -> dict:
 
 @torch.no_grad()
 def smoke_checks(model, inp: dict, steps: int) -> dict:
-    """Smoke only: the MLA model's cached greedy decode equals a no-cache forward per step (portvlm.mla.checks)."""
-    from portvlm.mla import checks
+    """Smoke only: the MLA model's cached greedy decode equals a no-cache forward per step (portvlm.suites.mla_checks)."""
+    from portvlm.suites import mla_checks as checks
     from portvlm.mla.cache import LatentCache
 
     cached, _ = checks.greedy_cached(model, inp, steps, LatentCache())

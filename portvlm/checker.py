@@ -43,7 +43,7 @@ class CheckReport:
     arch: str
     device_kind: str
     dtype: str
-    checks: list = field(default_factory=list)  # portvlm.run.results.Check
+    checks: list = field(default_factory=list)  # portvlm.records.Check
     figures: dict[str, Any] = field(default_factory=dict)
     runs: dict[str, str] = field(default_factory=dict)  # attention forward -> what runs it for this model
     warnings: list[str] = field(default_factory=list)
@@ -442,7 +442,7 @@ def check(model, arch: str | None = None, *, seed: int = 0) -> CheckReport:
 
 
 def _check(name, ok, detail, value=None, bound=None):
-    from portvlm.run.results import Check
+    from portvlm.records import Check
 
     return Check(name=name, ok=bool(ok), detail=detail, value=value, bound=bound)
 

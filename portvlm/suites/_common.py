@@ -46,9 +46,9 @@ def patched(model, ctx):
             yield handle
         return
     # A broken install (portvlm.patch not importable) is the suite's error, never a skip: let it raise.
-    import portvlm
+    import portvlm.shims.patch as patch_module
 
-    patch = portvlm.patch
+    patch = patch_module.patch
     params = inspect.signature(patch).parameters
     kwargs: dict[str, Any] = {}
     if "dtype" in params:

@@ -141,7 +141,7 @@ def run(ctx):
             bound=2,
         )
     if mid == "llava_mla":  # the family's own oracles: full rank vs MHA, cached decoding at reduced rank
-        from portvlm.mla import checks as mla_checks
+        from portvlm.suites import mla_checks
 
         mla_checks.parity_checks(ctx, rec, timer)
     rec.figures["times_s"] = timer.t

@@ -8,7 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from portvlm.mla import checks, conversion  # noqa: E402
+from portvlm.mla import conversion  # noqa: E402
+from portvlm.suites import mla_checks as checks  # noqa: E402
 from portvlm.mla.conversion import Geometry, MLASpec, convert, full_rank  # noqa: E402
 from portvlm.shims.kv_cache import CacheView  # noqa: E402
 from portvlm.suites import SuiteContext, tiny  # noqa: E402

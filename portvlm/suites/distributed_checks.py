@@ -91,13 +91,13 @@ def reference(model_id: str, arch: str, state: dict, rows: list[dict]) -> dict:
     """Loss, gradients and post-SGD-step parameters of one process on all ``rows`` (mean over all target tokens)."""
     import torch.nn.functional as F
 
-    import portvlm
+    from portvlm.shims.patch import patch
     from portvlm.suites import tiny
 
     model = tiny.build(model_id, attn_implementation="sdpa")
     model.load_state_dict(state)
     model.train()
-    with portvlm.patch(model, arch=arch):
+    with patch(model, arch=arch):
         sums, count = [], 0
         for row in rows:
             for m in (model, getattr(model, "model", None)):
@@ -139,7 +139,7 @@ def worker(rank: int, world: int, port: int, spec: dict) -> None:
     """One gloo rank: each case builds the model, parallelizes it, runs one row, one SGD step; rank 0 saves."""
     import torch.distributed as dist
 
-    import portvlm
+    from portvlm.shims.patch import patch
     from portvlm.distributed import make_mesh, parallelize
     from portvlm.suites import tiny
 
@@ -157,7 +157,7 @@ def worker(rank: int, world: int, port: int, spec: dict) -> None:
             model = tiny.build(spec["model_id"], attn_implementation="sdpa")
             model.load_state_dict(state)
             model.train()
-            with portvlm.patch(model, arch=spec["arch"]) as handle:
+            with patch(model, arch=spec["arch"]) as handle:
                 pmodel = parallelize(model, handle, mesh, fault=case.get("fault"))
                 with pmodel:
                     dp_rank = pmodel.layout.dp_rank
