@@ -275,6 +275,15 @@ def _fresh(ref, mid, ctx):
     return tiny.clone(ref, attn_implementation=PATCHED_BUILD_ATTN, model_id=mid).to(ctx.device)
 
 
+def _gloo_skip_reason(ctx, fast_what: str, check: str) -> str | None:
+    """Why a multi-process gloo check does not run in this cell (None: it runs)."""
+    if ctx.fast:
+        return f"fast=True: {fast_what}"
+    if ctx.device != "cpu":
+        return f"{check} on the CPU with gloo; this cell's device is {ctx.device}"
+    return None
+
+
 def run(ctx):
     rec = Recorder("training")
     timer = Timer()
@@ -392,10 +401,9 @@ def run(ctx):
         rec.check("frozen_vision.text_trains", t_moved > 0 and f_losses[-1] < f_losses[0], detail=f"{t_moved} of {len(before_t)} trainable parameters moved; loss {f_losses[0]:.4f} -> {f_losses[-1]:.4f}")
 
     # 4. FSDP2 across 2 gloo processes: loss equal to the single-process run (fp32)
-    if ctx.fast:
-        skipped["fsdp2"] = "fast=True: FSDP2 over 2 processes not run"
-    elif ctx.device != "cpu":
-        skipped["fsdp2"] = f"FSDP2 check runs on the CPU with gloo; this cell's device is {ctx.device}"
+    reason = _gloo_skip_reason(ctx, "FSDP2 over 2 processes not run", "FSDP2 check runs")
+    if reason:
+        skipped["fsdp2"] = reason
     else:
         with timer("fsdp2"):
             got = fsdp_losses(ctx, state_dict)
@@ -407,10 +415,9 @@ def run(ctx):
         rec.add(check_from("fsdp2.loss_equals_single_process", c, what=f"{FSDP_WORLD} gloo processes, fully_shard on {got['wrapped']} {got['classes']} + root, {FSDP_STEPS} steps; "))
     # 5. sp: Ulysses SP=2 (2 gloo processes, one packed row cut through a sample and an image) vs one process;
     #    LLaVA has no SP (data parallel only): DP=2 on different rows vs one process on their union instead.
-    if ctx.fast:
-        skipped["sp"] = "fast=True: the SP=2 check over 2 processes not run"
-    elif ctx.device != "cpu":
-        skipped["sp"] = f"the sp check runs on the CPU with gloo; this cell's device is {ctx.device}"
+    reason = _gloo_skip_reason(ctx, "the SP=2 check over 2 processes not run", "the sp check runs")
+    if reason:
+        skipped["sp"] = reason
     else:
         with timer("sp"):
             _sp_check(rec, ctx)
