@@ -20,7 +20,7 @@ is the mean over all tokens of the batch (``portvlm.distributed.loss``) and FSDP
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -36,8 +36,12 @@ ROW_KEYS = ("input_ids", "position_ids", "labels", "pixel_values", "image_grid_t
             "video_grid_thw")
 
 
-@dataclass
-class StepOutput:
+class StepOutput(NamedTuple):
+    """What the FSDP root returns. A NamedTuple, not a dataclass: FSDP2 finds the tensors to hook its root
+    pre-backward (re-gather the root's parameters) with ``tree_flatten`` up to torch 2.12, and pytree treats an
+    unregistered dataclass as an opaque leaf — backward then used freed parameters (seen on torch 2.11 + CUDA:
+    "setStorage ... out of bounds for storage of size 0", "aten.mm got mixed torch.Tensor and DTensor")."""
+
     loss: torch.Tensor  # this rank's share (local token-loss sum / batch token count): call backward on it
     loss_value: torch.Tensor  # detached: the batch's mean token loss, identical on every rank
     tokens: int  # target tokens in the whole batch (all dp rows)
@@ -260,7 +264,9 @@ def parallelize(model, handle, mesh, *, activation_checkpointing: bool = False, 
     paths = pmodel._paths
     for block in list(paths.vision_blocks) + list(paths.text_layers):
         fully_shard(block, **kwargs)
-    fully_shard(pmodel, **kwargs)
+    # The root keeps FSDP's own default: its parameters (embeddings, lm_head, merger) stay gathered from forward
+    # through backward, where the chunked loss recomputes lm_head. Forcing True would free them after forward.
+    fully_shard(pmodel, **{k: v for k, v in kwargs.items() if k != "reshard_after_forward"})
     for m in pmodel.modules():
         if isinstance(m, FSDPModule) and fault != "average_gradients":  # the fault keeps FSDP's mean over ranks
             sum_gradients(m)

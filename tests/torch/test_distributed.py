@@ -86,3 +86,15 @@ def test_a_rank_that_raises_ends_every_rank_in_bounded_time():
     with pytest.raises(Exception, match="injected failure on rank 1"):
         check.run("qwen2_5vl", "cpu", dp=1, sp=2, rows=rows, cases=[{"name": "ok"}], fail_rank=1, timeout_s=120)
     assert time.monotonic() - t0 < 120
+
+
+def test_the_root_output_shows_fsdp_its_loss():
+    """FSDP2 up to torch 2.12 finds the root's outputs with ``tree_flatten``; an opaque output leaves the root's
+    parameters freed in backward (torch 2.11 + CUDA: "setStorage ... storage of size 0")."""
+    from torch.utils._pytree import tree_flatten
+
+    from portvlm.distributed.parallel import StepOutput
+
+    loss = torch.ones((), requires_grad=True) * 2
+    leaves, _ = tree_flatten(StepOutput(loss, loss.detach(), 3))
+    assert any(leaf is loss for leaf in leaves), leaves
