@@ -73,11 +73,15 @@ def from_benchmarks(directory: Path) -> tuple[list[DistRow], list[str]]:
                                 run.get("status", "?"), run.get("evidence", doc.get("evidence", "?")),
                                 run.get("tokens_per_s"), run.get("peak_GiB"), f"{gpu}; {key}", path.name))
         if body.get("longest_row_that_trains") is not None or "status" in body:  # sp
-            last = (body.get("search") or [{}])[-1]
+            search = body.get("search") or [{}]
+            last = search[-1]
+            longest = body.get("longest_row_that_trains")
+            if longest is not None and all(s.get("trains") for s in search):
+                longest = f"≥ {longest} (the largest tried; none failed)"
             rows.append(DistRow(body.get("arch_policy", "?"), _mesh(body.get("mesh"), world), body.get("model", "?"),
                                 body.get("status", "?"), body.get("evidence", "?"), None, last.get("peak_GiB"),
                                 f"{gpu}; SP vs SP=1 loss on {body.get('row_tokens')} tokens; longest row that trains "
-                                f"{body.get('longest_row_that_trains')}", path.name))
+                                f"{longest}", path.name))
     return rows, problems
 
 
