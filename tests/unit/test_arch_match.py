@@ -258,3 +258,21 @@ def test_runner_records_emulated_evidence_for_a_borrowed_policy(tmp_path, monkey
     (r,) = results
     assert (r.status, r.evidence) == ("pass", "emulated") and "sm110, not in matrix.yaml" in r.evidence_notes[0]
     assert any("evidence emulated" in line for line in said)
+
+
+def test_detection_reads_no_matrix(monkeypatch):
+    """Detection names the device without the matrix: on an H200 whose python lacked jsonschema, the matrix lookup
+    detection used to make raised, and `portvlm doctor` reported no GPU at all."""
+    import portvlm.matrix
+    import portvlm.matrix.load
+
+    def broken(*args, **kwargs):
+        raise portvlm.matrix.MatrixError("could not read the matrix (ModuleNotFoundError: No module named 'jsonschema')")
+
+    for module in (portvlm.matrix, portvlm.matrix.load):
+        for name in ("load_matrix", "parse_matrix", "default_matrix"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, broken)
+    smi = CommandResult(0, "0, NVIDIA H200, 9.0, 143771, 580.159.04\n")
+    p = detect(machine({}, commands={"nvidia-smi --query": smi}))
+    assert (p.vendor, p.name, p.capability, p.arch_id, p.source) == ("nvidia", "NVIDIA H200", (9, 0), "sm90", "nvidia-smi")
