@@ -56,6 +56,15 @@ class Evidence(StrEnum):
     NONE = "none"
 
 
+class CheckStatus(StrEnum):
+    """A doctor check's status: ``info`` is shown but ranks as ``ok``; ``warn`` and ``fail`` carry a fix."""
+
+    OK = "ok"
+    INFO = "info"
+    WARN = "warn"
+    FAIL = "fail"
+
+
 class Mode(StrEnum):
     """How the runner runs a cell on this host."""
 

@@ -7,6 +7,7 @@ from portvlm.doctor import facts
 from portvlm.doctor.collect import EnvInfo
 from portvlm.doctor.report import Check
 from portvlm.platform import Platform, bf16_reasons, kernel_image_reasons
+from portvlm.records import CheckStatus
 from portvlm.shims.versions import base_version, parse, parse_or_none
 from portvlm.wheels import torch_index
 
@@ -42,19 +43,19 @@ def check_torch(info: EnvInfo, arch) -> list[Check]:
     t, p = info.torch, info.platform
     want = _suggested_torch(info, arch)
     if not t.installed:
-        return [Check("torch", "fail", "torch is not installed", want)]
+        return [Check("torch", CheckStatus.FAIL, "torch is not installed", want)]
     if t.error:
-        return [Check("torch", "fail", f"torch {t.version or ''} does not import: {t.error}".replace("  ", " "),
+        return [Check("torch", CheckStatus.FAIL, f"torch {t.version or ''} does not import: {t.error}".replace("  ", " "),
                       want or "reinstall torch for this machine's CUDA/ROCm")]
     build = f"CUDA {t.cuda}" if t.cuda else f"ROCm/HIP {t.hip}" if t.hip else "CPU-only"
-    checks = [Check("torch", "ok", f"torch {t.version} ({build} build)")]
+    checks = [Check("torch", CheckStatus.OK, f"torch {t.version} ({build} build)")]
     if p.vendor == "nvidia" and not t.cuda:
-        checks.append(Check("torch_build", "fail", f"{p.name} found but torch {t.version} is a {build} build", want))
+        checks.append(Check("torch_build", CheckStatus.FAIL, f"{p.name} found but torch {t.version} is a {build} build", want))
     elif p.vendor == "amd" and not t.hip:
-        checks.append(Check("torch_build", "fail", f"{p.name} found but torch {t.version} is a {build} build",
+        checks.append(Check("torch_build", CheckStatus.FAIL, f"{p.name} found but torch {t.version} is a {build} build",
                             want or f"install a ROCm torch build: pip install torch --index-url {torch_index('rocm7.2')}"))
     elif p.is_gpu and t.cuda_available is False:
-        checks.append(Check("torch_build", "fail",
+        checks.append(Check("torch_build", CheckStatus.FAIL,
                             f"{p.name} found but torch.cuda.is_available() is False (driver {info.driver or '?'})",
                             "check the driver (nvidia-smi / rocm-smi) and CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES"))
     return checks
@@ -80,14 +81,14 @@ def check_driver(info: EnvInfo) -> list[Check]:
         return []
     torch_major = int(str(t.cuda).split(".")[0])
     if not info.driver_cuda:
-        return [Check("driver", "info", f"driver {info.driver or 'unknown'}; its CUDA version could not be read")]
+        return [Check("driver", CheckStatus.INFO, f"driver {info.driver or 'unknown'}; its CUDA version could not be read")]
     driver_major = int(str(info.driver_cuda).split(".")[0])
     if driver_major < torch_major:
         minimum = facts.DRIVER_FOR_CUDA_MAJOR.get(torch_major, "a newer driver")
-        return [Check("driver", "fail",
+        return [Check("driver", CheckStatus.FAIL,
                       f"driver {info.driver} supports CUDA {info.driver_cuda}; torch was built with CUDA {t.cuda}",
                       f"upgrade the NVIDIA driver to >= {minimum}, or install a cu{driver_major}x torch build")]
-    return [Check("driver", "ok", f"driver {info.driver} (CUDA {info.driver_cuda}) runs torch's CUDA {t.cuda}")]
+    return [Check("driver", CheckStatus.OK, f"driver {info.driver} (CUDA {info.driver_cuda}) runs torch's CUDA {t.cuda}")]
 
 
 def check_kernel_image(info: EnvInfo) -> list[Check]:
@@ -95,11 +96,11 @@ def check_kernel_image(info: EnvInfo) -> list[Check]:
     if not p.is_gpu or not torch_usable(info):
         return []
     if not t.arch_list:
-        return [Check("kernel_image", "info", "torch's compiled arch list could not be read; not judged")]
+        return [Check("kernel_image", CheckStatus.INFO, "torch's compiled arch list could not be read; not judged")]
     why = kernel_image_reasons(t.arch_list, p.capability if p.vendor == "nvidia" else None,
                                p.gfx if p.vendor == "amd" else None)
     if not why:
-        return [Check("kernel_image", "ok", f"torch has kernels for {device_arch(p)}")]
+        return [Check("kernel_image", CheckStatus.OK, f"torch has kernels for {device_arch(p)}")]
     message = f"{why[0]} → 'no kernel image is available for execution on the device' at the first CUDA op"
     if p.vendor == "nvidia" and p.capability:
         builds = facts.torch_builds_for(p.capability)
@@ -111,34 +112,35 @@ def check_kernel_image(info: EnvInfo) -> list[Check]:
         fix = (f"{facts.pip_torch(*builds[0])}  (also: {options}"
                + (f"; {'/'.join(never)} never ship {sm_name(p.capability).replace('sm', 'sm_')}" if never else "")
                + ")") if builds else f"no torch wheel portvlm knows of carries {sm_name(p.capability)}"
-        return [Check("kernel_image", "fail", message, fix)]
-    return [Check("kernel_image", "fail", message,
+        return [Check("kernel_image", CheckStatus.FAIL, message, fix)]
+    return [Check("kernel_image", CheckStatus.FAIL, message,
                   f"a ROCm torch build whose PYTORCH_ROCM_ARCH includes {p.gfx} (rocm/pytorch images list theirs)")]
 
 
-def check_arch(info: EnvInfo, arch, match: str, note: str | None) -> list[Check]:
+def check_arch(info: EnvInfo, match, entry: str | None = None) -> list[Check]:
+    """The device against the matrix (a :class:`portvlm.policy.ArchMatch`); ``entry``: what to add to matrix.yaml."""
     p = info.platform
     checks = []
-    if arch is None:
-        checks.append(Check("arch", "warn", note or f"no matrix arch for {device_arch(p)}"))
-    elif match == "nearest":
-        checks.append(Check("arch", "warn", note or "", f"expect untested behaviour; the tested archs are listed in "
-                            f"matrix.yaml (policy applied: {arch.id})"))
+    if match.exact:
+        checks.append(Check("arch", CheckStatus.OK, f"{device_arch(p)} ({p.name}) → matrix arch {match.arch.id}"))
     else:
-        checks.append(Check("arch", "ok", f"{device_arch(p)} ({p.name}) → matrix arch {arch.id}"))
+        fix = None
+        if entry:
+            fix = f"add {match.device} to portvlm/data/matrix.yaml under archs:, then run its cells here\n{entry}"
+        checks.append(Check("arch", CheckStatus.WARN, f"{p.name} {'is' if match.device else '→'} {match.reason}", fix))
     if p.vendor == "amd" and p.gfx:
         gfx = p.gfx
         if gfx in facts.AOTRITON_SUPPORTED:
-            checks.append(Check("aotriton", "ok", f"AOTriton (torch SDPA flash/mem-efficient) fully supports {gfx}"))
+            checks.append(Check("aotriton", CheckStatus.OK, f"AOTriton (torch SDPA flash/mem-efficient) fully supports {gfx}"))
         elif gfx in facts.AOTRITON_EXPERIMENTAL:
             if info.env.get(facts.AOTRITON_ENV) == "1":
-                checks.append(Check("aotriton", "info", f"{gfx} is experimental in AOTriton; enabled by "
+                checks.append(Check("aotriton", CheckStatus.INFO, f"{gfx} is experimental in AOTriton; enabled by "
                                     f"{facts.AOTRITON_ENV}=1"))
             else:
-                checks.append(Check("aotriton", "warn", f"{gfx} is experimental in AOTriton: torch refuses its SDPA "
+                checks.append(Check("aotriton", CheckStatus.WARN, f"{gfx} is experimental in AOTriton: torch refuses its SDPA "
                                     "flash/mem-efficient kernels and falls back to math", f"export {facts.AOTRITON_ENV}=1"))
         else:
-            checks.append(Check("aotriton", "warn", f"AOTriton has no kernels for {gfx}: torch SDPA runs the math "
+            checks.append(Check("aotriton", CheckStatus.WARN, f"AOTriton has no kernels for {gfx}: torch SDPA runs the math "
                                 "fallback (O(S^2) memory, slow)", None))
     return checks
 
@@ -152,9 +154,10 @@ def native_bf16(platform: Platform) -> bool | None:
     return None
 
 
-def check_precision(info: EnvInfo, arch) -> list[Check]:
+def check_precision(info: EnvInfo, policy) -> list[Check]:
+    """Native dtypes here, against the dtype ``policy`` (:func:`portvlm.policy.resolve_policy`) runs in."""
     p, t = info.platform, info.torch
-    dtype = arch.policy_dtype if arch is not None else None
+    dtype = policy.dtype if policy is not None else None
     if p.vendor == "nvidia" and p.capability:
         bf16 = native_bf16(p)
         bf16_text = (f"bf16 native ({sm_name(p.capability)})" if bf16 else
@@ -173,11 +176,11 @@ def check_precision(info: EnvInfo, arch) -> list[Check]:
     else:
         bf16 = None
         text = "CPU: fp32 policy (bf16/fp16 run but are slow and unverified here) · TF32 n/a"
-    status = "ok"
+    status = CheckStatus.OK
     fix = None
     if dtype == "bfloat16" and bf16 is False:
-        status, fix = "warn", "run with torch_dtype=torch.float16 (or float32); bf16 is emulated here"
-        text += f"; the applied policy ({arch.id}) prefers bfloat16"
+        status, fix = CheckStatus.WARN, "run with torch_dtype=torch.float16 (or float32); bf16 is emulated here"
+        text += f"; the applied policy ({policy.arch.id}) prefers bfloat16"
     if dtype:
         text += f" → policy dtype {dtype}"
     return [Check("precision", status, text, fix)]
@@ -187,13 +190,13 @@ def check_transformers(info: EnvInfo, matrix, arch=None) -> list[Check]:
     version = parse_or_none(info.transformers.version)
     if version is None:
         newest = _newest_stack_transformers(matrix)
-        return [Check("transformers", "fail", info.transformers.error or "transformers not installed",
+        return [Check("transformers", CheckStatus.FAIL, info.transformers.error or "transformers not installed",
                       f"pip install 'transformers=={newest}'" if newest else "pip install transformers")]
     checks = []
     stacks = [parse_or_none(s.transformers) for s in (matrix.stacks if matrix is not None else ())]
     stacks = sorted(v for v in stacks if v is not None)
     if stacks and version < stacks[0]:
-        checks.append(Check("transformers", "fail",
+        checks.append(Check("transformers", CheckStatus.FAIL,
                             f"transformers {version} is older than every stack portvlm tests (oldest {stacks[0]})",
                             f"pip install 'transformers=={stacks[-1]}' (or any tested version >= {stacks[0]})"))
         return checks
@@ -204,13 +207,13 @@ def check_transformers(info: EnvInfo, matrix, arch=None) -> list[Check]:
         if arch is not None and matrix is not None and arch.stacks:  # the newest version tested on this arch
             newest = max(parse_or_none(matrix.stack(s).transformers) or parse("0") for s in arch.stacks)
         checks.append(Check(
-            "transformers", "warn" if allowed else "fail",
+            "transformers", CheckStatus.WARN if allowed else CheckStatus.FAIL,
             f"transformers {version} is outside the range portvlm's shims were verified on ({verified[1]})"
             + ("; allowed by PORTVLM_ALLOW_UNVERIFIED=1" if allowed else ": portvlm.patch refuses it"),
             None if allowed else (f"pip install 'transformers=={newest}'" if newest else None)
             + " (or export PORTVLM_ALLOW_UNVERIFIED=1 to try it unverified)"))
         return checks
-    checks.append(Check("transformers", "ok", f"transformers {version}"))
+    checks.append(Check("transformers", CheckStatus.OK, f"transformers {version}"))
     return checks
 
 
@@ -229,16 +232,16 @@ def _newest_stack_transformers(matrix) -> str | None:
     return str(max(parse_or_none(s.transformers) or parse("0") for s in matrix.stacks))
 
 
-def check_xformers(info: EnvInfo, arch) -> list[Check]:
+def check_xformers(info: EnvInfo, policy) -> list[Check]:
     x, p = info.xformers, info.platform
     if x.version is None:
-        return [Check("xformers", "info", "xformers not installed (portvlm does not need it)")]
+        return [Check("xformers", CheckStatus.INFO, "xformers not installed (portvlm does not need it)")]
     installed = base_version(info.torch.version)
     wanted = facts.xformers_for_torch(info.torch.version) if installed else None
     index = torch_variant_of(info)
     pip = (f"pip install 'xformers=={wanted}'" + (f" --index-url {torch_index(index)}"
            if index and index != "cpu" else "")) if wanted else "pip uninstall -y xformers"
-    uses_xformers = arch is not None and "xformers_blockdiag" in arch.vision_backends
+    uses_xformers = policy is not None and "xformers_blockdiag" in policy.vision_backends
     mismatch = None
     built_for = base_version(x.built_for_torch)
     if x.requires_torch and x.requires_torch.startswith("==") and installed:
@@ -255,19 +258,19 @@ def check_xformers(info: EnvInfo, arch) -> list[Check]:
                 if mismatch else f"xformers {x.version}: C++/CUDA extension did not load")
         if x.extension_loaded is False:
             what += f"; extension not loaded ({x.extension_error or 'unknown error'}): every xformers op fails"
-        status = "fail" if uses_xformers and x.extension_loaded is not True else "warn"
+        status = CheckStatus.FAIL if uses_xformers and x.extension_loaded is not True else CheckStatus.WARN
         checks.append(Check("xformers", status, what, pip))
     elif x.error:
-        checks.append(Check("xformers", "warn", f"xformers {x.version} installed but unusable: {x.error}", pip))
+        checks.append(Check("xformers", CheckStatus.WARN, f"xformers {x.version} installed but unusable: {x.error}", pip))
     if p.vendor == "nvidia" and p.capability and p.capability < (7, 5):
         v = parse_or_none(x.version)
         if v is not None and v > parse(facts.XFORMERS_LAST_SM70):
-            checks.append(Check("xformers", "warn", f"xformers {x.version} wheels carry no {sm_name(p.capability)} "
+            checks.append(Check("xformers", CheckStatus.WARN, f"xformers {x.version} wheels carry no {sm_name(p.capability)} "
                                 f"kernels (0.0.31 dropped V100; last with sm70: {facts.XFORMERS_LAST_SM70} for torch 2.7.0)",
                                 f"pip install 'xformers=={facts.XFORMERS_LAST_SM70}' with torch 2.7.0 (cu118/cu126)"))
     if not checks:
         usable = [o.name for o in x.ops if not xformers_op_reasons(o, p, None)]
-        checks.append(Check("xformers", "ok", f"xformers {x.version} (built for torch {x.built_for_torch or '?'}); "
+        checks.append(Check("xformers", CheckStatus.OK, f"xformers {x.version} (built for torch {x.built_for_torch or '?'}); "
                             f"usable fmha ops here: {', '.join(usable) or 'none'}"))
     return checks
 
@@ -291,7 +294,7 @@ def xformers_op_reasons(op, platform: Platform, dtype: str | None) -> list[str]:
 def check_flash_attn(info: EnvInfo) -> list[Check]:
     f, p = info.flash_attn, info.platform
     if f.version is None:
-        return [Check("flash_attn", "info", "flash-attn not installed (portvlm does not need it)")]
+        return [Check("flash_attn", CheckStatus.INFO, "flash-attn not installed (portvlm does not need it)")]
     unusable = None
     if p.vendor == "nvidia" and p.capability and p.capability < facts.FLASH_ATTN_MIN_CAPABILITY:
         unusable = f"flash-attn needs sm80+ (Ampere), found {sm_name(p.capability)} ({p.name})"
@@ -301,17 +304,17 @@ def check_flash_attn(info: EnvInfo) -> list[Check]:
     elif p.vendor == "cpu":
         unusable = "flash-attn has no CPU kernels"
     if unusable and p.vendor != "cpu":
-        return [Check("flash_attn", "warn",
+        return [Check("flash_attn", CheckStatus.WARN,
                       f"flash-attn {f.version} is installed but cannot run here: {unusable}. Libraries that find the "
                       "package route to it anyway and fail with 'FlashAttention only supports Ampere GPUs or newer', "
                       f"even with eager attention requested ({facts.FLASH_ATTN_SM70_ISSUES})",
                       "pip uninstall -y flash-attn")]
     if f.importable is False:
-        return [Check("flash_attn", "warn", f"flash-attn {f.version} is installed but does not import: {f.error}",
+        return [Check("flash_attn", CheckStatus.WARN, f"flash-attn {f.version} is installed but does not import: {f.error}",
                       "pip uninstall -y flash-attn (or reinstall it built for this torch)")]
     if unusable:
-        return [Check("flash_attn", "info", f"flash-attn {f.version} installed; {unusable}")]
-    return [Check("flash_attn", "ok", f"flash-attn {f.version} installed and usable on {device_arch(p)} "
+        return [Check("flash_attn", CheckStatus.INFO, f"flash-attn {f.version} installed; {unusable}")]
+    return [Check("flash_attn", CheckStatus.OK, f"flash-attn {f.version} installed and usable on {device_arch(p)} "
                   "(portvlm itself never calls it)")]
 
 
@@ -319,8 +322,8 @@ def check_gpu(info: EnvInfo) -> list[Check]:
     p = info.platform
     if not p.is_gpu:
         why = "; ".join(info.gpu_reasons[:6]) or "no GPU probe found a device"
-        return [Check("gpu", "info", f"no GPU ({why})")]
+        return [Check("gpu", CheckStatus.INFO, f"no GPU ({why})")]
     memory = f", {p.memory_mib / 1024:.0f} GiB" if p.memory_mib else ""
     more = f" (+{p.count - 1} more)" if p.count > 1 else ""
     via = f"via {p.source}" + ("; a CUDA context was created" if p.source == "torch" else "")
-    return [Check("gpu", "ok", f"{p.name} ({device_arch(p)}{memory}){more}, {via}")]
+    return [Check("gpu", CheckStatus.OK, f"{p.name} ({device_arch(p)}{memory}){more}, {via}")]

@@ -24,7 +24,7 @@ from portvlm.doctor.checks import (  # noqa: F401 - native_bf16, xformers_op_rea
 )
 from portvlm.doctor.collect import EnvInfo
 from portvlm.doctor.features import choose_backend, feature_probe  # noqa: F401
-from portvlm.doctor.matching import expected_outcome, match_stack, policy_arch
+from portvlm.doctor.matching import expected_outcome, host_arch, match_stack, matrix_entry, policy_for
 from portvlm.doctor.report import (  # noqa: F401
     FAIL,
     OK,
@@ -38,6 +38,7 @@ from portvlm.doctor.report import (  # noqa: F401
     Shim,
 )
 from portvlm.doctor.shims import shims_for
+from portvlm.records import CheckStatus, Evidence
 from portvlm.shims.versions import family_reasons, parse_or_none
 
 
@@ -50,8 +51,8 @@ def _family_reasons(matrix, model_type: str, version: str | None) -> list[str]:
     return list(family_reasons(model_type, v, minimums))
 
 
-def _family(info: EnvInfo, matrix, arch, model, checks: list[Check]) -> FamilyReport:
-    p = info.platform
+def _family(info: EnvInfo, matrix, policy, policy_error: str | None, model, checks: list[Check]) -> FamilyReport:
+    arch = policy.arch if policy is not None else None
     vision_dim, text_dim = facts.HEAD_DIMS.get(model.family, facts.DEFAULT_HEAD_DIMS)
     global_rank = max((RANK[c.status] for c in checks), default=0)
     ranked = sorted((c for c in checks if RANK[c.status]), key=lambda c: -RANK[c.status])
@@ -83,15 +84,15 @@ def _family(info: EnvInfo, matrix, arch, model, checks: list[Check]) -> FamilyRe
         own_rank = 2
         reasons.append(why)
         fixes.insert(0, f"pip install 'transformers>={model.min_transformers}'")
-    # dtype: the arch policy's first dtype this hardware runs natively (bf16 never on emulation).
-    dtype = "float32"
-    if arch is not None:
-        dtypes = [d for d in arch.dtypes if not (d == "bfloat16" and native_bf16(p) is False)]
-        dtype = (dtypes or ["float32"])[0]
+    # dtype and backend priority: the policy portvlm.patch(arch=None) resolves here (portvlm.policy).
+    dtype = policy.dtype if policy is not None else "float32"
+    if policy_error:
+        own_rank = 2
+        reasons.append(policy_error)
     vision = text = None
-    if arch is not None:
-        vision = choose_backend(info, "vision", tuple(arch.vision_backends), dtype, vision_dim, p)
-        text = choose_backend(info, "text", tuple(arch.text_backends), dtype, text_dim, p)
+    if policy is not None:
+        vision = choose_backend(info, "vision", policy.vision_backends, dtype, vision_dim, policy.platform)
+        text = choose_backend(info, "text", policy.text_backends, dtype, text_dim, policy.platform)
         for choice in (vision, text):
             if choice.chosen is None and choice.error and "not importable" not in choice.error and torch_usable(info):
                 own_rank = 2
@@ -111,42 +112,46 @@ def diagnose(info: EnvInfo, matrix=None, *, matrix_error: str | None = None) -> 
     try:
         return _diagnose(info, matrix, matrix_error)
     except Exception as exc:  # a bug here must still produce a report
-        check = Check("doctor", "fail", f"diagnosis failed: {type(exc).__name__}: {exc}",
+        check = Check("doctor", CheckStatus.FAIL, f"diagnosis failed: {type(exc).__name__}: {exc}",
                       "report this as a portvlm bug, with `portvlm doctor --json`")
         return Report(env=info, checks=(check,), verdict=FAIL, matrix_error=matrix_error)
 
 
 def _diagnose(info: EnvInfo, matrix, matrix_error: str | None) -> Report:
-    arch, match, note = policy_arch(info, matrix)
+    here = host_arch(info, matrix)
+    policy, policy_error = policy_for(info, matrix)
+    arch = policy.arch if policy is not None else None
+    entry = matrix_entry(here, info.platform, matrix)
     checks: list[Check] = []
     checks += check_gpu(info)
     checks += check_torch(info, arch)
     checks += check_kernel_image(info)  # before the driver: the right torch build often fixes both
     checks += check_driver(info)
-    if matrix is not None:
-        checks += check_arch(info, arch, match, note)
+    if here is not None:
+        checks += check_arch(info, here, entry)
     elif matrix_error:
-        checks.append(Check("matrix", "warn", f"matrix unavailable: {matrix_error}", "portvlm matrix --file PATH"))
-    checks += check_precision(info, arch)
+        checks.append(Check("matrix", CheckStatus.WARN, f"matrix unavailable: {matrix_error}", "portvlm matrix --file PATH"))
+    checks += check_precision(info, policy)
     checks += check_transformers(info, matrix, arch)
-    checks += check_xformers(info, arch)
+    checks += check_xformers(info, policy)
     checks += check_flash_attn(info)
     if info.probe_errors:
-        checks.append(Check("probes", "warn", "probes failed (values unknown): " + "; ".join(info.probe_errors)))
+        checks.append(Check("probes", CheckStatus.WARN, "probes failed (values unknown): " + "; ".join(info.probe_errors)))
     global_rank = max((RANK[c.status] for c in checks), default=0)
     families = []
     if matrix is not None:
-        families = [_family(info, matrix, arch, m, checks) for m in matrix.models]
+        families = [_family(info, matrix, policy, policy_error, m, checks) for m in matrix.models]
     p = info.platform
-    evidence, evidence_note = "hardware", None
+    evidence, evidence_note = Evidence.HARDWARE, None
     if not p.is_gpu:
         evidence_note = ("CPU host: cpu cells run here as `hardware` evidence; GPU arch policies can only be "
                          "`emulated` (dtype/backend rules of the arch, CPU kernels)")
-    elif match == "nearest":
-        evidence, evidence_note = "emulated", note
+    elif here is not None and not here.exact:
+        evidence, evidence_note = here.evidence, here.reason
     verdict_rank = max([global_rank] + [RANK[f.verdict.lower()] for f in families])
     return Report(
-        env=info, arch=arch.id if arch is not None else None, arch_match=match, evidence=evidence,
-        evidence_note=evidence_note, checks=tuple(checks), families=tuple(families),
+        env=info, arch=arch.id if arch is not None else None, arch_match=here.match if here else "none",
+        evidence=evidence, evidence_note=evidence_note, checks=tuple(checks), families=tuple(families),
         matrix=getattr(matrix, "path", None), matrix_error=matrix_error, verdict=VERDICT[verdict_rank],
+        device_arch=here.device if here else p.arch_id, declared=here.exact if here else None, add_to_matrix=entry,
     )

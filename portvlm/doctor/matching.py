@@ -2,45 +2,93 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
 
-from portvlm.doctor.checks import device_arch, torch_variant_of
+from portvlm.doctor import facts
+from portvlm.doctor.checks import torch_variant_of
 from portvlm.doctor.collect import EnvInfo
+from portvlm.errors import UnsupportedError
+from portvlm.policy import ArchMatch, Policy, match_platform, resolve_policy
 from portvlm.shims.versions import base_version, parse, parse_or_none
 
 
-def gfx_key(gfx: str | None) -> int:
-    try:
-        return int((gfx or "gfx0")[3:], 16)
-    except ValueError:
-        return 0
-
-
-def policy_arch(info: EnvInfo, matrix) -> tuple[Any, str, str | None]:
-    """``(arch, match, note)``: the matrix arch whose policy applies here, and whether it is the device's own."""
+def host_arch(info: EnvInfo, matrix) -> ArchMatch | None:
+    """The device against the matrix (:func:`portvlm.policy.match_platform`); ``None`` without a matrix."""
     if matrix is None:
-        return None, "none", None
-    p = info.platform
-    by_id = {a.id: a for a in matrix.archs}
-    if p.vendor == "cpu" or p.device == "cpu":
-        arch = by_id.get("cpu")
-        return arch, ("exact" if arch else "none"), None
-    if p.arch_id and p.arch_id in by_id:
-        return by_id[p.arch_id], "exact", None
-    same = [a for a in matrix.archs if a.vendor == p.vendor]
-    if not same:
-        return None, "none", f"the matrix has no {p.vendor} arch"
-    if p.vendor == "nvidia" and p.capability:
-        lower = [a for a in same if a.capability and tuple(a.capability) <= p.capability]
-        arch = max(lower, key=lambda a: a.capability) if lower else min(same, key=lambda a: a.capability or (0, 0))
-    elif p.vendor == "amd":
-        key = gfx_key(p.gfx)
-        lower = [a for a in same if gfx_key(a.gfx) <= key]
-        arch = max(lower, key=lambda a: gfx_key(a.gfx)) if lower else min(same, key=lambda a: gfx_key(a.gfx))
+        return None
+    return match_platform(info.platform, matrix.archs)
+
+
+def policy_for(info: EnvInfo, matrix) -> tuple[Policy | None, str | None]:
+    """``(policy, None)`` the host's policy as ``portvlm.patch(arch=None)`` resolves it, or ``(None, why not)``."""
+    if matrix is None:
+        return None, None
+    try:
+        return resolve_policy(None, matrix=matrix, host=info.platform), None
+    except UnsupportedError as exc:
+        return None, str(exc)
+
+
+def _stack_kernel_reasons(stack, capability: tuple[int, int]) -> list[str]:
+    """Why a stack's torch wheel has no cubin for ``capability`` (from facts.TORCH_CUDA_WHEELS; empty: it has)."""
+    minor = ".".join(stack.torch.split(".")[:2])
+    cubins = facts.TORCH_CUDA_WHEELS.get((minor, stack.torch_variant))
+    if cubins is None:
+        return [f"torch {minor}+{stack.torch_variant}'s arch list is not in portvlm's facts"]
+    if any(facts.cubin_runs(c, capability) for c in cubins):
+        return []
+    return [f"torch {minor}+{stack.torch_variant} carries no sm_{capability[0]}{capability[1]} cubin"]
+
+
+def matrix_entry(match: ArchMatch | None, platform, matrix) -> str | None:
+    """The ``archs:`` entry to add to matrix.yaml for an undeclared device arch (YAML text), ``None`` when exact.
+
+    Starts from the policy applied now (the nearest declared arch): its dtypes, backends, runtime, and those of its
+    stacks whose torch build carries the device's kernels (NVIDIA: facts.TORCH_CUDA_WHEELS; a ROCm build's gfx list
+    is not known here, so the stacks are copied with a note to check them).
+    """
+    if match is None or match.exact or match.device is None or match.vendor not in ("nvidia", "amd"):
+        return None
+    if match.vendor == "nvidia":
+        hardware = f"capability: [{platform.capability[0]}, {platform.capability[1]}]"
     else:
-        arch = same[0]
-    note = f"{device_arch(p)} ({p.name}) has no arch in the matrix; applying the nearest policy, {arch.id} (untested here)"
-    return arch, "nearest", note
+        hardware = f"gfx: {match.device}"
+    base, notes = match.arch, []
+    if base is None:
+        dtypes, vision, text, runtime, stacks = ("float32",), ("sdpa_masked",), ("sdpa_masked", "eager"), "host", []
+        notes.append(f"no declared {match.vendor} arch to start from: choose its dtypes, backends and stacks")
+    else:
+        dtypes, vision, text, runtime = base.dtypes, base.vision_backends, base.text_backends, base.runtime
+        stacks = list(base.stacks)
+        notes.append(f"policy copied from {base.id} (the nearest declared {match.vendor} arch); confirm dtypes and "
+                     "backends with a run on the device")
+        if match.vendor == "nvidia":
+            why = {s: _stack_kernel_reasons(matrix.stack(s), platform.capability) for s in base.stacks}
+            carried = [s for s in base.stacks if not why[s]]
+            if carried and len(carried) < len(stacks):
+                notes.append(f"stacks of {base.id} left out: " + "; ".join(w[0] for w in why.values() if w))
+            elif not carried:  # an arch needs a stack: keep them, and say they are not known to run here
+                notes.append(f"none of {base.id}'s stacks is known to carry {match.device} kernels ("
+                             + "; ".join(w[0] for w in why.values()) + "): replace them with a stack whose "
+                             f"torch.cuda.get_arch_list() runs on {match.device}")
+            stacks = carried or stacks
+        else:
+            notes.append(f"check that each stack's torch lists {match.device} in torch.cuda.get_arch_list()")
+    description = f"{platform.name} ({match.device}), not yet tested by portvlm"
+    lines = [
+        f"  - id: {match.device}",
+        f"    vendor: {match.vendor}",
+        f"    description: {json.dumps(description, ensure_ascii=False)}",
+        f"    {hardware}",
+        f"    dtypes: [{', '.join(dtypes)}]",
+        f"    vision_backends: [{', '.join(vision)}]",
+        f"    text_backends: [{', '.join(text)}]",
+        f"    runtime: {runtime}",
+        f"    stacks: [{', '.join(stacks)}]",
+        "    notes:",
+        *(f"      - {json.dumps(n, ensure_ascii=False)}" for n in notes),
+    ]
+    return "\n".join(lines)
 
 
 def match_stack(info: EnvInfo, arch, matrix):

@@ -9,9 +9,10 @@ import sys
 from typing import TextIO
 
 from portvlm.doctor.report import BackendChoice, Report
+from portvlm.records import CheckStatus
 
 Segment = tuple[str, str | None]
-STYLE = {"ok": "green", "info": "cyan", "warn": "yellow", "fail": "bold red",
+STYLE = {CheckStatus.OK: "green", CheckStatus.INFO: "cyan", CheckStatus.WARN: "yellow", CheckStatus.FAIL: "bold red",
          "OK": "bold green", "WARN": "bold yellow", "FAIL": "bold red"}
 MAX_REASON = 70
 
@@ -63,16 +64,20 @@ def lines(report: Report) -> list[list[Segment]]:
     x, f = env.xformers, env.flash_attn
     out.append([("libs    ", "bold"), (f"transformers {env.transformers.version or '—'} · xformers {x.version or '—'}"
                                        f" · flash-attn {f.version or '—'} · triton {t.triton or '—'}", None)])
-    arch = report.arch or "none"
-    out.append([("arch    ", "bold"), (f"{arch} ({report.arch_match})", None),
+    arch = f"{report.arch or 'none'} ({report.arch_match})"
+    if report.declared is False and report.device_arch:  # name the device's own arch before the policy it borrows
+        arch = f"{report.device_arch} (not in matrix.yaml) → policy {arch}"
+    out.append([("arch    ", "bold"), (arch, None),
                 (f" · evidence {report.evidence}", None)]
                + ([(f" · {_short(report.evidence_note, 100)}", "dim")] if report.evidence_note else []))
     out.append([])
     out.append([("checks", "bold")])
     for c in report.checks:
         out.append([(f"  {c.status:<5} ", STYLE.get(c.status)), (f"{c.id:<13}", None), (_short(c.message, 150), None)])
-        if c.fix and c.status in ("warn", "fail"):
-            out.append([("                    fix: ", "dim"), (c.fix, "bold")])
+        if c.fix and c.status in (CheckStatus.WARN, CheckStatus.FAIL):
+            first, *more = c.fix.splitlines()  # a multi-line fix (a matrix.yaml entry) keeps its indentation
+            out.append([("                    fix: ", "dim"), (first, "bold")])
+            out.extend([("                         ", None), (line, "bold")] for line in more)
     out.append([])
     where = report.matrix or "—"
     out.append([("families", "bold"), (f" (matrix {where})", "dim")])

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from portvlm.doctor.collect import SCHEMA, EnvInfo
-from portvlm.records import StrEnum
+from portvlm.records import CheckStatus, StrEnum
 
 
 class Verdict(StrEnum):
@@ -17,26 +17,17 @@ class Verdict(StrEnum):
     FAIL = "FAIL"
 
 
-class Level(StrEnum):
-    """A check's level: ``info`` is shown but ranks as ``ok``."""
-
-    OK = "ok"
-    INFO = "info"
-    WARN = "warn"
-    FAIL = "fail"
-
-
 OK, WARN, FAIL = Verdict.OK, Verdict.WARN, Verdict.FAIL
-RANK = {Level.OK: 0, Level.INFO: 0, Level.WARN: 1, Level.FAIL: 2}
+RANK = {CheckStatus.OK: 0, CheckStatus.INFO: 0, CheckStatus.WARN: 1, CheckStatus.FAIL: 2}
 VERDICT = {0: OK, 1: WARN, 2: FAIL}
 
 
 @dataclass(frozen=True)
 class Check:
-    """One environment-wide finding: ``status`` is ok | info | warn | fail; ``fix`` is a command or an action."""
+    """One environment-wide finding with a :class:`~portvlm.records.CheckStatus`; ``fix`` is a command or an action."""
 
     id: str
-    status: str
+    status: CheckStatus
     message: str
     fix: str | None = None
 
@@ -87,6 +78,9 @@ class Report:
     arch_match: str = "none"  # "exact" | "nearest" | "none"
     evidence: str = "hardware"  # what a cell run here would record: "hardware" | "emulated"
     evidence_note: str | None = None
+    device_arch: str | None = None  # the device's own arch id, declared or not ("sm90", "sm110", "gfx1100")
+    declared: bool | None = None  # matrix.yaml declares device_arch (None: no matrix to ask)
+    add_to_matrix: str | None = None  # the archs: entry to add for an undeclared device arch (YAML)
     checks: tuple[Check, ...] = ()
     families: tuple[FamilyReport, ...] = ()
     matrix: str | None = None  # path of the matrix used
@@ -99,7 +93,8 @@ class Report:
             "schema": SCHEMA,
             "verdict": self.verdict,
             "arch": {"id": self.arch, "match": self.arch_match, "evidence": self.evidence,
-                     "evidence_note": self.evidence_note},
+                     "evidence_note": self.evidence_note, "device": self.device_arch, "declared": self.declared,
+                     "add_to_matrix": self.add_to_matrix},
             "matrix": {"path": self.matrix, "error": self.matrix_error},
             "checks": [asdict(c) for c in self.checks],
             "families": [asdict(f) for f in self.families],

@@ -39,7 +39,7 @@ class Platform:
     name: str  # "Tesla V100-SXM2-32GB", "AMD Instinct MI300X", "x86_64 CPU"
     capability: tuple[int, int] | None = None  # CUDA compute capability
     gfx: str | None = None  # ROCm gfx arch, e.g. "gfx942"
-    arch_id: str | None = None  # the matrix arch id it matches ("sm90", "gfx942", "cpu"), None if unknown
+    arch_id: str | None = None  # the device's own arch id ("sm90", "sm100", "gfx1100", "cpu"; declared or not), None if unread
     torch_archs: tuple[str, ...] = ()  # torch.cuda.get_arch_list() of the installed build
     emulating: str | None = None  # set when an arch's policy runs on other hardware: the emulated arch id
     memory_mib: int | None = None  # device 0's memory
@@ -82,52 +82,35 @@ class Detection:
 
 
 def arch_id_for(capability: tuple[int, int] | None = None, gfx: str | None = None) -> str | None:
-    """Map a capability / gfx target to the matrix arch id portvlm tests ("sm86" → the sm80 policy)."""
+    """The device's own arch id: ``(10, 0)`` → ``"sm100"``, ``"gfx942:sramecc+"`` → ``"gfx942"``, neither → ``"cpu"``.
+
+    Named whether or not matrix.yaml declares it: which declared arch's policy applies, and as what evidence, is
+    :func:`portvlm.policy.match_arch`'s answer.
+    """
     if gfx:
-        return gfx.split(":")[0]
+        return gfx.split(":")[0].lower()
     if capability is None:
         return "cpu"
     major, minor = capability
-    if major == 7:
-        return "sm70" if minor == 0 else f"sm7{minor}"
-    if major == 8:
-        return "sm80"
-    if major >= 9:
-        return "sm90"
     return f"sm{major}{minor}"
 
 
-def known_arch_ids() -> tuple[str, ...]:
-    """The arch ids portvlm has a policy for: matrix.yaml's ``archs:`` (the packaged one if $PORTVLM_MATRIX is broken)."""
-    from portvlm.errors import MatrixError
-    from portvlm.matrix import default_matrix, load_matrix, packaged_path
-
-    try:
-        matrix = default_matrix()
-    except MatrixError:
-        matrix = load_matrix(packaged_path())
-    return tuple(a.id for a in matrix.archs)
+_ARCH_ID = re.compile(r"^(?:sm(\d+)(\d)|(gfx[0-9a-f]{3,4})|(cpu))$")
 
 
-def known_arch_id(capability: tuple[int, int] | None = None, gfx: str | None = None) -> str | None:
-    """:func:`arch_id_for`, or ``None`` when portvlm has no policy of that id (sm75, gfx1100, …)."""
-    arch = arch_id_for(capability, gfx)
-    return arch if arch in known_arch_ids() else None
+def parse_arch_id(arch_id: str | None) -> tuple[str | None, tuple[int, int] | None, str | None]:
+    """``"sm120"`` → ``("nvidia", (12, 0), None)``; ``"gfx942"`` → ``("amd", None, "gfx942")``; else ``(None, …)``.
 
-
-# --------------------------------------------------------------------------------------------------------------
-# Dtype truth. torch.cuda.is_bf16_supported() counts emulation (True on sm70/sm75): gate on the hardware instead.
-# --------------------------------------------------------------------------------------------------------------
-BF16_MIN_CAPABILITY = (8, 0)
-
-
-def bf16_reasons(vendor: str, capability: tuple[int, int] | None) -> list[str]:
-    """Why bf16 is not native on this NVIDIA capability (empty = native, or not an NVIDIA capability to judge)."""
-    if vendor != "nvidia" or capability is None or tuple(capability) >= BF16_MIN_CAPABILITY:
-        return []
-    need = ".".join(map(str, BF16_MIN_CAPABILITY))
-    return [f"needs compute capability >= {need}, found {capability[0]}.{capability[1]} "
-            "(Volta: no bf16 units; torch.cuda.is_bf16_supported() counts emulation)"]
+    The inverse of :func:`arch_id_for` (the minor is always one digit).
+    """
+    m = _ARCH_ID.match((arch_id or "").strip().lower())
+    if not m:
+        return None, None, None
+    if m.group(1):
+        return "nvidia", (int(m.group(1)), int(m.group(2))), None
+    if m.group(3):
+        return "amd", None, m.group(3)
+    return "cpu", None, None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -269,7 +252,7 @@ def detect_all(probes: Probes | None = None, torch: Any = None) -> tuple[Platfor
         name=gpu.name,
         capability=gpu.capability,
         gfx=gpu.gfx,
-        arch_id=known_arch_id(gpu.capability, gpu.gfx) if (gpu.capability or gpu.gfx) else None,
+        arch_id=arch_id_for(gpu.capability, gpu.gfx) if (gpu.capability or gpu.gfx) else None,
         torch_archs=archs,
         memory_mib=gpu.memory_mib,
         count=len(found.gpus),

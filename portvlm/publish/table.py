@@ -136,6 +136,18 @@ PLATFORMS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+def platform_groups(archs) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """:data:`PLATFORMS` in column order, plus a badge of its own for every arch none of them names (a newly declared
+    arch, e.g. sm100, shows as ``not run`` instead of vanishing from the summary)."""
+    named = {a: (name, members) for name, members in PLATFORMS for a in members}
+    groups = []
+    for arch in archs:
+        group = named.get(arch, (arch, (arch,)))
+        if group not in groups:
+            groups.append(group)
+    return tuple(groups) + tuple(g for g in PLATFORMS if g not in groups)
+
+
 @dataclass
 class LoadedResults:
     """Results read from a directory, plus every file that could not be used and why."""
@@ -202,7 +214,7 @@ def build_table(
     known = {c.id for c in cells}
     problems = list(results.problems)
     problems += [f"{cid}.json: result for a cell not in the matrix" for cid in sorted(set(results.by_cell) - known)]
-    platforms = tuple(summarise(name, members, slots.values()) for name, members in PLATFORMS)
+    platforms = tuple(summarise(name, members, slots.values()) for name, members in platform_groups(archs))
     n_results = sum(1 for cid in results.by_cell if cid in known)
     return Table(archs, rows, platforms, n_results, tuple(problems))
 

@@ -11,21 +11,35 @@ from __future__ import annotations
 import platform as _pyplatform
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from portvlm.matrix.schema import Cell
+from portvlm.matrix.schema import Arch, Cell
+from portvlm.policy import NOT_DECLARED, match_arch_id
 from portvlm.records import CellReport, Evidence
 
 
 def evidence_for(cell: Cell, host_arch: str | None) -> Evidence:
-    """hardware when the host is the cell's arch, else emulated (the arch's policy on other hardware).
+    """hardware when the host is the cell's declared arch, else emulated (the arch's policy on other hardware).
 
-    The runner decides it once (``plan_cell``) and hands it to the child (``--evidence``).
+    ``host_arch`` is the device's own arch id (``Platform.arch_id``: ``"sm100"`` on a B200, never the nearest
+    declared arch); :func:`portvlm.policy.match_arch_id` decides. The runner decides it once (``plan_cell``) and
+    hands it to the child (``--evidence``).
     """
-    return Evidence.HARDWARE if host_arch == cell.arch.id else Evidence.EMULATED
+    return match_arch_id(host_arch, (cell.arch,)).evidence_for(cell.arch.id)
 
 
-def differences(cell: Cell, actual: dict[str, Any], host_arch: str | None, host_name: str) -> list[str]:
+def host_label(host_arch: str | None, archs: Sequence[Arch] = ()) -> str:
+    """``"sm90"``; ``"sm110, not in matrix.yaml"`` when ``archs`` (the matrix's) do not declare the host's arch."""
+    if not host_arch:
+        return "unknown arch"
+    if archs and not match_arch_id(host_arch, archs).exact:
+        return f"{host_arch}, {NOT_DECLARED}"
+    return host_arch
+
+
+def differences(cell: Cell, actual: dict[str, Any], host_arch: str | None, host_name: str,
+                archs: Sequence[Arch] = ()) -> list[str]:
     """What this run differs in from the cell as declared: the evidence notes the table shows."""
     stack, notes = cell.stack, []
     want_torch = f"{stack.torch}+{stack.torch_variant}"
@@ -36,8 +50,8 @@ def differences(cell: Cell, actual: dict[str, Any], host_arch: str | None, host_
     py = actual.get("python", "")
     if not py.startswith(stack.python + ".") and py != stack.python:
         notes.append(f"python {py} instead of {stack.python}")
-    if host_arch != cell.arch.id:
-        notes.append(f"ran on {host_name} ({host_arch or 'unknown arch'}) instead of {cell.arch.id}: "
+    if evidence_for(cell, host_arch) != Evidence.HARDWARE:
+        notes.append(f"ran on {host_name} ({host_label(host_arch, archs)}) instead of {cell.arch.id}: "
                      f"{cell.arch.id}'s policy (dtype {cell.arch.policy_dtype}, backend priority "
                      f"{', '.join(cell.arch.vision_backends)}) with this device's kernels")
     for pkg in ("xformers", "flash_attn"):
@@ -109,14 +123,15 @@ def _patch_report(cell: Cell) -> tuple[list[dict], dict]:
     return shims, backends
 
 
-def run(cell: Cell, suites: tuple[str, ...], fast: bool, in_container: bool, evidence: str | None = None) -> CellReport:
+def run(cell: Cell, suites: tuple[str, ...], fast: bool, in_container: bool, evidence: str | None = None,
+        archs: Sequence[Arch] = ()) -> CellReport:
     from portvlm.suites import SuiteContext, run_suites
 
     t0 = time.perf_counter()
     host_arch, host_name, env = _host()
     actual = _installed_versions()
     evidence = Evidence(evidence) if evidence else evidence_for(cell, host_arch)
-    notes = differences(cell, actual, host_arch, host_name) if evidence == Evidence.EMULATED else []
+    notes = differences(cell, actual, host_arch, host_name, archs) if evidence == Evidence.EMULATED else []
     if in_container:
         notes.append("ran inside the stack's container image")
     device = "cuda" if host_arch not in (None, "cpu") else "cpu"

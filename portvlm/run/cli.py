@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        results = run_many(cells, results_dir=a.results, matrix_path=a.matrix, host_arch=a.host_arch,
+        results = run_many(cells, results_dir=a.results, matrix_path=a.matrix, host_arch=a.host_arch, archs=matrix.archs,
                            require_hardware=a.require_hardware, python=a.python, image=a.image,
                            timeout=a.timeout, fast=a.fast, suites=a.suites)
     except Interrupted as stop:
@@ -69,12 +69,14 @@ def cell_main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from portvlm.matrix import expand, load_matrix
 
-    cells = {c.id: c for c in expand(load_matrix(a.matrix))}
+    matrix = load_matrix(a.matrix)
+    cells = {c.id: c for c in expand(matrix)}
     if a.cell not in cells:
         print(f"error: unknown cell {a.cell!r}; `portvlm matrix` lists them", file=sys.stderr)
         return 2
     try:
-        report = run(cells[a.cell], tuple(s for s in a.suites.split(",") if s), a.fast, a.in_container, a.evidence)
+        report = run(cells[a.cell], tuple(s for s in a.suites.split(",") if s), a.fast, a.in_container, a.evidence,
+                     archs=matrix.archs)
     except Exception:  # noqa: BLE001 - reported to the parent as the cell's error
         report = CellReport(error=traceback.format_exc()[-4000:])
     with open(a.out, "w") as fh:

@@ -16,14 +16,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from portvlm.errors import EnvironmentBuildError
-from portvlm.matrix.schema import Cell
+from portvlm.matrix.schema import Arch, Cell
 from portvlm.records import EVIDENCE_RANK, OK_STATUSES, CellReport, CellResult, Evidence, Mode, Status
 from portvlm.run import env as envs
-from portvlm.run.cell import evidence_for
+from portvlm.run.cell import evidence_for, host_label
 from portvlm.run.results import overall_status, result_from_json, write_result
 
 
@@ -39,15 +40,16 @@ class Plan:
 
 
 def plan_cell(cell: Cell, host_arch: str | None, *, require_hardware: bool = False,
-              python: str | None = None, image: str | None = None) -> Plan:
-    """Pure: decide how ``cell`` runs on a host whose arch is ``host_arch``."""
+              python: str | None = None, image: str | None = None, archs: Sequence[Arch] = ()) -> Plan:
+    """Pure: decide how ``cell`` runs on a host whose arch is ``host_arch`` (``archs``: the matrix's, for naming)."""
     if cell.expected == Status.EXCLUDED:
         return Plan(Mode.EXCLUDED, Evidence.NONE, cell.reason or "excluded by matrix.yaml")
     evidence = evidence_for(cell, host_arch)
     on_its_hardware = evidence == Evidence.HARDWARE
+    host = host_label(host_arch, archs)
     if not on_its_hardware and require_hardware:
         return Plan(Mode.REFUSE, Evidence.NONE,
-                    f"--require-hardware: cell needs {cell.arch.id} ({cell.arch.description}); this host is {host_arch}")
+                    f"--require-hardware: cell needs {cell.arch.id} ({cell.arch.description}); this host is {host}")
     if image:
         return Plan(Mode.CONTAINER, evidence, f"inside image {image}", image=image)
     if python:
@@ -57,7 +59,7 @@ def plan_cell(cell: Cell, host_arch: str | None, *, require_hardware: bool = Fal
     if on_its_hardware:
         return Plan(Mode.VENV, evidence, "local venv with the stack's pins")
     return Plan(Mode.VENV, evidence,
-                f"host is {host_arch}: {cell.arch.id}'s policy runs emulated with the stack's transformers")
+                f"host is {host}: {cell.arch.id}'s policy runs emulated with the stack's transformers")
 
 
 def env_spec_for(cell: Cell, plan: Plan) -> envs.EnvSpec:
@@ -230,7 +232,7 @@ def _summary_line(r: CellResult) -> str:
 def run_many(cells, *, results_dir: str | Path = "results", matrix_path: str | None = None,
              host_arch: str | None = None, require_hardware: bool = False, python: str | None = None,
              image: str | None = None, timeout: float = 900, fast: bool = False,
-             suites: str = "parity,training,streaming", say=print) -> list[CellResult]:
+             suites: str = "parity,training,streaming", say=print, archs: Sequence[Arch] = ()) -> list[CellResult]:
     results_dir = Path(results_dir)
     if host_arch is None:
         from portvlm.platform import detect
@@ -240,7 +242,7 @@ def run_many(cells, *, results_dir: str | Path = "results", matrix_path: str | N
     try:
         _run_each(cells, out, results_dir=results_dir, matrix_path=matrix_path, host_arch=host_arch,
                   require_hardware=require_hardware, python=python, image=image, timeout=timeout, fast=fast,
-                  suites=suites, say=say)
+                  suites=suites, say=say, archs=archs)
     except KeyboardInterrupt:
         say(f"\ninterrupted: {len(out)} of {len(cells)} cells ran; their results are kept in {results_dir}/ "
             "(the running cell was stopped and not recorded)")
@@ -249,10 +251,10 @@ def run_many(cells, *, results_dir: str | Path = "results", matrix_path: str | N
 
 
 def _run_each(cells, out: list[CellResult], *, results_dir: Path, matrix_path, host_arch, require_hardware, python,
-              image, timeout, fast, suites, say) -> None:
+              image, timeout, fast, suites, say, archs=()) -> None:
     t_all = time.perf_counter()
     for i, cell in enumerate(cells, 1):
-        plan = plan_cell(cell, host_arch, require_hardware=require_hardware, python=python, image=image)
+        plan = plan_cell(cell, host_arch, require_hardware=require_hardware, python=python, image=image, archs=archs)
         say(f"[{i}/{len(cells)}] {cell.id}  ({plan.mode}, evidence {plan.evidence}; "
             f"elapsed {time.perf_counter() - t_all:.0f}s)")
         if plan.mode == Mode.REFUSE:

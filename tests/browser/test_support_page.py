@@ -36,7 +36,7 @@ FLAGS = (
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--disable-extensions", "--disable-default-apps", "--hide-scrollbars", "--mute-audio",
 )
-PLATFORMS = ("cpu", "sm70", "sm80+", "gfx90a", "gfx942")
+PLATFORMS = ("cpu", "sm70", "sm80+", "sm100", "sm120", "gfx90a", "gfx942")
 
 
 def find_chromium() -> str | None:

@@ -368,9 +368,12 @@ def test_unknown_rocm_gfx_warns_and_applies_the_nearest_policy():
                       devices=[("Radeon RX 7900 XTX", None, 24560, "gfx1100")])
     report = report_for(machine(mods, versions={"transformers": "5.23.0"}, commands={"rocminfo": rocminfo}))
     p = report.env.platform
-    assert p.vendor == "amd" and p.gfx == "gfx1100" and p.arch_id is None and p.source == "rocminfo"
+    # issue #13: the device keeps its own name; the matrix does not declare it
+    assert p.vendor == "amd" and p.gfx == "gfx1100" and p.arch_id == "gfx1100" and p.source == "rocminfo"
     assert report.arch == "gfx942" and report.arch_match == "nearest"
-    assert check(report, "arch").status == "warn" and "gfx1100" in check(report, "arch").message
+    assert report.device_arch == "gfx1100" and report.declared is False
+    assert check(report, "arch").status == "warn" and "gfx1100 (not in matrix.yaml)" in check(report, "arch").message
+    assert "- id: gfx1100" in check(report, "arch").fix and "gfx: gfx1100" in report.add_to_matrix
     assert check(report, "aotriton").status == "warn"
     assert "TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL=1" in check(report, "aotriton").fix
     assert report.verdict == "WARN" and report.evidence == "emulated"

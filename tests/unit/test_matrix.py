@@ -377,7 +377,7 @@ def test_cli_prints_table_and_summary(capsys):
     cells = expand(load_matrix(MATRIX))
     assert len(out) == len(cells) + 2
     assert re.fullmatch(
-        rf"{len(cells)} cells \(6 archs × {len(load_matrix(MATRIX).models)} models, \d+ stacks\) from .*matrix\.yaml: \d+ pass, 0 xfail, \d+ excluded; \d+ runnable in the CI selection",
+        rf"{len(cells)} cells \({len(load_matrix(MATRIX).archs)} archs × {len(load_matrix(MATRIX).models)} models, \d+ stacks\) from .*matrix\.yaml: \d+ pass, 0 xfail, \d+ excluded; \d+ runnable in the CI selection",
         out[-1],
     )
 

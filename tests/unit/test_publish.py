@@ -350,3 +350,17 @@ def test_kv_bytes_per_token_is_shown_where_a_result_reports_it(tmp_path):
     plain = CellResult(cell="c", arch="cpu", model="m", stack={}, expected="pass", status="pass", evidence="hardware",
                        suites={"parity": SuiteResult(name="parity", status="pass", figures={"max_abs_err": 1e-6})})
     assert kv_bytes(plain) is None and format_kv(None) == ""
+
+
+def test_an_arch_no_platform_names_gets_a_not_run_badge_in_column_order(matrix):
+    """A newly declared arch (sm100: no results yet) is summarised as `not run`, never dropped from the badges."""
+    import dataclasses
+
+    sm100 = dataclasses.replace(matrix.arch("sm90"), id="sm100", description="Blackwell", capability=(10, 0))
+    archs = matrix.archs[:4] + (sm100,) + matrix.archs[4:]
+    table = build_table(expand(dataclasses.replace(matrix, archs=archs)), read_results("/nonexistent"),
+                        archs=tuple(a.id for a in archs))
+    assert [p.platform for p in table.platforms] == ["cpu", "sm70", "sm80+", "sm100", "gfx90a", "gfx942"]
+    badge = next(p for p in table.platforms if p.platform == "sm100")
+    assert (badge.archs, badge.message, badge.color) == (("sm100",), "not run (4 cells)", "lightgrey")
+    assert {s.evidence for s in table.slots if s.arch == "sm100"} == {"none"}
