@@ -109,6 +109,9 @@ def run_drift(*, transformers: str | None = None, torch: str | None = None, pyth
     for flag, value in (("--transformers", transformers), ("--torch", torch)):
         if value and versions.parse_or_none(value) is None:
             raise LookupError(f"{flag} {value!r} is not a version (PEP 440, e.g. 5.24.0 or 2.13.0+cpu)")
+    if torch and Version(torch).local != "cpu":
+        raise LookupError(f"--torch {torch!r} is not a CPU build: the drift lane runs the CPU cells; pass X+cpu "
+                          "(e.g. 2.13.0+cpu)")
     notes: list[str] = []
 
     if transformers:

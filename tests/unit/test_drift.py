@@ -283,6 +283,8 @@ def test_bad_arguments_are_refused_with_the_fix(tmp_path, capsys):
     assert "--models takes ids of qwen2_5vl" in capsys.readouterr().err
     assert lane.main(["--transformers", "latest", "--results", str(tmp_path)]) == 2
     assert "not a version" in capsys.readouterr().err
+    assert lane.main(["--torch", "2.13.0", "--results", str(tmp_path)]) == 2  # PyPI's 2.13.0 is a CUDA build
+    assert "not a CPU build" in capsys.readouterr().err
 
 
 def test_drift_matrix_adds_the_tested_stack_as_the_cpu_archs_only_one():
