@@ -124,7 +124,7 @@ def build_report(*, tested_at: str, tested: Tested, baseline: Mapping[str, str] 
 def verdict_line(report: Mapping) -> str:
     """One line: versions, verified or not, and the verdict."""
     new = report["newest"]
-    ver = "verified" if new["verified"] else f"unverified (verified range {new['verified_range']})"
+    ver = "verified" if new["verified"] else f"unverified; portvlm verifies {new['verified_range']}"
     return (f"transformers {new['transformers']} ({ver}) + torch {new['torch']}: "
             + ("no shim broke" if report["status"] == OK else f"{len(report['broken'])} problem(s): upstream broke a shim"))
 
