@@ -62,6 +62,16 @@ def publish(session: nox.Session) -> None:
     _portvlm(session, "publish", *session.posargs)
 
 
+@nox.session(python=False, default=False)
+def drift(session: nox.Session) -> None:
+    """The upstream drift lane: newest transformers + newest torch CPU build from the index, the CPU cells with
+    unverified versions allowed, a report under results/drift/ (fails when upstream broke a shim).
+
+    `-- --transformers X` forces the version (a fake release), `-- --models qwen2_5vl,llava`, `-- --torch X+cpu`.
+    """
+    _portvlm(session, "drift", *session.posargs)
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """The project's own tests: unit tests here, then the torch tests inside each CI CPU stack's venv."""

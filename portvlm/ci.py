@@ -8,7 +8,10 @@
   cpu     one job per model over the CI-selected CPU stacks (`stack.ci`), hosted runners
   <arch>  one job per GPU arch, a job-matrix entry per model, on `[self-hosted, <arch>]` runners
   images  one entry per containerised stack: build, and push to ghcr.io outside pull requests
-  publish downloads every results artifact, runs `nox -s publish`, uploads site/; `pages` deploys it
+  drift   scheduled (and manual) runs only: `nox -s drift` on the newest transformers + torch CPU build; red when
+          upstream broke a shim; uploads the report and commits it to results/drift/
+  publish downloads every results artifact (and the drift report), runs `nox -s publish`, uploads site/; `pages`
+          deploys it
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ REGISTRY = "ghcr.io"
 # Self-hosted GPU runners are never offered to pull requests (untrusted code on our machines).
 NOT_A_PR = "github.event_name != 'pull_request'"
 ON_MAIN = "github.event_name != 'pull_request' && github.ref == 'refs/heads/main'"
+# The drift lane answers "did a new upstream release break us?": the weekly schedule (and a manual run) asks it.
+DRIFT_EVENTS = "github.event_name == 'schedule' || github.event_name == 'workflow_dispatch'"
+DRIFT_ARTIFACT = "drift-report"
+DRIFT_RAN = "needs.drift.result == 'success' || needs.drift.result == 'failure'"
+COMMIT_DRIFT = """git config user.name "github-actions[bot]"
+git config user.email "41898282+github-actions[bot]@users.noreply.github.com"
+git add results/drift
+git diff --cached --quiet || { git commit -m "drift: newest upstream report (nox -s drift)" && git push; }"""
 
 
 def test_session(arch: str, model: str) -> str:
@@ -218,6 +229,26 @@ def images_job(matrix) -> dict | None:
     }
 
 
+def drift_job() -> dict:
+    """The upstream drift lane: fails (red) when the newest release broke a shim; the report is kept either way."""
+    return {
+        "name": "newest upstream (nox -s drift)",
+        "if": DRIFT_EVENTS,
+        "runs-on": "ubuntu-latest",
+        "timeout-minutes": 120,
+        "permissions": {"contents": "write"},  # commits the report to results/drift/
+        "steps": [
+            *_setup(),
+            {"name": "Newest transformers + torch CPU build: probes, symbols, CPU cells", "run": "nox -s drift"},
+            {"name": "Upload the drift report", "if": "always()", "uses": ACTIONS["upload"],
+             "with": {"name": DRIFT_ARTIFACT, "path": "results/drift/", "if-no-files-found": "warn",
+                      "retention-days": 90}},
+            {"name": "Commit the drift report", "if": "always() && github.event_name == 'schedule'",
+             "run": COMMIT_DRIFT},
+        ],
+    }
+
+
 def publish_job(needs: list[str]) -> dict:
     return {
         "name": "publish (support table + badges)",
@@ -232,6 +263,12 @@ def publish_job(needs: list[str]) -> dict:
                 "name": "Download all results",
                 "uses": ACTIONS["download"],
                 "with": {"pattern": "results-*", "path": "results", "merge-multiple": True},
+            },
+            {
+                "name": "Download the drift report (scheduled runs)",
+                "if": DRIFT_RAN,
+                "uses": ACTIONS["download"],
+                "with": {"name": DRIFT_ARTIFACT, "path": "results/drift"},
             },
             {"name": "Support table, page and badges", "run": "nox -s publish"},
             {
@@ -283,7 +320,8 @@ def workflow(matrix, cells=None) -> dict:
         if job:
             jobs[arch.id] = job
     cell_jobs = [name for name in jobs if name not in ("tests", "images")]
-    jobs["publish"] = publish_job(cell_jobs)
+    jobs["drift"] = drift_job()
+    jobs["publish"] = publish_job([*cell_jobs, "drift"])
     jobs["pages"] = pages_job()
     return {
         "name": "portvlm",
@@ -291,7 +329,7 @@ def workflow(matrix, cells=None) -> dict:
             "push": {"branches": ["main"]},
             "pull_request": None,
             "workflow_dispatch": None,
-            "schedule": [{"cron": "17 3 * * 1"}],  # weekly: catch upstream drift with no commit of ours
+            "schedule": [{"cron": "17 3 * * 1"}],  # weekly: the drift job, and every lane on upstream's latest
         },
         "permissions": {"contents": "read"},
         "concurrency": {"group": "portvlm-${{ github.ref }}", "cancel-in-progress": True},

@@ -11,6 +11,7 @@ COMMANDS = {
     "check": ("portvlm.checker", "parity of YOUR model (module:function factory) against portvlm's fp32 reference"),
     "run": ("portvlm.run.cli", "run matrix cells (what the nox test sessions call)"),
     "publish": ("portvlm.publish.cli", "render the support table, HTML page and badges from results/"),
+    "drift": ("portvlm.drift.lane", "test portvlm on the newest upstream releases; writes results/drift/"),
     "containers": ("portvlm.containers.cli", "render, lint and build the stack images"),
 }
 

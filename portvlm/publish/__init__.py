@@ -8,12 +8,13 @@ is deterministic: the same results and matrix give byte-identical files (no time
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
 
-from portvlm.publish.badges import endpoint, svg_geometry
+from portvlm.publish.badges import UPSTREAM_LABEL, box_geometry, endpoint, svg_geometry, upstream_endpoint
 from portvlm.publish.table import (
     EVIDENCE_STYLE,
     PLATFORMS,
@@ -46,6 +47,11 @@ def write_all(results_dir="results", matrix=None, out_dir=".") -> tuple[dict[str
     loaded = read_results(results_dir)
     table = build_table(expand(matrix), loaded, archs=tuple(a.id for a in matrix.archs),
                         stacks=tuple(s.id for s in matrix.stacks))
+    from portvlm.publish import upstream as _upstream
+
+    newest, drift_json, drift_problems = _upstream.latest(results_dir)
+    if drift_problems:
+        table = dataclasses.replace(table, problems=table.problems + tuple(drift_problems))
     context = {
         "table": table,
         "matrix_name": Path(getattr(matrix, "path", "matrix.yaml") or "matrix.yaml").name,
@@ -53,10 +59,12 @@ def write_all(results_dir="results", matrix=None, out_dir=".") -> tuple[dict[str
         "status_style": STATUS_STYLE,
         "evidence_style": EVIDENCE_STYLE,
         "distributed": _distributed(loaded, results_dir),
+        "upstream": newest,
     }
     env = _jinja_env()
     link = Path(os.path.relpath(results_dir, out_dir)).as_posix()
     env.globals["md_slot"] = lambda slot: md_slot(slot, link)
+    env.globals["results_link"] = link
 
     site = out_dir / "site"
     written: dict[str, Path] = {}
@@ -72,8 +80,27 @@ def write_all(results_dir="results", matrix=None, out_dir=".") -> tuple[dict[str
     for summary in table.platforms:
         write(f"site/badges/{summary.platform}.json", json.dumps(endpoint(summary), indent=2, ensure_ascii=False) + "\n")
         write(f"site/badges/{summary.platform}.svg", env.get_template("badge.svg.j2").render(b=svg_geometry(summary)))
+    write("site/badges/upstream.json", json.dumps(upstream_endpoint(newest), indent=2, ensure_ascii=False) + "\n")
+    write("site/badges/upstream.svg", env.get_template("badge.svg.j2").render(
+        b=box_geometry(UPSTREAM_LABEL, newest.message, newest.color)))
     written.update(_copy_results(table, loaded.files, site / "results"))
+    written.update(_copy_drift(drift_json, site / "drift"))
     return written, table
+
+
+def _copy_drift(report_json: Path | None, target: Path) -> dict[str, Path]:
+    """The latest drift report (JSON + Markdown) beside the page, so the upstream row's link resolves there."""
+    if target.is_dir():
+        for old in sorted(target.iterdir()):
+            if report_json is None or old.stem != report_json.stem:
+                old.unlink()
+    out = {}
+    for src in (report_json, report_json.with_suffix(".md")) if report_json is not None else ():
+        if src.exists():
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, target / src.name)
+            out[f"site/drift/{src.name}"] = target / src.name
+    return out
 
 
 def _distributed(loaded, results_dir: Path) -> list:

@@ -44,13 +44,26 @@ def text_width(text: str) -> int:
 
 def svg_geometry(summary: PlatformSummary) -> dict:
     """Sizes and colours the SVG template lays out (two boxes: label | message)."""
-    left = text_width(label(summary)) + 12
-    right = text_width(summary.message) + 12
+    return box_geometry(label(summary), summary.message, summary.color)
+
+
+def box_geometry(label_text: str, message: str, color: str) -> dict:
+    """:func:`svg_geometry` for any label, message and shields.io colour name (the upstream badge)."""
+    left = text_width(label_text) + 12
+    right = text_width(message) + 12
     return {
-        "label": label(summary),
-        "message": summary.message,
+        "label": label_text,
+        "message": message,
         "left": left,
         "right": right,
         "width": left + right,
-        "color": COLORS.get(summary.color, COLORS["lightgrey"]),
+        "color": COLORS.get(color, COLORS["lightgrey"]),
     }
+
+
+UPSTREAM_LABEL = "portvlm newest upstream"
+
+
+def upstream_endpoint(upstream) -> dict:
+    """The shields.io endpoint document of the drift lane's badge (``portvlm.publish.upstream.Upstream``)."""
+    return {"schemaVersion": 1, "label": UPSTREAM_LABEL, "message": upstream.message, "color": upstream.color}

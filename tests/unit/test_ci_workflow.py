@@ -137,13 +137,13 @@ def test_images_job_builds_and_pushes_every_containerised_stack(matrix, generate
 def test_results_are_uploaded_and_published(matrix, generated):
     doc = yaml.safe_load(generated)
     jobs = doc["jobs"]
-    cell_jobs = [n for n in jobs if n not in ("tests", "images", "publish", "pages")]
+    cell_jobs = [n for n in jobs if n not in ("tests", "images", "publish", "pages", "drift")]
     for name in cell_jobs:
         upload = next(s for s in jobs[name]["steps"] if s.get("uses", "").startswith("actions/upload-artifact@"))
         assert upload["with"]["path"] == "results/" and upload["if"] == "always()"
         assert upload["with"]["name"].startswith("results-")
     publish = jobs["publish"]
-    assert publish["needs"] == cell_jobs and publish["if"] == "${{ !cancelled() }}"
+    assert publish["needs"] == [*cell_jobs, "drift"] and publish["if"] == "${{ !cancelled() }}"
     download = next(s for s in publish["steps"] if s.get("uses", "").startswith("actions/download-artifact@"))
     assert download["with"] == {"pattern": "results-*", "path": "results", "merge-multiple": True}
     assert any(s.get("run") == "nox -s publish" for s in publish["steps"])
@@ -164,3 +164,23 @@ def test_script_check_mode(tmp_path, generated):
     assert subprocess.run(script, capture_output=True, timeout=120).returncode == 0
     assert target.read_text() == generated
     assert subprocess.run([*script, "--check"], capture_output=True, timeout=120).returncode == 0
+
+
+def test_drift_job_runs_weekly_and_feeds_the_upstream_row(generated):
+    """`nox -s drift` on the schedule (and by hand), never on pushes or pull requests; its report reaches publish."""
+    doc = yaml.safe_load(generated)
+    on = doc.get("on", doc.get(True))  # YAML 1.1 reads the key `on` as a boolean
+    assert on["schedule"] and "workflow_dispatch" in on
+    drift = doc["jobs"]["drift"]
+    assert drift["if"] == ci.DRIFT_EVENTS and "schedule" in drift["if"] and "pull_request" not in drift["if"]
+    runs = [s.get("run") for s in drift["steps"]]
+    assert "nox -s drift" in runs
+    upload = next(s for s in drift["steps"] if s.get("uses", "").startswith("actions/upload-artifact@"))
+    assert upload["if"] == "always()" and upload["with"]["path"] == "results/drift/"
+    commit = next(s for s in drift["steps"] if "git push" in (s.get("run") or ""))
+    assert "results/drift" in commit["run"] and "schedule" in commit["if"] and drift["permissions"] == {"contents": "write"}
+    publish = doc["jobs"]["publish"]
+    get = next(s for s in publish["steps"] if s.get("with", {}).get("name") == upload["with"]["name"])
+    assert get["with"]["path"] == "results/drift" and "needs.drift.result" in get["if"]
+    steps = [s.get("name") or s.get("run") for s in publish["steps"]]
+    assert steps.index(get["name"]) < steps.index("Support table, page and badges")

@@ -364,3 +364,57 @@ def test_an_arch_no_platform_names_gets_a_not_run_badge_in_column_order(matrix):
     badge = next(p for p in table.platforms if p.platform == "sm100")
     assert (badge.archs, badge.message, badge.color) == (("sm100",), "not run (4 cells)", "lightgrey")
     assert {s.evidence for s in table.slots if s.arch == "sm100"} == {"none"}
+
+
+# -- the newest-upstream row and badge (results/drift/, written by `nox -s drift`) ------------------------------------
+
+
+def drift_record(status: str, when: str, version: str = "9.0.0") -> dict:
+    from portvlm.drift import report
+
+    tested = report.Tested(version, "2.13.0+cpu", "3.11", False, ">=4.49.0, <=5.23.x", "https://idx/simple", "/wheels")
+    cells = [CellResult(cell=f"cpu--m--drift-tf{version}", arch="cpu", model="m", stack={}, expected="pass",
+                        status="pass" if status == "ok" else "fail", evidence="hardware",
+                        suites={"parity": SuiteResult("parity", "pass" if status == "ok" else "fail",
+                                                      checks=[Check("logits", status == "ok", detail="err 0.5")])})]
+    return report.build_report(tested_at=when, tested=tested, baseline=None, cells=cells, newest_probe={},
+                               baseline_probe=None, changes=[], symbol_changes=[])
+
+
+def test_upstream_row_and_badge_are_grey_until_the_drift_lane_runs(tmp_path, matrix):
+    publish(tmp_path / "results", matrix, tmp_path)
+    doc = json.loads((tmp_path / "site" / "badges" / "upstream.json").read_text())
+    assert doc["message"] == "never run" and doc["color"] == "lightgrey"
+    assert "## Newest upstream" in (tmp_path / "SUPPORT.md").read_text()
+    assert "| — | — | never | ⬜ never run |" in (tmp_path / "SUPPORT.md").read_text()
+    page = (tmp_path / "site" / "index.html").read_text()
+    assert 'src="badges/upstream.svg"' in page and 'data-upstream="never run"' in page
+    assert (tmp_path / "site" / "badges" / "upstream.svg").read_text().startswith("<svg")
+
+
+def test_upstream_row_shows_the_latest_report_green_then_red(tmp_path, matrix):
+    from portvlm.drift import report
+
+    results = tmp_path / "results"
+    report.write_report(drift_record("ok", "2026-12-01T03:17:00+00:00", "9.0.0"), results)
+    publish(results, matrix, tmp_path)
+    md = (tmp_path / "SUPPORT.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| 9.0.0"))
+    assert "| 9.0.0 (unverified) | 2.13.0+cpu | 2026-12-01 | ✅ ok | no shim broke; 1/1 CPU cells pass |" in row
+    assert "(results/drift/2026-12-01-tf9.0.0-torch2.13.0+cpu.md)" in row
+    assert (results / "drift" / "2026-12-01-tf9.0.0-torch2.13.0+cpu.md").is_file()
+    badge = json.loads((tmp_path / "site" / "badges" / "upstream.json").read_text())
+    assert badge == {"schemaVersion": 1, "label": "portvlm newest upstream", "message": "transformers 9.0.0 ok",
+                     "color": "brightgreen"}
+    assert 'href="drift/2026-12-01-tf9.0.0-torch2.13.0+cpu.md"' in (tmp_path / "site" / "index.html").read_text()
+    assert (tmp_path / "site" / "drift" / "2026-12-01-tf9.0.0-torch2.13.0+cpu.md").is_file()
+
+    report.write_report(drift_record("broken", "2026-12-08T03:17:00+00:00", "9.1.0"), results)
+    publish(results, matrix, tmp_path)
+    md = (tmp_path / "SUPPORT.md").read_text()
+    assert "| 9.1.0 (unverified) | 2.13.0+cpu | 2026-12-08 | ❌ broken | upstream broke a shim (1 problem(s)); 0/1" in md
+    badge = json.loads((tmp_path / "site" / "badges" / "upstream.json").read_text())
+    assert badge["color"] == "red" and badge["message"] == "transformers 9.1.0 broken"
+    assert sorted(p.name for p in (tmp_path / "site" / "drift").iterdir()) == [
+        "2026-12-08-tf9.1.0-torch2.13.0+cpu.json", "2026-12-08-tf9.1.0-torch2.13.0+cpu.md"]  # only the latest copy
+    assert len(list((results / "drift").glob("*.json"))) == 2  # the earlier report is kept
