@@ -64,8 +64,10 @@ def from_benchmarks(directory: Path) -> tuple[list[DistRow], list[str]]:
         for r in doc.get("rows") or []:  # dp / fsdp2_train rows
             status = r.get("status") or ("pass" if r.get("ok") else "fail")
             evidence = r.get("evidence") or _evidence(r.get("arch_policy", ""), gpu, doc.get("evidence", "?"))
-            what = ("different rows per rank: loss + parameters after a step vs one process on the union"
-                    if "mesh" in r else "same batch on every rank: losses vs one process (fsdp2_train.py)")
+            what = ("same batch on every rank: losses vs one process (fsdp2_train.py)" if "mesh" not in r
+                    else "different rows per rank: loss + parameters after a step vs one process on the union"
+                    if (world or 1) > 1 else "world size 1 (FSDP2 plumbing on one GPU): loss + parameters after a "
+                    "step vs one unsharded process")
             rows.append(DistRow(r.get("arch_policy", "?"), _mesh(r.get("mesh"), world), r.get("model", "?"), status,
                                 evidence, None, r.get("peak_GiB", r.get("fsdp_peak_GiB")), f"{gpu}; {what}", path.name))
         for key, run in (body.get("runs") or {}).items():  # size
