@@ -69,12 +69,14 @@ def cell_main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from portvlm.matrix import expand, load_matrix
 
-    cells = {c.id: c for c in expand(load_matrix(a.matrix))}
+    matrix = load_matrix(a.matrix)
+    cells = {c.id: c for c in expand(matrix)}
     if a.cell not in cells:
         print(f"error: unknown cell {a.cell!r}; `portvlm matrix` lists them", file=sys.stderr)
         return 2
     try:
-        report = run(cells[a.cell], tuple(s for s in a.suites.split(",") if s), a.fast, a.in_container, a.evidence)
+        report = run(cells[a.cell], tuple(s for s in a.suites.split(",") if s), a.fast, a.in_container, a.evidence,
+                     matrix=matrix)
     except Exception:  # noqa: BLE001 - reported to the parent as the cell's error
         report = CellReport(error=traceback.format_exc()[-4000:])
     with open(a.out, "w") as fh:
