@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-
 @dataclass
 class CheckReport:
     """What ``check`` measured: each check with its value and bound, the figures, and what ran the attention."""
@@ -248,11 +247,10 @@ def check(model, arch: str | None = None, *, seed: int = 0) -> CheckReport:
     import torch
 
     from portvlm.errors import UnsupportedError
+    from portvlm.policy import packaged_matrix
     from portvlm.shims.layer_paths import resolve
     from portvlm.suites import tolerances
     from portvlm.suites._common import check_from, compare
-
-    from portvlm.policy import packaged_matrix
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     families = packaged_matrix().families()  # transformers model_types; model_for_family maps them to model ids
