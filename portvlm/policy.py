@@ -4,7 +4,7 @@
     policy.dtype, policy.dtype_why           # "float16", "sm70 policy dtype (first of float16, float32); no bf16 below sm80"
     policy.vision_backends                   # priority order portvlm.backends.select() walks
 
-``portvlm.patch`` calls it; the doctor and the runner are meant to call it too, so the dtype rule and the backend
+``portvlm.patch`` and the cell runner's child (``portvlm.run.cell``) call it, so the dtype rule and the backend
 priority have one home. It reads the packaged ``portvlm/data/matrix.yaml`` unless a matrix is passed: a library
 call never depends on the current directory or ``$PORTVLM_MATRIX`` (those are the command line's business).
 Nothing here imports torch.
@@ -98,7 +98,7 @@ def dtype_rule(spec: Arch, platform: Platform, dtype=None) -> tuple[str, str]:
 
     allowed = tuple(spec.dtypes)
     if dtype is None:
-        chosen, why = allowed[0], f"{spec.id} policy dtype (first of {', '.join(allowed)})"
+        chosen, why = spec.policy_dtype, f"{spec.id} policy dtype (first of {', '.join(allowed)})"
     else:
         chosen, why = normalize_dtype(dtype), "requested"
     no_bf16 = bf16_reasons(platform.vendor, platform.capability)
