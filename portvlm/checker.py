@@ -31,9 +31,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-FAMILIES = {"qwen2_5_vl": "qwen2_5vl", "qwen3_vl": "qwen3vl", "llava": "llava"}  # config.model_type -> suite id
-CASES = (("text", None), ("image", None), ("packed", None), ("padded_batch", "left"), ("padded_batch", "right"))
-
 
 @dataclass
 class CheckReport:
@@ -83,184 +80,26 @@ class CheckReport:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """What the inputs need to know about a model: token ids and the vision tower's patch geometry."""
+def geometry(model):
+    """The model's input geometry (token ids, patch / merge / temporal sizes, window), read from its config."""
+    from portvlm.suites.tiny import InputGeometry
 
-    family: str
-    vocab: int
-    bos: int
-    pad: int
-    image: int
-    video: int | None = None
-    vstart: int | None = None
-    vend: int | None = None
-    patch: int = 14
-    merge: int = 2
-    temporal: int = 2
-    channels: int = 3
-    image_size: int | None = None  # LLaVA
-    window: int | None = None  # Qwen2.5-VL window size in patches
-
-    @classmethod
-    def of(cls, model) -> Geometry:
-        cfg = model.config
-        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        vc = cfg.vision_config
-        family = FAMILIES[cfg.model_type]
-        vocab = int(getattr(text, "vocab_size", None) or cfg.vocab_size)
-        bos = getattr(text, "bos_token_id", None)
-        pad = getattr(text, "pad_token_id", None)
-        if family == "llava":
-            image = getattr(cfg, "image_token_index", None)
-            image = image if image is not None else cfg.image_token_id
-            return cls(family, vocab, 1 if bos is None else bos, 0 if pad is None else pad, int(image),
-                       patch=vc.patch_size, image_size=vc.image_size, channels=getattr(vc, "num_channels", 3))
-        window = getattr(vc, "window_size", None)
-        return cls(
-            family, vocab, 1 if bos is None else bos, 0 if pad is None else pad, int(cfg.image_token_id),
-            int(cfg.video_token_id), int(cfg.vision_start_token_id), int(cfg.vision_end_token_id),
-            patch=vc.patch_size, merge=vc.spatial_merge_size, temporal=vc.temporal_patch_size,
-            channels=getattr(vc, "in_channels", None) or getattr(vc, "in_chans", 3),
-            window=window // vc.patch_size if window else None,
-        )
-
-    def special(self) -> set[int]:
-        return {t for t in (self.bos, self.pad, self.image, self.video, self.vstart, self.vend) if t is not None}
+    return InputGeometry.of(model.config)
 
 
-def _text(geo: Geometry, n: int, g) -> list[int]:
-    import torch
+def inputs(geo, kind: str, dtype, side: str = "left", seed: int = 0) -> dict:
+    """Model kwargs for ``kind`` (text / image / packed / padded_batch): ``portvlm.suites.tiny.inputs`` built from the
+    model's geometry; LLaVA prompts start with BOS, as a real prompt does."""
+    from portvlm.suites import tiny
 
-    ids = [t for t in range(3, min(geo.vocab, 200)) if t not in geo.special()]
-    return [ids[i] for i in torch.randint(0, len(ids), (n,), generator=g).tolist()]
-
-
-def _qwen_row(geo: Geometry, segments, dtype, seed: int) -> dict:
-    """One Qwen sequence: ids, mask, explicit 3-D mrope positions (as portvlm.suites.tiny does), pixels."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    ids: list[int] = []
-    rows: list = []
-    nxt = 0
-    grids = {"image": [], "video": []}
-    for seg in segments:
-        if seg.kind == "text":
-            ids += seg.tokens
-            rows.append(torch.arange(nxt, nxt + len(seg.tokens)).expand(3, len(seg.tokens)))
-            nxt += len(seg.tokens)
-            continue
-        grids[seg.kind].append(seg.grid)
-        t, h, w = seg.grid
-        gh, gw = h // geo.merge, w // geo.merge
-        token = geo.image if seg.kind == "image" else geo.video
-        per_frame_video = geo.family == "qwen3vl" and seg.kind == "video"  # Qwen3-VL: <vs> frame <ve> per frame
-        for ft in [1] * t if per_frame_video else [t]:
-            ids += [geo.vstart] + [token] * (ft * gh * gw) + [geo.vend]
-            rows.append(torch.full((3, 1), nxt))
-            nxt += 1
-            step = 2 if seg.kind == "video" else 0
-            tt = (torch.arange(ft) * step).view(-1, 1, 1).expand(ft, gh, gw).flatten()
-            hh = torch.arange(gh).view(1, -1, 1).expand(ft, gh, gw).flatten()
-            ww = torch.arange(gw).view(1, 1, -1).expand(ft, gh, gw).flatten()
-            block = torch.stack([tt, hh, ww]) + nxt
-            rows.append(block)
-            nxt = int(block.max()) + 1
-            rows.append(torch.full((3, 1), nxt))
-            nxt += 1
-    out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-           "position_ids": torch.cat(rows, 1).long()[:, None, :]}
-    dim = geo.channels * geo.temporal * geo.patch**2
-    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
-        if grids[kind]:
-            n = sum(t * h * w for t, h, w in grids[kind])
-            out[key] = torch.randn(n, dim, generator=g).to(dtype)
-            out[f"{kind}_grid_thw"] = torch.tensor(grids[kind])
-    return out
+    return tiny.inputs(geo, kind, dtype, padding_side=side, seed=seed, llava_bos=True)
 
 
-def _llava_row(geo: Geometry, n_images: int, text_lens: list[int], dtype, seed: int) -> dict:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    per_image = (geo.image_size // geo.patch) ** 2  # the "default" strategy drops CLS
-    ids = [geo.bos] + _text(geo, text_lens[0], g)
-    for i in range(n_images):
-        ids += [geo.image] * per_image + _text(geo, text_lens[i + 1], g)
-    out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-           "position_ids": torch.arange(len(ids))[None]}
-    if n_images:
-        size = geo.image_size
-        out["pixel_values"] = torch.randn(n_images, geo.channels, size, size, generator=g).to(dtype)
-    return out
-
-
-def _segments(geo: Geometry, kind: str, seed: int):
-    import torch
-
-    from portvlm.suites.tiny import PACKED_IMAGES, PACKED_VIDEO, SINGLE_IMAGE, Segment
-
-    g = torch.Generator().manual_seed(seed + 1000)
-    if kind == "text":
-        return [Segment("text", [geo.bos] + _text(geo, 23, g))]
-    if kind == "image":
-        return [Segment("text", [geo.bos] + _text(geo, 5, g)), Segment("image", grid=SINGLE_IMAGE),
-                Segment("text", _text(geo, 6, g))]
-    segs = [Segment("text", [geo.bos] + _text(geo, 4, g))]
-    for grid in PACKED_IMAGES:
-        segs += [Segment("image", grid=grid), Segment("text", _text(geo, 3, g))]
-    return segs + [Segment("video", grid=PACKED_VIDEO), Segment("text", _text(geo, 5, g))]
-
-
-def inputs(geo: Geometry, kind: str, dtype, side: str = "left", seed: int = 0) -> dict:
-    """Model kwargs for ``kind`` (text / image / packed / padded_batch) built from the model's geometry."""
-    import torch
-
-    from portvlm.suites.tiny import Segment, pad_rows
-
-    if geo.family == "llava":
-        if kind == "padded_batch":
-            return _pad(pad_rows([_llava_row(geo, 1, [6, 8], dtype, seed), _llava_row(geo, 1, [2, 3], dtype, seed + 1)],
-                                 side), geo)
-        n, lens = {"text": (0, [24]), "image": (1, [5, 6]), "packed": (3, [4, 3, 3, 5])}[kind]
-        return _llava_row(geo, n, lens, dtype, seed)
-    if kind != "padded_batch":
-        return _qwen_row(geo, _segments(geo, kind, seed), dtype, seed)
-    g = torch.Generator().manual_seed(seed + 2000)
-    rows = [
-        _qwen_row(geo, [Segment("text", [geo.bos] + _text(geo, 6, g)), Segment("image", grid=(1, 8, 12)),
-                        Segment("text", _text(geo, 7, g))], dtype, seed),
-        _qwen_row(geo, [Segment("text", [geo.bos] + _text(geo, 2, g)), Segment("image", grid=(1, 8, 8)),
-                        Segment("text", _text(geo, 3, g))], dtype, seed + 1),
-    ]
-    return _pad(pad_rows(rows, side), geo)
-
-
-def _pad(batch: dict, geo: Geometry) -> dict:
-    from portvlm.suites.tiny import PAD
-
-    if geo.pad != PAD:  # pad_rows pads with portvlm.suites.tiny.PAD; the model's own pad id is what it expects
-        batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, geo.pad)
-    return batch
-
-
-def vision_items(geo: Geometry, dtype, seed: int = 0) -> list[dict]:
+def vision_items(geo, dtype, seed: int = 0) -> list[dict]:
     """The packed input's images and video one at a time, in the order the tower's features come out."""
-    import torch
+    from portvlm.suites import tiny
 
-    if geo.family == "llava":
-        pv = inputs(geo, "packed", dtype, seed=seed)["pixel_values"]
-        return [{"pixel_values": pv[i: i + 1], "grid_thw": None} for i in range(pv.shape[0])]
-    full = inputs(geo, "packed", dtype, seed=seed)
-    out, offset = [], {"image": 0, "video": 0}
-    for seg in (s for s in _segments(geo, "packed", seed) if s.kind != "text"):
-        key = "pixel_values" if seg.kind == "image" else "pixel_values_videos"
-        n = seg.grid[0] * seg.grid[1] * seg.grid[2]
-        out.append({"pixel_values": full[key][offset[seg.kind]: offset[seg.kind] + n],
-                    "grid_thw": torch.tensor([seg.grid]), "kind": seg.kind})
-        offset[seg.kind] += n
-    return out  # images first, then videos: the order the model concatenates their features
+    return tiny.vision_items(geo, "packed", dtype, seed)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -408,15 +247,16 @@ def check(model, arch: str | None = None, *, seed: int = 0) -> CheckReport:
     import torch
 
     from portvlm.errors import UnsupportedError
+    from portvlm.policy import packaged_matrix
     from portvlm.shims.layer_paths import resolve
     from portvlm.suites import tolerances
     from portvlm.suites._common import check_from, compare
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in FAMILIES:
-        raise UnsupportedError(f"portvlm.check knows {', '.join(FAMILIES)}; this model is {model_type!r} "
+    families = packaged_matrix().families()  # transformers model_types; model_for_family maps them to model ids
+    if model_type not in families:
+        raise UnsupportedError(f"portvlm.check knows {', '.join(families)}; this model is {model_type!r} "
                                f"({type(model).__name__})")
-    family = FAMILIES[model_type]
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     kind, arch_id = _device_kind(device, arch)
@@ -424,7 +264,8 @@ def check(model, arch: str | None = None, *, seed: int = 0) -> CheckReport:
     atol, rtol = tolerances.tolerance(kind, dtype_name, None, "fwd")
     report = CheckReport(model_type, arch_id, kind, dtype_name, runs=runs(model))
     report.figures.update(atol=atol, rtol=rtol)
-    geo = Geometry.of(model)
+    geo = geometry(model)
+    family = geo.family
     ref, notes = reference(model)
     report.warnings += notes
 
@@ -485,8 +326,10 @@ def _run_checks(report, model, ref, geo, family, device, dtype, atol, rtol, seed
             f"full blocks {full} of {vc.depth}, windows per item {spans}", max(spans), 2))
 
     errors = {}
+    from portvlm.suites.tiny import CASES, case_name
+
     for kind, side in CASES:
-        name = kind if side is None else f"{kind}_{side}"
+        name = case_name(kind, side)
         expected = _forward(ref, inputs(geo, kind, torch.float32, side or "left", seed))
         inp = {k: v.to(device) for k, v in inputs(geo, kind, dtype, side or "left", seed).items()}
         got = _forward(model, inp).float().cpu()
@@ -549,4 +392,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report.ok else 1
 
 
-__all__ = ["CheckReport", "Geometry", "check", "inputs", "main", "reference", "runs", "vision_items"]
+__all__ = ["CheckReport", "check", "geometry", "inputs", "main", "reference", "runs", "vision_items"]

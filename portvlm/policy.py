@@ -220,7 +220,7 @@ def dtype_rule(spec: Arch, platform: Platform, dtype=None) -> tuple[str, str]:
 
     allowed = tuple(spec.dtypes)
     if dtype is None:
-        chosen, why = allowed[0], f"{spec.id} policy dtype (first of {', '.join(allowed)})"
+        chosen, why = spec.policy_dtype, f"{spec.id} policy dtype (first of {', '.join(allowed)})"
     else:
         chosen, why = normalize_dtype(dtype), "requested"
     no_bf16 = bf16_reasons(platform.vendor, platform.capability)

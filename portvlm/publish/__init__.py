@@ -28,7 +28,7 @@ from portvlm.publish.table import (
     read_results,
 )
 
-__all__ = ["publish", "main", "build_table", "read_results", "PLATFORMS"]
+__all__ = ["publish", "build_table", "read_results", "PLATFORMS"]
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -169,10 +169,3 @@ def md_slot(slot: Slot | None, link: str) -> str:
     if slot.reason and slot.status != "pass":
         parts.append(md_escape(slot.reason))
     return "<br>".join(parts)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``portvlm publish`` (portvlm.publish.cli)."""
-    from portvlm.publish.cli import main as publish_main
-
-    return publish_main(argv)

@@ -12,11 +12,15 @@ import platform as _pyplatform
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from portvlm.matrix.schema import Arch, Cell
 from portvlm.policy import NOT_DECLARED, match_arch_id
 from portvlm.records import CellReport, Evidence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from portvlm.platform import Platform
+    from portvlm.policy import Policy
 
 
 def evidence_for(cell: Cell, host_arch: str | None) -> Evidence:
@@ -38,9 +42,10 @@ def host_label(host_arch: str | None, archs: Sequence[Arch] = ()) -> str:
     return host_arch
 
 
-def differences(cell: Cell, actual: dict[str, Any], host_arch: str | None, host_name: str,
+def differences(cell: Cell, actual: dict[str, Any], host: Platform, policy: Policy,
                 archs: Sequence[Arch] = ()) -> list[str]:
-    """What this run differs in from the cell as declared: the evidence notes the table shows."""
+    """What this run on ``host`` under ``policy`` (the cell arch's) differs in from the cell as declared: the
+    evidence notes the table shows."""
     stack, notes = cell.stack, []
     want_torch = f"{stack.torch}+{stack.torch_variant}"
     if actual.get("torch") != want_torch:
@@ -50,10 +55,10 @@ def differences(cell: Cell, actual: dict[str, Any], host_arch: str | None, host_
     py = actual.get("python", "")
     if not py.startswith(stack.python + ".") and py != stack.python:
         notes.append(f"python {py} instead of {stack.python}")
-    if evidence_for(cell, host_arch) != Evidence.HARDWARE:
-        notes.append(f"ran on {host_name} ({host_label(host_arch, archs)}) instead of {cell.arch.id}: "
-                     f"{cell.arch.id}'s policy (dtype {cell.arch.policy_dtype}, backend priority "
-                     f"{', '.join(cell.arch.vision_backends)}) with this device's kernels")
+    if evidence_for(cell, host.arch_id) != Evidence.HARDWARE:
+        notes.append(f"ran on {host.name} ({host_label(host.arch_id, archs)}) instead of {cell.arch.id}: "
+                     f"{cell.arch.id}'s policy (dtype {policy.dtype}, backend priority "
+                     f"{', '.join(policy.vision_backends)}) with this device's kernels")
     for pkg in ("xformers", "flash_attn"):
         pin = getattr(stack, pkg)
         if pin and actual.get(pkg) != pin:
@@ -80,8 +85,8 @@ def _installed_versions() -> dict[str, Any]:
     return out
 
 
-def _host() -> tuple[str | None, str, dict[str, Any]]:
-    """(host arch id, device name, doctor record) — each probe degrades to a reason, never raises."""
+def _host() -> tuple[Platform, dict[str, Any]]:
+    """(the host platform, doctor record) — each probe degrades to a reason, never raises."""
     env: dict[str, Any] = {}
     try:
         from portvlm import doctor
@@ -89,24 +94,23 @@ def _host() -> tuple[str | None, str, dict[str, Any]]:
         env = doctor.record()
     except Exception as exc:  # noqa: BLE001 - the record says why it is missing
         env = {"error": f"doctor unavailable: {type(exc).__name__}: {exc}"}
-    try:
-        from portvlm.platform import detect
+    from portvlm.platform import CPU, detect
 
-        plat = detect()
-        return plat.arch_id, plat.name, env
+    try:
+        return detect(), env
     except Exception as exc:  # noqa: BLE001
         env.setdefault("errors", []).append(f"platform detection failed: {exc}")
-        return "cpu", "CPU", env
+        return CPU, env
 
 
-def _patch_report(cell: Cell) -> tuple[list[dict], dict]:
+def _patch_report(cell: Cell, matrix) -> tuple[list[dict], dict]:
     """Which shims/backends portvlm applies for this cell, from a patch of the cell's tiny model."""
     try:
         import portvlm
         from portvlm.suites import tiny
 
         model = tiny.build(cell.model.id)
-        with portvlm.patch(model, arch=cell.arch.id) as handle:
+        with portvlm.patch(model, arch=cell.arch.id, matrix=matrix) as handle:
             data = handle.report.to_dict()
     except Exception as exc:  # noqa: BLE001 - recorded, the suites still run and say what they saw
         return [{"shim": "patch", "applied": False, "reasons": [f"{type(exc).__name__}: {exc}"]}], {}
@@ -124,25 +128,31 @@ def _patch_report(cell: Cell) -> tuple[list[dict], dict]:
 
 
 def run(cell: Cell, suites: tuple[str, ...], fast: bool, in_container: bool, evidence: str | None = None,
-        archs: Sequence[Arch] = ()) -> CellReport:
+        matrix=None) -> CellReport:
+    """Run ``cell``'s suites here under its arch's policy (``portvlm.policy.resolve_policy`` of ``matrix``, the
+    Matrix the cell came from; None: the packaged one)."""
+    from portvlm.policy import resolve_policy
     from portvlm.suites import SuiteContext, run_suites
 
     t0 = time.perf_counter()
-    host_arch, host_name, env = _host()
+    host, env = _host()
+    policy = resolve_policy(cell.arch.id, matrix=matrix, host=host)
     actual = _installed_versions()
-    evidence = Evidence(evidence) if evidence else evidence_for(cell, host_arch)
-    notes = differences(cell, actual, host_arch, host_name, archs) if evidence == Evidence.EMULATED else []
+    evidence = Evidence(evidence) if evidence else evidence_for(cell, host.arch_id)
+    archs = matrix.archs if matrix is not None else ()
+    notes = differences(cell, actual, host, policy, archs) if evidence == Evidence.EMULATED else []
     if in_container:
         notes.append("ran inside the stack's container image")
-    device = "cuda" if host_arch not in (None, "cpu") else "cpu"
-    shims, backends = _patch_report(cell)
+    device = "cuda" if host.arch_id not in (None, "cpu") else "cpu"
+    shims, backends = _patch_report(cell, matrix)
     ctx = SuiteContext(
         model_id=cell.model.id,
         arch_id=cell.arch.id,
         device=device,
-        dtype=cell.arch.policy_dtype,
+        dtype=policy.dtype,
         evidence=evidence,
         fast=fast,
+        matrix=matrix,
     )
     results = run_suites(ctx, names=suites)
     return CellReport(

@@ -76,7 +76,7 @@ def cell_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         report = run(cells[a.cell], tuple(s for s in a.suites.split(",") if s), a.fast, a.in_container, a.evidence,
-                     archs=matrix.archs)
+                     matrix=matrix)
     except Exception:  # noqa: BLE001 - reported to the parent as the cell's error
         report = CellReport(error=traceback.format_exc()[-4000:])
     with open(a.out, "w") as fh:

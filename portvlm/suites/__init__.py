@@ -32,6 +32,7 @@ class SuiteContext:
     fast: bool = False  # skip the slow parts (FSDP over 2 processes), each skip recorded with its reason
     seed: int = 0
     real_arch_id: str | None = None  # arch of the device actually used; tolerance kind follows it when emulated
+    matrix: Any = None  # the Matrix (or its path) whose arch policies portvlm.patch applies; None: the packaged one
     patcher: Callable | None = field(default=None, repr=False)  # tests only: replaces portvlm.patch
 
     @property

@@ -53,6 +53,8 @@ def patched(model, ctx):
     kwargs: dict[str, Any] = {}
     if "dtype" in params:
         kwargs["dtype"] = torch_dtype(ctx.dtype)
+    if ctx.matrix is not None:  # the cell's own matrix: the policy the cell declares is the one patched in
+        kwargs["matrix"] = ctx.matrix
     forced = {n: getattr(ctx, n) for n in ("vision_backend", "text_backend") if getattr(ctx, n) is not None}
     late = {}
     for name, value in forced.items():

@@ -28,12 +28,6 @@ from portvlm.suites._common import (
     vision_features,
 )
 
-CASES = (("text", None), ("image", None), ("packed", None), ("padded_batch", "left"), ("padded_batch", "right"))
-
-
-def _case_name(kind: str, side: str | None) -> str:
-    return kind if side is None else f"{kind}_{side}"
-
 
 def _inputs(ctx, kind, side, dtype):
     kw = {} if side is None else {"padding_side": side}
@@ -88,8 +82,8 @@ def run(ctx):
     # Reference outputs first, with nothing of portvlm applied anywhere.
     expected = {}
     with timer("reference"):
-        for kind, side in CASES:
-            expected[_case_name(kind, side)] = _forward(ref, _inputs(ctx, kind, side, torch.float32))
+        for kind, side in tiny.CASES:
+            expected[tiny.case_name(kind, side)] = _forward(ref, _inputs(ctx, kind, side, torch.float32))
         ref_tower = resolve_paths(ref).vision_tower
         items = tiny.vision_items(mid, "packed", torch.float32, seed=ctx.seed)
         alone = _alone(mid, ref_tower, items)
@@ -106,8 +100,8 @@ def run(ctx):
         model.to(dtype)
         rec.figures["patch_report"] = report_summary(handle)
         with timer("patched"):
-            for kind, side in CASES:
-                name = _case_name(kind, side)
+            for kind, side in tiny.CASES:
+                name = tiny.case_name(kind, side)
                 inp = {k: v.to(ctx.device) for k, v in _inputs(ctx, kind, side, dtype).items()}
                 got = _forward(model, inp).float().cpu()
                 mask = inp["attention_mask"].bool().cpu()  # padded positions are not compared

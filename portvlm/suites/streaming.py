@@ -61,6 +61,7 @@ class Stream:
     def __init__(self, ctx, model, cache, dtype):
         self.ctx, self.model, self.cache, self.dtype = ctx, model, cache, dtype
         self.mid = tiny.input_family(ctx.model_id)  # llava_mla streams LLaVA inputs
+        self.geo = tiny.geometry(self.mid)
         self.segments: list[Segment] = []  # Qwen: what was fed, for positions and the full replay
         self.ids: list[int] = []
         self.pixels: list[torch.Tensor] = []
@@ -73,7 +74,7 @@ class Stream:
         if self.mid == "llava":
             total = len(self.ids)
             return torch.arange(total - n_new, total)[None]
-        return tiny.mrope_positions(self.mid, self.segments)[:, None, -n_new:]
+        return tiny.mrope_positions(self.geo, self.segments)[:, None, -n_new:]
 
     def _feed(self, new_ids: list[int], extra: dict) -> torch.Tensor:
         self.ids += new_ids
@@ -92,15 +93,15 @@ class Stream:
     def chunk(self, text_tokens: list[int]) -> None:
         """One chunk of video (or an image for LLaVA) plus a short prompt, then ``GEN_TOKENS`` greedy tokens."""
         if self.mid == "llava":
-            px = torch.randn(1, 3, tiny.LLAVA_IMAGE_SIZE, tiny.LLAVA_IMAGE_SIZE, generator=self.gen).to(self.dtype)
-            n = (tiny.LLAVA_IMAGE_SIZE // tiny.PATCH["llava"]) ** 2
-            new_ids = [tiny.LLAVA_IMG] * n + text_tokens
+            size = self.geo.image_size
+            px = torch.randn(1, self.geo.channels, size, size, generator=self.gen).to(self.dtype)
+            new_ids = [self.geo.image] * self.geo.image_tokens + text_tokens
             extra = {"pixel_values": px.to(self.ctx.device)}
         else:
             t, h, w = CHUNK_GRID
-            px = torch.randn(t * h * w, 3 * tiny.TEMPORAL_PATCH * tiny.PATCH[self.mid] ** 2, generator=self.gen).to(self.dtype)
+            px = torch.randn(t * h * w, self.geo.pixel_dim, generator=self.gen).to(self.dtype)
             seg = Segment("video", grid=CHUNK_GRID)
-            new_ids = tiny._vision_tokens(self.mid, seg) + text_tokens
+            new_ids = tiny.vision_tokens(self.geo, seg) + text_tokens
             self.segments += [seg, Segment("text", list(text_tokens))]
             extra = {"pixel_values_videos": px.to(self.ctx.device), "video_grid_thw": torch.tensor([CHUNK_GRID], device=self.ctx.device)}
         self.pixels.append(px)
@@ -123,7 +124,7 @@ class Stream:
         else:
             kw["pixel_values_videos"] = torch.cat(self.pixels, 0).to(self.ctx.device)
             kw["video_grid_thw"] = torch.tensor([CHUNK_GRID] * len(self.pixels), device=self.ctx.device)
-            kw["position_ids"] = tiny.mrope_positions(self.mid, self.segments)[:, None, :].to(self.ctx.device)
+            kw["position_ids"] = tiny.mrope_positions(self.geo, self.segments)[:, None, :].to(self.ctx.device)
         return kw
 
 

@@ -58,11 +58,92 @@ _TEXT = dict(
 )
 _MROPE = [2, 3, 3]  # t/h/w sections of head_dim/2 = 8
 
-# Per-family geometry the inputs need.
+# Per-family geometry the inputs need (``geometry`` gathers it; ``InputGeometry.of`` reads the same from a config).
 PATCH = {"qwen2_5vl": 14, "qwen3vl": 16, "llava": 14}
 MERGE = 2
 TEMPORAL_PATCH = 2
 LLAVA_IMAGE_SIZE = 56  # 4×4 patches + CLS per image
+WINDOW_PX = 112  # Qwen2.5-VL: 112 px / 14 / merge 2 = 4 merged units = 8×8 patches per window
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """What building inputs needs to know of a model: its input family, token ids and the vision patch geometry.
+
+    ``geometry(model_id)`` is the tiny models'; ``InputGeometry.of(model.config)`` reads any model's (portvlm.check).
+    """
+
+    family: str  # input family (a matrix model id): "qwen2_5vl" | "qwen3vl" | "llava"
+    vocab: int
+    bos: int
+    pad: int
+    image: int  # image token id
+    video: int | None = None  # Qwen: video, vision start / end token ids
+    vstart: int | None = None
+    vend: int | None = None
+    patch: int = 14
+    merge: int = 2
+    temporal: int = 2
+    channels: int = 3
+    image_size: int | None = None  # LLaVA
+    window: int | None = None  # Qwen2.5-VL window size in patches
+
+    @classmethod
+    def of(cls, cfg) -> InputGeometry:
+        """The geometry a transformers config (``model.config``) of a matrix-declared family describes."""
+        from portvlm.policy import packaged_matrix
+
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        vc = cfg.vision_config
+        family = packaged_matrix().model_for_family(cfg.model_type).id
+        vocab = int(getattr(text, "vocab_size", None) or cfg.vocab_size)
+        bos = getattr(text, "bos_token_id", None)
+        pad = getattr(text, "pad_token_id", None)
+        bos, pad = 1 if bos is None else bos, 0 if pad is None else pad
+        if family == "llava":
+            image = getattr(cfg, "image_token_index", None)
+            image = image if image is not None else cfg.image_token_id
+            return cls(family, vocab, bos, pad, int(image), patch=vc.patch_size, image_size=vc.image_size,
+                       channels=getattr(vc, "num_channels", 3))
+        window = getattr(vc, "window_size", None)
+        return cls(
+            family, vocab, bos, pad, int(cfg.image_token_id), int(cfg.video_token_id),
+            int(cfg.vision_start_token_id), int(cfg.vision_end_token_id),
+            patch=vc.patch_size, merge=vc.spatial_merge_size, temporal=vc.temporal_patch_size,
+            channels=getattr(vc, "in_channels", None) or getattr(vc, "in_chans", 3),
+            window=window // vc.patch_size if window else None,
+        )
+
+    def special(self) -> set[int]:
+        return {t for t in (self.bos, self.pad, self.image, self.video, self.vstart, self.vend) if t is not None}
+
+    @property
+    def pixel_dim(self) -> int:
+        """Qwen: values per flattened patch row (channels × temporal patch × patch²)."""
+        return self.channels * self.temporal * self.patch**2
+
+    @property
+    def image_tokens(self) -> int:
+        """LLaVA: tokens one image becomes (patches; the "default" strategy drops CLS)."""
+        return (self.image_size // self.patch) ** 2
+
+    @property
+    def frames_apart(self) -> bool:
+        """Qwen3-VL separates video frames by timestamps: <vs> frame <ve> per temporal patch, each with grid t=1."""
+        return self.family == "qwen3vl"
+
+
+def geometry(model) -> InputGeometry:
+    """The input geometry of tiny model ``model`` (a model id; an ``InputGeometry`` is returned as it is)."""
+    if isinstance(model, InputGeometry):
+        return model
+    family = input_family(model)
+    if family == "llava":
+        return InputGeometry(family, VOCAB, BOS, PAD, LLAVA_IMG, patch=PATCH[family], image_size=LLAVA_IMAGE_SIZE)
+    if family not in PATCH:
+        raise KeyError(f"unknown tiny model {model!r}; known: {', '.join(MODEL_IDS)}")
+    return InputGeometry(family, VOCAB, BOS, PAD, IMG, VID, VSTART, VEND, patch=PATCH[family], merge=MERGE,
+                         temporal=TEMPORAL_PATCH, window=WINDOW_PX // PATCH[family] if family == "qwen2_5vl" else None)
 
 
 def _transformers():
@@ -85,7 +166,7 @@ def _qwen_config(model_id: str):
             patch_size=PATCH[model_id],
             temporal_patch_size=TEMPORAL_PATCH,
             spatial_merge_size=MERGE,
-            window_size=112,  # 112 px / 14 / merge 2 = 4 merged units = 8×8 patches per window
+            window_size=WINDOW_PX,
             fullatt_block_indexes=[1, 3],
             out_hidden_size=_TEXT["hidden_size"],
             tokens_per_second=2,
@@ -242,11 +323,12 @@ def family_figures(model_id: str, dtype) -> dict:
     """Figures every result of ``model_id`` carries beyond its suite's (llava_mla: KV bytes per token, MHA vs MLA)."""
     if model_id != "llava_mla":
         return {}
-    from portvlm.mla.conversion import Geometry, MLASpec, kv_figures
+    from portvlm.mla.conversion import Geometry as MLAGeometry
+    from portvlm.mla.conversion import MLASpec, kv_figures
     from portvlm.suites.tolerances import _dtype_name
 
     size = torch.empty((), dtype=getattr(torch, _dtype_name(dtype))).element_size()
-    return {"kv_bytes_per_token": kv_figures(Geometry.of(config(model_id)), MLASpec(**MLA_SPEC), size)}
+    return {"kv_bytes_per_token": kv_figures(MLAGeometry.of(config(model_id)), MLASpec(**MLA_SPEC), size)}
 
 
 def clone(model, *, attn_implementation: str = "eager", dtype: torch.dtype = torch.float32, model_id: str):
@@ -265,6 +347,12 @@ SINGLE_IMAGE = (1, 12, 16)
 PACKED_IMAGES = ((1, 16, 16), (1, 8, 12), (1, 12, 8))
 PACKED_VIDEO = (2, 8, 8)  # t=2 temporal patches = 4 frames
 KINDS = ("text", "image", "packed", "padded_batch")
+# The parity cases (kind, padding side) the suites and portvlm.check compare logits on.
+CASES = (("text", None), ("image", None), ("packed", None), ("padded_batch", "left"), ("padded_batch", "right"))
+
+
+def case_name(kind: str, side: str | None) -> str:
+    return kind if side is None else f"{kind}_{side}"
 
 
 @dataclass
@@ -280,29 +368,29 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _text(n: int, g: torch.Generator) -> list[int]:
-    return torch.randint(3, 200, (n,), generator=g).tolist()
+def text_tokens(geo: InputGeometry, n: int, g: torch.Generator) -> list[int]:
+    """``n`` random ordinary token ids: below 200 and the vocab, none of the geometry's special ids."""
+    ids = [t for t in range(3, min(geo.vocab, 200)) if t not in geo.special()]
+    return [ids[i] for i in torch.randint(0, len(ids), (n,), generator=g).tolist()]
 
 
-def _vision_tokens(model_id: str, seg: Segment) -> list[int]:
+def vision_tokens(model, seg: Segment) -> list[int]:
+    """The token ids one image / video segment becomes in a Qwen sequence (``model``: a model id or a geometry)."""
+    geo = geometry(model)
     t, h, w = seg.grid
-    per_frame = (h // MERGE) * (w // MERGE)
-    tok = IMG if seg.kind == "image" else VID
-    if model_id == "qwen3vl" and seg.kind == "video":
-        # Qwen3-VL separates frames by timestamps: <vs> frame <ve> per temporal patch, each with grid t=1.
+    per_frame = (h // geo.merge) * (w // geo.merge)
+    tok = geo.image if seg.kind == "image" else geo.video
+    if geo.frames_apart and seg.kind == "video":
         out: list[int] = []
         for _ in range(t):
-            out += [VSTART] + [tok] * per_frame + [VEND]
+            out += [geo.vstart] + [tok] * per_frame + [geo.vend]
         return out
-    return [VSTART] + [tok] * (t * per_frame) + [VEND]
+    return [geo.vstart] + [tok] * (t * per_frame) + [geo.vend]
 
 
-def _pixel_dim(model_id: str) -> int:
-    return 3 * TEMPORAL_PATCH * PATCH[model_id] ** 2
-
-
-def mrope_positions(model_id: str, segments: list[Segment], start: int = 0) -> torch.Tensor:
+def mrope_positions(model, segments: list[Segment], start: int = 0) -> torch.Tensor:
     """``[3, S]`` t/h/w positions of one sequence, Qwen-style, computed here (independent of the version)."""
+    geo = geometry(model)
     rows: list[torch.Tensor] = []
     nxt = start
     for seg in segments:
@@ -312,9 +400,9 @@ def mrope_positions(model_id: str, segments: list[Segment], start: int = 0) -> t
             nxt += n
             continue
         t, h, w = seg.grid
-        gh, gw = h // MERGE, w // MERGE
-        frames = [(1, i) for i in range(t)] if (model_id == "qwen3vl" and seg.kind == "video") else [(t, 0)]
-        for ft, _ in frames:
+        gh, gw = h // geo.merge, w // geo.merge
+        frames = [1] * t if (geo.frames_apart and seg.kind == "video") else [t]
+        for ft in frames:
             rows.append(torch.full((3, 1), nxt))  # <vision_start>
             nxt += 1
             step = 2 if seg.kind == "video" else 0  # tokens_per_second × seconds per temporal patch
@@ -329,15 +417,19 @@ def mrope_positions(model_id: str, segments: list[Segment], start: int = 0) -> t
     return torch.cat(rows, dim=1).long()
 
 
-def _pixels(model_id: str, grids: list[tuple[int, int, int]], g: torch.Generator, dtype) -> torch.Tensor | None:
+def _pixels(geo: InputGeometry, grids: list[tuple[int, int, int]], g: torch.Generator, dtype) -> torch.Tensor | None:
     if not grids:
         return None
     n = sum(t * h * w for t, h, w in grids)
-    return torch.randn(n, _pixel_dim(model_id), generator=g).to(dtype)
+    return torch.randn(n, geo.pixel_dim, generator=g).to(dtype)
 
 
-def qwen_sequence(model_id: str, segments: list[Segment], dtype=torch.float32, seed: int = 0) -> dict[str, Any]:
-    """Model kwargs for one Qwen sequence (batch 1) made of ``segments``, with explicit mrope positions."""
+def qwen_sequence(model, segments: list[Segment], dtype=torch.float32, seed: int = 0) -> dict[str, Any]:
+    """Model kwargs for one Qwen sequence (batch 1) made of ``segments``, with explicit mrope positions.
+
+    ``model``: a tiny model id or an ``InputGeometry`` (any Qwen model's, read from its config).
+    """
+    geo = geometry(model)
     g = _gen(seed)
     ids: list[int] = []
     images, videos = [], []
@@ -345,79 +437,89 @@ def qwen_sequence(model_id: str, segments: list[Segment], dtype=torch.float32, s
         if seg.kind == "text":
             ids += seg.tokens
         else:
-            ids += _vision_tokens(model_id, seg)
+            ids += vision_tokens(geo, seg)
             (images if seg.kind == "image" else videos).append(seg.grid)
     out: dict[str, Any] = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-    out["position_ids"] = mrope_positions(model_id, segments)[:, None, :]
+    out["position_ids"] = mrope_positions(geo, segments)[:, None, :]
     if images:
-        out["pixel_values"] = _pixels(model_id, images, g, dtype)
+        out["pixel_values"] = _pixels(geo, images, g, dtype)
         out["image_grid_thw"] = torch.tensor(images)
     if videos:
-        out["pixel_values_videos"] = _pixels(model_id, videos, g, dtype)
+        out["pixel_values_videos"] = _pixels(geo, videos, g, dtype)
         out["video_grid_thw"] = torch.tensor(videos)
     return out
 
 
-def _llava_sequence(n_images: int, text_lens: list[int], dtype, seed: int) -> dict[str, Any]:
+def _llava_sequence(geo: InputGeometry, n_images: int, text_lens: list[int], dtype, seed: int, bos: bool) -> dict[str, Any]:
     g = _gen(seed)
-    per_image = (LLAVA_IMAGE_SIZE // PATCH["llava"]) ** 2
-    ids: list[int] = _text(text_lens[0], g)
+    ids: list[int] = ([geo.bos] if bos else []) + text_tokens(geo, text_lens[0], g)
     for i in range(n_images):
-        ids += [LLAVA_IMG] * per_image + _text(text_lens[i + 1], g)
+        ids += [geo.image] * geo.image_tokens + text_tokens(geo, text_lens[i + 1], g)
     out: dict[str, Any] = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     out["position_ids"] = torch.arange(len(ids))[None]
     if n_images:
-        out["pixel_values"] = torch.randn(n_images, 3, LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE, generator=g).to(dtype)
+        size = geo.image_size
+        out["pixel_values"] = torch.randn(n_images, geo.channels, size, size, generator=g).to(dtype)
     return out
 
 
-def segments(model_id: str, kind: str, seed: int = 0) -> list[Segment]:
-    """The Qwen segments of input ``kind`` (text / image / packed)."""
+def segments(model, kind: str, seed: int = 0) -> list[Segment]:
+    """The Qwen segments of input ``kind`` (text / image / packed); ``model``: a model id or a geometry."""
+    geo = geometry(model)
     g = _gen(seed + 1000)
     if kind == "text":
-        return [Segment("text", [BOS] + _text(23, g))]
+        return [Segment("text", [geo.bos] + text_tokens(geo, 23, g))]
     if kind == "image":
-        return [Segment("text", [BOS] + _text(5, g)), Segment("image", grid=SINGLE_IMAGE), Segment("text", _text(6, g))]
+        return [Segment("text", [geo.bos] + text_tokens(geo, 5, g)), Segment("image", grid=SINGLE_IMAGE),
+                Segment("text", text_tokens(geo, 6, g))]
     if kind == "packed":
-        segs = [Segment("text", [BOS] + _text(4, g))]
+        segs = [Segment("text", [geo.bos] + text_tokens(geo, 4, g))]
         for grid in PACKED_IMAGES:
-            segs += [Segment("image", grid=grid), Segment("text", _text(3, g))]
-        segs += [Segment("video", grid=PACKED_VIDEO), Segment("text", _text(5, g))]
+            segs += [Segment("image", grid=grid), Segment("text", text_tokens(geo, 3, g))]
+        segs += [Segment("video", grid=PACKED_VIDEO), Segment("text", text_tokens(geo, 5, g))]
         return segs
     raise KeyError(kind)
 
 
-def inputs(model_id: str, kind: str, dtype: torch.dtype = torch.float32, *, padding_side: str = "left", seed: int = 0) -> dict[str, Any]:
-    """Model kwargs for input ``kind`` ∈ ``KINDS`` (float tensors in ``dtype``); ``padded_batch`` pads on ``padding_side``."""
-    model_id = input_family(model_id)
+def inputs(model, kind: str, dtype: torch.dtype = torch.float32, *, padding_side: str = "left", seed: int = 0,
+           llava_bos: bool = False) -> dict[str, Any]:
+    """Model kwargs for input ``kind`` ∈ ``KINDS`` (float tensors in ``dtype``); ``padded_batch`` pads on ``padding_side``.
+
+    ``model``: a tiny model id or an ``InputGeometry``. ``llava_bos``: LLaVA prompts start with BOS (portvlm.check
+    does, as a real prompt would; the suites' do not, so their recorded results stay comparable).
+    """
+    geo = geometry(model)
     if kind == "padded_batch":
-        return _padded_batch(model_id, dtype, padding_side, seed)
-    if model_id == "llava":
+        return _padded_batch(geo, dtype, padding_side, seed, llava_bos)
+    if geo.family == "llava":
         n_img, lens = {"text": (0, [24]), "image": (1, [5, 6]), "packed": (3, [4, 3, 3, 5])}[kind]
-        return _llava_sequence(n_img, lens, dtype, seed)
-    return qwen_sequence(model_id, segments(model_id, kind, seed), dtype, seed)
+        return _llava_sequence(geo, n_img, lens, dtype, seed, llava_bos)
+    return qwen_sequence(geo, segments(geo, kind, seed), dtype, seed)
 
 
-def _padded_batch(model_id: str, dtype, side: str, seed: int) -> dict[str, Any]:
-    """Two rows of different lengths (each with one image), padded with ``PAD`` and masked."""
+def _padded_batch(geo: InputGeometry, dtype, side: str, seed: int, llava_bos: bool) -> dict[str, Any]:
+    """Two rows of different lengths (each with one image), padded with the geometry's pad id and masked."""
     g = _gen(seed + 2000)
-    if model_id == "llava":
-        rows = [_llava_sequence(1, [6, 8], dtype, seed), _llava_sequence(1, [2, 3], dtype, seed + 1)]
+    if geo.family == "llava":
+        rows = [_llava_sequence(geo, 1, [6, 8], dtype, seed, llava_bos),
+                _llava_sequence(geo, 1, [2, 3], dtype, seed + 1, llava_bos)]
     else:
         rows = [
-            qwen_sequence(model_id, [Segment("text", [BOS] + _text(6, g)), Segment("image", grid=(1, 8, 12)), Segment("text", _text(7, g))], dtype, seed),
-            qwen_sequence(model_id, [Segment("text", [BOS] + _text(2, g)), Segment("image", grid=(1, 8, 8)), Segment("text", _text(3, g))], dtype, seed + 1),
+            qwen_sequence(geo, [Segment("text", [geo.bos] + text_tokens(geo, 6, g)), Segment("image", grid=(1, 8, 12)),
+                                Segment("text", text_tokens(geo, 7, g))], dtype, seed),
+            qwen_sequence(geo, [Segment("text", [geo.bos] + text_tokens(geo, 2, g)), Segment("image", grid=(1, 8, 8)),
+                                Segment("text", text_tokens(geo, 3, g))], dtype, seed + 1),
         ]
-    return pad_rows(rows, side)
+    return pad_rows(rows, side, pad=geo.pad)
 
 
-def pad_rows(rows: list[dict[str, Any]], side: str = "left") -> dict[str, Any]:
-    """Batch single-row kwargs: pad ids/mask/positions to the longest row; concatenate pixels and grids."""
+def pad_rows(rows: list[dict[str, Any]], side: str = "left", pad: int = PAD) -> dict[str, Any]:
+    """Batch single-row kwargs: pad ids (with ``pad``)/mask/positions to the longest row; concatenate pixels and grids."""
     n = max(r["input_ids"].shape[1] for r in rows)
     ids, mask, pos = [], [], []
     for r in rows:
         k = n - r["input_ids"].shape[1]
-        pad_ids = torch.full((1, k), PAD, dtype=torch.long)
+        pad_ids = torch.full((1, k), pad, dtype=torch.long)
         pad_mask = torch.zeros(1, k, dtype=torch.long)
         p = r["position_ids"]
         pad_pos = torch.zeros(*p.shape[:-1], k, dtype=p.dtype)  # positions under padding are never attended
@@ -437,32 +539,28 @@ def pad_rows(rows: list[dict[str, Any]], side: str = "left") -> dict[str, Any]:
     return out
 
 
-def vision_items(model_id: str, kind: str = "packed", dtype=torch.float32, seed: int = 0) -> list[dict[str, Any]]:
-    """The images/videos of input ``kind`` one at a time: ``[{"pixel_values", "grid_thw"}]`` in sequence order."""
-    full = inputs(model_id, kind, dtype, seed=seed)
-    model_id = input_family(model_id)
-    if model_id == "llava":
+def vision_items(model, kind: str = "packed", dtype=torch.float32, seed: int = 0) -> list[dict[str, Any]]:
+    """The images/videos of input ``kind`` one at a time: ``[{"pixel_values", "grid_thw"}]`` in sequence order (the
+    images, then the video: the order the model concatenates their features)."""
+    geo = geometry(model)
+    full = inputs(geo, kind, dtype, seed=seed)
+    if geo.family == "llava":
         pv = full.get("pixel_values")
         return [] if pv is None else [{"pixel_values": pv[i : i + 1], "grid_thw": None} for i in range(pv.shape[0])]
-    items = []
-    for seg in segments(model_id, kind, seed):
-        if seg.kind != "text":
-            items.append(seg)
     out, offsets = [], {"image": 0, "video": 0}
-    for seg in items:
+    for seg in (s for s in segments(geo, kind, seed) if s.kind != "text"):
         key = "pixel_values" if seg.kind == "image" else "pixel_values_videos"
         n = seg.grid[0] * seg.grid[1] * seg.grid[2]
         start = offsets[seg.kind]
         out.append({"pixel_values": full[key][start : start + n], "grid_thw": torch.tensor([seg.grid]), "kind": seg.kind})
         offsets[seg.kind] += n
-    # sequence order = all images' features, then all videos' (that is how the model concatenates them)
     return out
 
 
-def vision_batch(model_id: str, kind: str = "packed", dtype=torch.float32, seed: int = 0) -> dict[str, Any]:
+def vision_batch(model, kind: str = "packed", dtype=torch.float32, seed: int = 0) -> dict[str, Any]:
     """All images/videos of ``kind`` packed into one vision-tower call: ``{"pixel_values", "grid_thw"}``."""
-    items = vision_items(model_id, kind, dtype, seed)
-    if input_family(model_id) == "llava":
+    items = vision_items(model, kind, dtype, seed)
+    if geometry(model).family == "llava":
         return {"pixel_values": torch.cat([i["pixel_values"] for i in items], 0), "grid_thw": None}
     return {"pixel_values": torch.cat([i["pixel_values"] for i in items], 0), "grid_thw": torch.cat([i["grid_thw"] for i in items], 0)}
 

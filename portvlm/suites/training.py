@@ -251,7 +251,8 @@ def fsdp_losses(ctx, state_dict: dict, steps: int = FSDP_STEPS) -> dict:
         out = os.path.join(tmp, "out.json")
         torch.save(state_dict, state)
         spec = {
-            "ctx": {k: getattr(ctx, k) for k in ("model_id", "arch_id", "device", "vision_backend", "text_backend", "evidence", "seed")}
+            "ctx": {k: getattr(ctx, k) for k in ("model_id", "arch_id", "device", "vision_backend", "text_backend", "evidence", "seed",
+                                                 "matrix")}
             | {"dtype": "float32"},
             "state": state,
             "out": out,

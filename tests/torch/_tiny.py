@@ -23,7 +23,7 @@ FAMILIES = default_matrix().families()
 GRIDS = [(1, 4, 4), (1, 12, 8), (2, 4, 8)]
 # What the full model gets: images only (video prompts need per-family frame/timestamp framing).
 IMAGE_GRIDS = [(1, 4, 4), (1, 12, 8), (1, 8, 4)]
-_LLAVA_TOKENS = (tiny.LLAVA_IMAGE_SIZE // tiny.PATCH["llava"]) ** 2  # CLS dropped by the "default" strategy
+_LLAVA_TOKENS = tiny.geometry("llava").image_tokens  # CLS dropped by the "default" strategy
 
 
 def model_id(family: str) -> str:
@@ -42,11 +42,11 @@ def build(family: str, attn_implementation: str = "eager", seed: int = 0):
 def pixels(family: str, grids=GRIDS, seed: int = 1):
     """``(pixel_values, grid_thw)`` for Qwen families; ``[N, 3, S, S]`` images for LLaVA."""
     g = torch.Generator().manual_seed(seed)
+    geo = tiny.geometry(model_id(family))
     if family == "llava":
-        size = tiny.LLAVA_IMAGE_SIZE
-        return torch.randn(len(grids), 3, size, size, generator=g), None
-    p = tiny.PATCH[model_id(family)]
-    rows = [torch.randn(t * h * w, 3 * tiny.TEMPORAL_PATCH * p * p, generator=g) for t, h, w in grids]
+        size = geo.image_size
+        return torch.randn(len(grids), geo.channels, size, size, generator=g), None
+    rows = [torch.randn(t * h * w, geo.pixel_dim, generator=g) for t, h, w in grids]
     return torch.cat(rows), torch.tensor(grids)
 
 
@@ -54,7 +54,8 @@ def vision_tokens(family: str, grids=GRIDS) -> list[int]:
     """LLM tokens each image/video becomes after the merger."""
     if family == "llava":
         return [_LLAVA_TOKENS] * len(grids)
-    return [t * h * w // tiny.MERGE**2 for t, h, w in grids]
+    merge = tiny.geometry(model_id(family)).merge
+    return [t * h * w // merge**2 for t, h, w in grids]
 
 
 def inputs(family: str, grids=IMAGE_GRIDS, seed: int = 1) -> dict:

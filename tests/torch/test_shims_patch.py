@@ -53,6 +53,16 @@ def _snapshot(model):
     }
 
 
+def _assert_restored(before, model, what="not restored"):
+    """Every class, config and registry ``_snapshot`` saw is as it was in ``before``."""
+    after = _snapshot(model)
+    for cls, attrs in before["classes"].items():
+        assert vars(cls) == attrs, f"{cls.__qualname__} {what}"
+    assert after["configs"] == before["configs"]
+    assert after["registries"] == before["registries"]
+    return after
+
+
 @pytest.mark.parametrize("arch", ("cpu", "sm70", "gfx942"))
 @pytest.mark.parametrize("family", _tiny.FAMILIES)
 def test_revert_leaves_no_trace(family, arch):
@@ -72,11 +82,7 @@ def test_revert_leaves_no_trace(family, arch):
     with torch.no_grad():
         model(**_tiny.inputs(family))
     handle.revert()
-    after = _snapshot(model)
-    for cls, attrs in before["classes"].items():
-        assert vars(cls) == attrs, f"{cls.__qualname__} not restored"
-    assert after["configs"] == before["configs"]
-    assert after["registries"] == before["registries"]
+    after = _assert_restored(before, model)
     assert after["modules"].keys() == before["modules"].keys()
     for key, attrs in before["modules"].items():
         assert after["modules"][key].keys() == attrs.keys()
@@ -210,10 +216,7 @@ def test_packed_rows_then_revert_leaves_no_trace(family):
         model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
               max_length_q=4, max_length_k=4, use_cache=False)
         assert handle.state.calls["text_packed"] > 0
-    after = _snapshot(model)
-    for cls, attrs in before["classes"].items():
-        assert vars(cls) == attrs, f"{cls.__qualname__} not restored"
-    assert after["configs"] == before["configs"] and after["registries"] == before["registries"]
+    _assert_restored(before, model)
     assert inspect.signature(model.forward) == signature
     assert attention._PACKED.get() is None
 
@@ -290,11 +293,7 @@ def test_revert_in_any_order_leaves_the_other_patch_working_and_the_last_leaves_
         torch.testing.assert_close(_logits(m), expected[id(m)], atol=1e-5, rtol=1e-4)
     second.revert()
     for m in (m1, m2):
-        after = _snapshot(m)
-        for cls, attrs in before[id(m)]["classes"].items():
-            assert vars(cls) == attrs, f"{cls.__qualname__} not restored ({order})"
-        assert after["configs"] == before[id(m)]["configs"]
-        assert after["registries"] == before[id(m)]["registries"]
+        _assert_restored(before[id(m)], m, f"not restored ({order})")
     fresh = _tiny.build(family, "sdpa")
     assert not any(m in dispatch.OWNERS for m in fresh.modules()) and not dispatch.HOOKS
 
@@ -315,10 +314,7 @@ def test_interleaved_patches_and_reverts():
     hc.revert()
     assert _runs_portvlm(a, ha2)
     ha2.revert()
-    after = _snapshot(a)
-    for cls, attrs in before["classes"].items():
-        assert vars(cls) == attrs, f"{cls.__qualname__} not restored"
-    assert after["registries"] == before["registries"] and after["configs"] == before["configs"]
+    _assert_restored(before, a)
 
 
 def test_patching_a_patched_model_is_an_error_and_changes_nothing():
@@ -345,49 +341,48 @@ def _vision_cls(model):
     return type(model.get_submodule(_tiny_first_vision_attn(model)))
 
 
-def test_user_replaced_forward_is_named_warned_and_put_back():
+@pytest.fixture
+def user_ported():
+    """A warm model whose vision attention class carries a user's own forward; upstream's is put back afterwards."""
     model = _warm()
     cls = _vision_cls(model)
     upstream = vars(cls)["forward"]
     cls.forward = users_own_vision_forward
     try:
-        before = _snapshot(model)
-        with pytest.warns(UserWarning, match="not transformers' own.*test_shims_patch"):
-            handle = portvlm.patch(model, arch="cpu")
-        replaced = {r.target: r.origin for r in handle.report.replaced}
-        target = f"{cls.__module__}.{cls.__qualname__}.forward"
-        assert target in replaced and "test_shims_patch.users_own_vision_forward" in replaced[target]
-        assert "replaced (not transformers' own)" in str(handle.report)
-        assert _runs_portvlm(model, handle)  # portvlm runs for this model, the user's forward does not
-        other = _tiny.build("qwen2_5_vl", "sdpa", seed=1)  # another model of the class, unpatched: the user's forward
-        with pytest.raises(AssertionError, match="user's forward ran"):
-            _logits(other)
-        handle.revert()
-        assert vars(cls)["forward"] is users_own_vision_forward  # exactly what was there
-        after = _snapshot(model)
-        for c, attrs in before["classes"].items():
-            assert vars(c) == attrs, f"{c.__qualname__} not restored"
+        yield model, cls
     finally:
         cls.forward = upstream
 
 
-def test_user_replaced_forward_refused_on_request_leaves_nothing():
-    model = _warm()
-    cls = _vision_cls(model)
-    upstream = vars(cls)["forward"]
-    cls.forward = users_own_vision_forward
-    try:
-        before = _snapshot(model)
-        with pytest.raises(UnsupportedError, match="test_shims_patch.users_own_vision_forward.*refuse"):
-            portvlm.patch(model, arch="cpu", foreign="refuse")
-        after = _snapshot(model)
-        for c, attrs in before["classes"].items():
-            assert vars(c) == attrs, f"{c.__qualname__} changed by a refused patch"
-        assert after["configs"] == before["configs"] and after["registries"] == before["registries"]
-        with pytest.warns(UserWarning, match="not transformers' own"), portvlm.patch(model, arch="cpu") as handle:
-            assert handle.report.replaced  # nothing of the refused patch is left to get in the way
-    finally:
-        cls.forward = upstream
+def test_user_replaced_forward_is_named_warned_and_put_back(user_ported):
+    model, cls = user_ported
+    before = _snapshot(model)
+    with pytest.warns(UserWarning, match="not transformers' own.*test_shims_patch"):
+        handle = portvlm.patch(model, arch="cpu")
+    replaced = {r.target: r.origin for r in handle.report.replaced}
+    target = f"{cls.__module__}.{cls.__qualname__}.forward"
+    assert target in replaced and "test_shims_patch.users_own_vision_forward" in replaced[target]
+    assert "replaced (not transformers' own)" in str(handle.report)
+    assert _runs_portvlm(model, handle)  # portvlm runs for this model, the user's forward does not
+    other = _tiny.build("qwen2_5_vl", "sdpa", seed=1)  # another model of the class, unpatched: the user's forward
+    with pytest.raises(AssertionError, match="user's forward ran"):
+        _logits(other)
+    handle.revert()
+    assert vars(cls)["forward"] is users_own_vision_forward  # exactly what was there
+    _assert_restored(before, model)
+
+
+def test_user_replaced_forward_refused_on_request_leaves_nothing(user_ported):
+    model, _ = user_ported
+    before = _snapshot(model)
+    with pytest.raises(UnsupportedError, match="test_shims_patch.users_own_vision_forward.*refuse"):
+        portvlm.patch(model, arch="cpu", foreign="refuse")
+    _assert_restored(before, model, "changed by a refused patch")
+    with pytest.warns(UserWarning, match="not transformers' own"), portvlm.patch(model, arch="cpu") as handle:
+        assert handle.report.replaced  # nothing of the refused patch is left to get in the way
+
+
+def test_unknown_foreign_policy_is_refused():
     with pytest.raises(ValueError, match="foreign="):
         portvlm.patch(None, foreign="ignore")
 

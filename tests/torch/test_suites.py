@@ -32,6 +32,19 @@ def test_tiny_builds_are_reproducible_and_shaped(model_id):
         assert out.logits.shape[:2] == inp["input_ids"].shape
 
 
+def test_tiny_builds_every_model_the_matrix_declares():
+    """matrix.yaml's model ids are the one id space: tiny builds exactly those."""
+    from portvlm.policy import packaged_matrix
+
+    assert tiny.MODEL_IDS == tuple(m.id for m in packaged_matrix().models)
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_tiny_input_geometry_is_what_its_config_says(model_id):
+    """The inputs the suites build (``tiny.geometry``) and those portvlm.check builds from a config agree."""
+    assert tiny.InputGeometry.of(tiny.config(model_id)) == tiny.geometry(model_id)
+
+
 def test_qwen25_packed_input_spans_windows_and_full_blocks():
     if tiny.is_available("qwen2_5vl"):
         pytest.skip("qwen2_5vl unavailable")

@@ -233,13 +233,16 @@ def test_runner_plans_hardware_only_on_the_declared_arch_itself():
 
 
 def test_cell_notes_name_the_undeclared_host_and_the_policy_run():
-    notes = cellmod.differences(_cell("sm100"), {"torch": "2.11.0+cu130", "transformers": "5.17.0", "python": "3.12.3"},
-                                "sm110", "NVIDIA Thor", ARCHS)
+    actual = {"torch": "2.11.0+cu130", "transformers": "5.17.0", "python": "3.12.3"}
+    thor = Platform("nvidia", "cuda", "NVIDIA Thor", capability=(11, 0), arch_id="sm110")
+    policy = resolve_policy("sm100", matrix=MATRIX, host=thor)
+    notes = cellmod.differences(_cell("sm100"), actual, thor, policy, ARCHS)
     assert notes == ["ran on NVIDIA Thor (sm110, not in matrix.yaml) instead of sm100: sm100's policy (dtype "
                      "bfloat16, backend priority torch_varlen, flex_document, efficient_varlen, sdpa_masked) with this "
                      "device's kernels"]
-    assert cellmod.differences(_cell("sm100"), {"torch": "2.11.0+cu130", "transformers": "5.17.0",
-                                                "python": "3.12.3"}, "sm100", "NVIDIA B200", ARCHS) == []
+    b200 = Platform("nvidia", "cuda", "NVIDIA B200", capability=(10, 0), arch_id="sm100")
+    assert cellmod.differences(_cell("sm100"), actual, b200, resolve_policy("sm100", matrix=MATRIX, host=b200),
+                               ARCHS) == []
 
 
 def test_runner_records_emulated_evidence_for_a_borrowed_policy(tmp_path, monkeypatch):

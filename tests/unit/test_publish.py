@@ -11,8 +11,8 @@ import jsonschema
 import pytest
 
 from portvlm.matrix import expand, load_matrix, parse_matrix
-from portvlm.publish import main as publish_main
 from portvlm.publish import publish
+from portvlm.publish.cli import main as publish_main
 from portvlm.publish.table import EVIDENCE_STYLE, NOT_RUN, STATUS_STYLE, build_table, read_results
 from portvlm.run.results import EVIDENCE, STATUSES, CellResult, Check, SuiteResult, write_result
 

@@ -42,6 +42,28 @@ def test_plan_gpu_cell_on_its_gpu_uses_the_stack_image():
     assert (plan.mode, plan.evidence, plan.image) == ("container", "hardware", "portvlm/sm70")
 
 
+def test_emulated_cell_notes_state_the_policy_resolve_policy_gives():
+    """The child's notes quote portvlm.policy.resolve_policy (the one dtype rule), not a copy of it."""
+    from portvlm.platform import CPU as CPU_HOST
+    from portvlm.policy import resolve_policy
+    from portvlm.run.cell import differences
+
+    cell = Cell(SM70, VSTACK, MODEL)
+    policy = resolve_policy("sm70", host=CPU_HOST, matrix=_matrix_of(SM70))
+    actual = {"python": "3.10.14", "torch": "2.3.1+cu118", "transformers": "4.50.3", "xformers": "0.0.27"}
+    notes = differences(cell, actual, CPU_HOST, policy)
+    assert notes == ["ran on CPU (cpu) instead of sm70: sm70's policy (dtype float16, backend priority "
+                     "efficient_varlen, sdpa_masked) with this device's kernels"]
+    fp32 = resolve_policy("sm70", dtype="float32", host=CPU_HOST, matrix=_matrix_of(SM70))
+    assert "dtype float32" in differences(cell, actual, CPU_HOST, fp32)[0]
+
+
+def _matrix_of(*archs):
+    from portvlm.matrix.schema import Matrix
+
+    return Matrix(archs=archs, stacks=(STACK, VSTACK), models=(MODEL,))
+
+
 def test_plan_excluded_cell_carries_its_reason():
     cell = Cell(CPU, STACK, MODEL, expected="excluded", reason="Qwen3-VL first ships in 4.57.1")
     plan = runner.plan_cell(cell, "cpu")
