@@ -121,7 +121,7 @@ def reference_vision_forward(self, hidden_states, cu_seqlens, rotary_pos_emb=Non
     q, k = rotary_of(type(self))(q, k, *position_embeddings)
     out = torch.empty_like(q)
     bounds = [int(b) for b in cu_seqlens.tolist()]
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         qs, ks, vs = (t[start:end].transpose(0, 1).float() for t in (q, k, v))  # [H, L, D]
         probs = torch.softmax(qs @ ks.transpose(-1, -2) / math.sqrt(qs.shape[-1]), dim=-1)
         out[start:end] = (probs @ vs).transpose(0, 1).to(out.dtype)
@@ -131,7 +131,7 @@ def reference_vision_forward(self, hidden_states, cu_seqlens, rotary_pos_emb=Non
 def _vision_attention(model) -> list:
     from portvlm.shims.layer_paths import resolve
 
-    return [getattr(b, "attn") for b in resolve(model).vision_blocks if hasattr(getattr(b, "attn", None), "qkv")]
+    return [b.attn for b in resolve(model).vision_blocks if hasattr(getattr(b, "attn", None), "qkv")]
 
 
 def _text_attention(model) -> list:

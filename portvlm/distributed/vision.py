@@ -102,9 +102,9 @@ def encode_local(tower, items: list[Item], mine: list[int], pixels: dict, pixel_
 
 def gather_features(local, counts: list[int], rank: int, group):
     """Every rank's rows, concatenated in rank order (uneven counts; autograd: grads return to the owner)."""
-    from portvlm.distributed.ulysses import _wait
-
     from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+    from portvlm.distributed.ulysses import _wait
 
     ranks = len(counts)
     if ranks == 1:

@@ -1,8 +1,8 @@
 """The newest releases the user's package index offers: transformers, and torch with a CPU build.
 
 Where versions come from is what the cell environments install from (``portvlm.wheels``, ``run.env.ensure_env``):
-transformers from the default index the user configured (else PyPI, pip's and uv's default) and the local wheel
-directories; a ``+cpu`` torch from those directories and PyTorch's CPU index (``$PORTVLM_TORCH_INDEX`` mirrors it) —
+transformers from the default index the user configured (when they configured none, uv resolves it from its own
+default: portvlm names no index host) and the local wheel directories; a ``+cpu`` torch from those directories and PyTorch's CPU index (``$PORTVLM_TORCH_INDEX`` mirrors it) —
 on Linux the default index's torch is a CUDA build, so "newest torch with a CPU build" means the newest ``+cpu``
 wheel for the target Python and this platform. Listings are read through the simple API (PEP 691 JSON, else the
 PEP 503 HTML page). An index that cannot be reached is a note in the report, not a failure, as long as another
@@ -14,6 +14,7 @@ from __future__ import annotations
 import html.parser
 import json
 import os
+import subprocess
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
@@ -25,9 +26,8 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import InvalidSdistFilename, InvalidWheelFilename, parse_sdist_filename, parse_wheel_filename
 from packaging.version import Version
 
-from portvlm.wheels import configured_index, find_links_dirs, torch_index
+from portvlm.wheels import configured_index, find_links_dirs, torch_index, uv_bin
 
-DEFAULT_INDEX = "https://pypi.org/simple"  # pip's and uv's default when the user configured none
 JSON_ACCEPT = "application/vnd.pypi.simple.v1+json, text/html;q=0.1"
 
 
@@ -178,6 +178,20 @@ def fetch_index(index: str, project: str, *, timeout: float = 30) -> Listing:
         return Listing(source, error=f"{type(exc).__name__}: {exc}")
 
 
+def uv_default(project: str, python: str, *, run: Callable = subprocess.run) -> Listing:
+    """The newest ``project`` release uv's own default index resolves for ``python`` (the user configured no index)."""
+    source = "uv's default index"
+    cmd = [uv_bin(), "pip", "compile", "-", "--no-deps", "--no-header", "--no-annotate", "--python-version", python]
+    try:
+        proc = run(cmd, input=project + "\n", capture_output=True, text=True, timeout=180)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Listing(source, error=f"{type(exc).__name__}: {exc}")
+    pins = [line.split("==", 1)[1].strip() for line in proc.stdout.splitlines() if line.startswith(project + "==")]
+    if proc.returncode != 0 or not pins:
+        return Listing(source, error=(proc.stderr.strip().splitlines() or [f"uv exited {proc.returncode}"])[-1])
+    return Listing(source, (IndexFile(f"{project}-{pins[0]}-py3-none-any.whl"),))
+
+
 def list_dir(directory: str) -> Listing:
     """A local wheel directory (``--find-links``) as a listing."""
     try:
@@ -196,7 +210,8 @@ def resolve_transformers(*, python: str, environ: Mapping[str, str] | None = Non
     """The newest final transformers release the user's default index (or local wheels) offers for ``python``."""
     environ = os.environ if environ is None else environ
     index = configured_index(environ) if environ is os.environ else _env_index(environ)
-    listings = [fetch(index or DEFAULT_INDEX, "transformers"), *(listdir(d) for d in find_links_dirs(environ))]
+    first = fetch(index, "transformers") if index else uv_default("transformers", python)
+    listings = [first, *(listdir(d) for d in find_links_dirs(environ))]
     found = newest("transformers", listings, python=python)
     if found is None:
         raise LookupError("no final transformers release found on " + ", ".join(lst.source for lst in listings)

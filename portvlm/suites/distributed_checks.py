@@ -105,7 +105,7 @@ def reference(model_id: str, arch: str, state: dict, rows: list[dict]) -> dict:
                     m.rope_deltas = None
             logits = model(**_model_kwargs(row)).logits[0].float()
             bounds = row["cu_seqlens"].tolist()
-            for a, b in zip(bounds[:-1], bounds[1:]):  # per sample: token t predicts t+1 inside the sample
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):  # per sample: token t predicts t+1 inside the sample
                 tgt = row["labels"][0, a + 1 : b]
                 sums.append(F.cross_entropy(logits[a : b - 1], tgt, ignore_index=-100, reduction="sum"))
                 count += int((tgt != -100).sum())
@@ -139,8 +139,8 @@ def worker(rank: int, world: int, port: int, spec: dict) -> None:
     """One gloo rank: each case builds the model, parallelizes it, runs one row, one SGD step; rank 0 saves."""
     import torch.distributed as dist
 
-    from portvlm.shims.patch import patch
     from portvlm.distributed import make_mesh, parallelize
+    from portvlm.shims.patch import patch
     from portvlm.suites import tiny
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -247,8 +247,8 @@ def run(ctx, cache_cls=None):
             rec.check("bounded.deterministic", s1.tokens == s2.tokens, detail=f"run 1 {s1.tokens[:8]}… vs run 2 {s2.tokens[:8]}…")
             rec.check("bounded.cache_view_consistent", not problems, detail="; ".join(problems[:3]) or "CacheView agrees with the stored cache after every chunk; sink keys unchanged", value=len(problems), bound=0)
             if mid == "llava_mla":  # the latent cache holds what the KV figure says, evicted or not
-                from portvlm.suites import mla_checks
                 from portvlm.mla.conversion import Geometry
+                from portvlm.suites import mla_checks
 
                 mla_checks.streaming_checks(rec, s1, mla_checks.spec_of(model), Geometry.of(model.config))
         except Exception as exc:  # noqa: BLE001

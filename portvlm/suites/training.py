@@ -430,8 +430,8 @@ def run(ctx):
 
 def _sp_check(rec, ctx) -> None:
     """SP=2 vs SP=1 (Qwen) or DP=2 vs the union (LLaVA) through ``portvlm.distributed`` on gloo."""
-    from portvlm.suites import distributed_checks as check
     from portvlm.distributed.parallel import SP_FAMILIES
+    from portvlm.suites import distributed_checks as check
 
     family = tiny.config(ctx.model_id).model_type
     sp = family in SP_FAMILIES

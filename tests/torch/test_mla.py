@@ -9,10 +9,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from portvlm.mla import conversion  # noqa: E402
-from portvlm.suites import mla_checks as checks  # noqa: E402
 from portvlm.mla.conversion import Geometry, MLASpec, convert, full_rank  # noqa: E402
 from portvlm.shims.kv_cache import CacheView  # noqa: E402
 from portvlm.suites import SuiteContext, tiny  # noqa: E402
+from portvlm.suites import mla_checks as checks  # noqa: E402
 
 FP32 = dict(atol=1e-5, rtol=1e-4)  # portvlm.suites.tolerances: ("cpu", "float32", *, "fwd")
 

@@ -88,6 +88,24 @@ def test_resolvers_read_the_configured_index_and_local_wheels_and_note_unreachab
         resolve.resolve_torch_cpu(python="3.11", environ={}, fetch=fetch, platforms=LINUX)
 
 
+def test_without_a_configured_index_uv_resolves_from_its_own_default():
+    """portvlm names no index host: with none configured, uv's default answers (faked here)."""
+    import subprocess
+
+    seen = {}
+
+    def run(cmd, **kw):
+        seen["cmd"], seen["input"] = cmd, kw["input"]
+        return subprocess.CompletedProcess(cmd, 0, stdout="transformers==5.24.0\n", stderr="")
+
+    got = resolve.uv_default("transformers", "3.11", run=run)
+    assert got.files[0].filename == "transformers-5.24.0-py3-none-any.whl" and got.error is None
+    assert seen["input"].strip() == "transformers" and seen["cmd"][-2:] == ["--python-version", "3.11"]
+    fail = resolve.uv_default("transformers", "3.11", run=lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 1, stdout="", stderr="error: no network"))
+    assert fail.files == () and fail.error == "error: no network"
+
+
 def test_index_credentials_never_reach_the_report():
     assert resolve._redact("https://user:s3cret@mirror.example:8443/simple") == "https://mirror.example:8443/simple"
 
