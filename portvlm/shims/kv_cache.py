@@ -194,7 +194,7 @@ def _forward_parameters(model) -> tuple[str, ...] | None:
     return _parameters(forward) if forward is not None else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parameters(fn) -> tuple[str, ...] | None:
     try:
         return tuple(inspect.signature(fn).parameters)
@@ -211,7 +211,7 @@ def takes_cache_kwargs(cache) -> bool:
     return _takes_cache_kwargs(type(cache))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _takes_cache_kwargs(cls) -> bool:
     for klass in cls.__mro__:
         if "update" in vars(klass) and klass.__module__.startswith("transformers"):
