@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from portvlm.mla.cache import stored_bytes  # noqa: E402
 from portvlm.mla.conversion import Geometry, MLASpec, convert, kv_figures  # noqa: E402
+from portvlm.shims.kv_cache import cache_kwargs  # noqa: E402
 
 IMAGE_TOKEN = 32000
 FULL = dict(
@@ -108,7 +109,7 @@ def run_case(model, inp: dict, cache, decode: int, device: str) -> dict:
     before = allocated(device)
     sync(device)
     t0 = time.perf_counter()
-    out = model(**inp, past_key_values=cache, use_cache=True, **keep)
+    out = model(**inp, use_cache=True, **cache_kwargs(model, cache), **keep)
     sync(device)
     prefill_s = time.perf_counter() - t0
     next_tok = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -122,7 +123,7 @@ def run_case(model, inp: dict, cache, decode: int, device: str) -> dict:
     t0 = time.perf_counter()
     for step in range(decode - 1):
         pos = torch.tensor([[n + step]], device=device)
-        out = model(input_ids=next_tok, position_ids=pos, past_key_values=cache, use_cache=True,
+        out = model(input_ids=next_tok, position_ids=pos, use_cache=True, **cache_kwargs(model, cache),
                     attention_mask=torch.ones(1, n + step + 1, dtype=torch.long, device=device), **keep)
         next_tok = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(next_tok[0, 0]))

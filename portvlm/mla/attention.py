@@ -11,8 +11,9 @@ gathered into the key's order (rope dims first, then nope dims) and no weight is
 
 Call conventions answered here (../shared/research/transformers-breakpoints.md §5): the decoder layer passes the
 cache as ``past_key_value`` (<=4.55), ``past_key_values`` (4.56–5.23) or ``cache`` (5.24.0, with
-``@deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")``), and ``cache_kwargs`` to ``update`` until 5.3
-(5.4+ passes none; ``Cache.update(k, v, i, *args, **kwargs)`` takes either). Every version from 4.48 unpacks two
+``@deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")``); ``update`` took ``cache_kwargs`` until 5.3,
+5.4–5.23 pass nothing and 5.24.0 passes ``kwargs=kwargs`` (the attention call's kwargs): ``kv_cache.update_cache``
+probes ``Cache.update`` and calls it the way the installed version's own attention does. Every version from 4.48 unpacks two
 return values ``(attn_output, attn_weights)``; before (the per-backend ``*_ATTENTION_CLASSES`` era, e.g. the
 seed's 4.46.3) three, ``(attn_output, attn_weights, present_key_value)`` — ``returns_cache``, probed by ``convert``.
 
@@ -26,6 +27,8 @@ import sys
 
 import torch
 from torch import nn
+
+from portvlm.shims.kv_cache import update_cache
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -139,8 +142,8 @@ class MLAAttention(nn.Module):
         if self.latent:
             c_kv = self.kv_down(hidden_states)[:, None]  # [B, 1, S, rank·n_kv]: one latent "head" (see cache.py)
             if cache is not None:
-                k_rope, c_kv = cache.update(k_rope, c_kv, self.layer_idx,
-                                            {"sin": sin, "cos": cos, "cache_position": cache_position})
+                k_rope, c_kv = update_cache(cache, k_rope, c_kv, self.layer_idx,
+                                            {"sin": sin, "cos": cos, "cache_position": cache_position}, kwargs)
             k_nope, value = self.expand(c_kv)
             key = torch.cat((k_rope, k_nope), dim=-1)
         else:
@@ -149,8 +152,8 @@ class MLAAttention(nn.Module):
             value = self.v_proj(hidden_states).view(bsz, kv_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
             key = torch.cat((k_rope, k_nope), dim=-1)
             if cache is not None:
-                key, value = cache.update(key, value, self.layer_idx,
-                                          {"sin": sin, "cos": cos, "cache_position": cache_position})
+                key, value = update_cache(cache, key, value, self.layer_idx,
+                                          {"sin": sin, "cos": cos, "cache_position": cache_position}, kwargs)
         query = torch.cat((q_rope, q_nope), dim=-1)
         fn = self.attention_function()
         self.last_attention = f"{fn.__module__}.{fn.__qualname__}"  # which path ran (checks read it)

@@ -7,7 +7,14 @@ Shim ``kv_cache`` answers three upstream changes (../shared/research/transformer
   ``key_cache`` became a deprecated property and was removed in 4.56.0.
 - 5.0.0: no legacy tuples, no ``cache[i]``; 5.15.0 reversed the meaning of ``Cache.crop``'s argument
   (``crop(max_length)`` → ``crop(tokens_to_remove)``, which must be negative). A *negative* argument means
-  "remove that many tokens" in every version from 4.49 to 5.23, so the view crops with a negative count.
+  "remove that many tokens" in every version from 4.49 to 5.24, so the view crops with a negative count.
+- 5.24.0 renamed the cache argument and output field ``past_key_values`` → ``cache`` in the Qwen2-VL, Qwen2.5-VL,
+  Qwen3-VL and LLaVA forwards (``@deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")``, a
+  ``FutureWarning``; ``outputs.past_key_values`` is a property that logs a deprecation), and attention calls
+  ``cache.update(k, v, layer_idx, kwargs=kwargs)``. ``cache_argument`` / ``cache_kwargs`` / ``output_cache`` probe
+  the forward's parameters and the output's fields for the name; ``update_cache`` probes ``Cache.update`` for the
+  ``cache_kwargs`` dict it took until 5.3. Every portvlm caller goes through them, so 5.24 sees no deprecated name
+  and 4.50 no new one.
 
 The view probes the cache object (``layers`` first, then ``key_cache`` lists); it never branches on the version.
 Peers wrote ``self.key_cache`` / ``self._seen_tokens`` directly (StreamingVLM, VLM-MLA) and broke on 4.54 and v5;
@@ -16,7 +23,9 @@ Peers wrote ``self.key_cache`` / ``self._seen_tokens`` directly (StreamingVLM, V
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import inspect
+from dataclasses import dataclass, fields, is_dataclass
 
 import torch
 
@@ -133,6 +142,92 @@ def _drop(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
     n = t.shape[SEQ_DIM]
     end = min(end, n)
     return torch.cat((t.narrow(SEQ_DIM, 0, start), t.narrow(SEQ_DIM, end, n - end)), dim=SEQ_DIM)
+
+
+# The names a forward takes its KV cache under, newest first: ``cache`` (5.24.0+), ``past_key_values`` (4.x–5.23).
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def cache_argument_reasons(model) -> list[str]:
+    """Why portvlm cannot tell how to pass a KV cache to ``model`` (empty: it can)."""
+    params = _forward_parameters(model)
+    if params is None:
+        return [f"{type(model).__name__} has no inspectable forward; kv_cache shim cannot name its cache argument"]
+    if not any(name in params for name in CACHE_ARGUMENTS):
+        return [f"{type(model).__name__}.forward takes none of {', '.join(CACHE_ARGUMENTS)} "
+                f"(parameters: {', '.join(params)}); kv_cache shim does not know this cache argument"]
+    return []
+
+
+def cache_argument(model) -> str:
+    """``"cache"`` (transformers 5.24.0+) or ``"past_key_values"``: the name ``model``'s forward takes its cache under.
+
+    Probes the forward's signature (``inspect.signature`` follows ``@deprecate_kwarg``'s ``functools.wraps`` to the
+    real parameters); raises ``TypeError`` naming what was found when the forward takes neither.
+    """
+    reasons = cache_argument_reasons(model)
+    if reasons:
+        raise TypeError(reasons[0])
+    params = _forward_parameters(model)
+    return next(name for name in CACHE_ARGUMENTS if name in params)
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` to pass ``cache`` to ``model`` under the name its forward takes (no deprecation on 5.24)."""
+    return {cache_argument(model): cache}
+
+
+def output_cache(outputs):
+    """The KV cache a model output carries (``.cache`` on 5.24.0+, ``.past_key_values`` before), read without
+    touching 5.24's deprecated ``past_key_values`` property; ``None`` when the output holds none."""
+    names = {f.name for f in fields(outputs)} if is_dataclass(outputs) else set()
+    for name in CACHE_ARGUMENTS:
+        if name in names:
+            return getattr(outputs, name)
+    raise TypeError(f"{type(outputs).__name__} has no field among {', '.join(CACHE_ARGUMENTS)} "
+                    f"(fields: {', '.join(sorted(names)) or 'none: not a ModelOutput dataclass'}); "
+                    "kv_cache shim cannot read the cache from it")
+
+
+def _forward_parameters(model) -> tuple[str, ...] | None:
+    forward = getattr(model if isinstance(model, type) else type(model), "forward", None)
+    return _parameters(forward) if forward is not None else None
+
+
+@functools.cache
+def _parameters(fn) -> tuple[str, ...] | None:
+    try:
+        return tuple(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def takes_cache_kwargs(cache) -> bool:
+    """Whether transformers' ``update`` of this cache takes the positional ``cache_kwargs`` dict (<=5.3).
+
+    Subclasses (``SinkWindowCache``, the latent caches) forward ``*args, **kwargs``, so the probe reads the first
+    ``update`` defined by transformers itself in the class's MRO.
+    """
+    return _takes_cache_kwargs(type(cache))
+
+
+@functools.cache
+def _takes_cache_kwargs(cls) -> bool:
+    for klass in cls.__mro__:
+        if "update" in vars(klass) and klass.__module__.startswith("transformers"):
+            return "cache_kwargs" in (_parameters(vars(klass)["update"]) or ())
+    return False
+
+
+def update_cache(cache, key_states, value_states, layer_idx: int, cache_kwargs: dict, kwargs: dict | None = None):
+    """``cache.update`` called the way this transformers calls it from an attention layer.
+
+    <=5.3: ``update(k, v, layer_idx, cache_kwargs)``; 5.4–5.23: ``update(k, v, layer_idx)`` (extra keywords are
+    accepted and ignored); 5.24.0+: ``update(k, v, layer_idx, kwargs=kwargs)`` with the attention call's kwargs.
+    """
+    if takes_cache_kwargs(cache):
+        return cache.update(key_states, value_states, layer_idx, cache_kwargs)
+    return cache.update(key_states, value_states, layer_idx, kwargs={} if kwargs is None else kwargs)
 
 
 def _dynamic_cache_class():

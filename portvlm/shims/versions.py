@@ -15,9 +15,11 @@ from packaging.version import InvalidVersion, Version
 
 from portvlm.errors import UnsupportedError
 
-# Verified by reading/running every release in ../shared/research/transformers-breakpoints.md (4.49.0 … 5.23.0).
-VERIFIED_TRANSFORMERS = SpecifierSet(">=4.49.0,<5.24")
-VERIFIED_RANGE_TEXT = ">=4.49.0, <=5.23.x"
+# Verified by reading/running every release in ../shared/research/transformers-breakpoints.md (4.49.0 … 5.23.0),
+# and 5.24.0 (../shared/research/scale-out.md §5: past_key_values -> cache, answered by kv_cache.cache_argument):
+# every torch test and the four cpu-tf5.24.0 cells pass there.
+VERIFIED_TRANSFORMERS = SpecifierSet(">=4.49.0,<5.25")
+VERIFIED_RANGE_TEXT = ">=4.49.0, <=5.24.x"
 ALLOW_UNVERIFIED_ENV = "PORTVLM_ALLOW_UNVERIFIED"
 
 

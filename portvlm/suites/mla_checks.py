@@ -20,6 +20,7 @@ import contextlib
 import torch
 
 from portvlm.mla.conversion import Geometry, MLASpec, convert, full_rank, spec_of
+from portvlm.shims.kv_cache import cache_kwargs
 
 DECODE_TOKENS = 8
 
@@ -85,7 +86,7 @@ def oracle_logits(base, spec: MLASpec, name: str, inputs: dict, clone) -> torch.
 @torch.no_grad()
 def greedy_cached(model, inputs: dict, steps: int, cache) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy decoding through ``cache``: the prompt once, then one token per step with explicit positions."""
-    out = model(**inputs, past_key_values=cache, use_cache=True)
+    out = model(**inputs, use_cache=True, **cache_kwargs(model, cache))
     logits = [out.logits[:, -1].float()]
     tokens = []
     n = inputs["input_ids"].shape[1]
@@ -95,7 +96,7 @@ def greedy_cached(model, inputs: dict, steps: int, cache) -> tuple[list[int], li
         if step == steps - 1:
             break
         pos = torch.tensor([[n + step]], device=tok.device)
-        out = model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True,
+        out = model(input_ids=tok, position_ids=pos, use_cache=True, **cache_kwargs(model, cache),
                     attention_mask=torch.ones(1, n + step + 1, dtype=torch.long, device=tok.device))
         logits.append(out.logits[:, -1].float())
     return tokens, logits

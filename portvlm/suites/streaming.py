@@ -17,6 +17,7 @@ import traceback
 
 import torch
 
+from portvlm.shims.kv_cache import cache_kwargs
 from portvlm.suites import tiny
 from portvlm.suites._common import (
     PATCHED_BUILD_ATTN,
@@ -82,8 +83,8 @@ class Stream:
         out = self.model(
             input_ids=torch.tensor([new_ids], device=self.ctx.device),
             position_ids=pos.to(self.ctx.device),
-            past_key_values=self.cache,
             use_cache=True,
+            **cache_kwargs(self.model, self.cache),  # `cache` on 5.24+, `past_key_values` before (kv_cache shim)
             **extra,
         )
         logits = logits_of(out)[0].float().cpu()

@@ -179,6 +179,24 @@ def test_latent_sink_window_evicts_k_rope_and_latent_together():
     assert torch.equal(cache.latent(0), c_all[..., keep, :])
 
 
+@pytest.mark.parametrize("cls_name", ["LatentCache", "LatentSinkWindowCache"])
+def test_latent_caches_take_every_update_convention(cls_name):
+    """The latent caches accept update(k, v, i, cache_kwargs) (<=5.3) and, where Cache.update takes **kwargs
+    (5.x), 5.24's update(k, v, i, kwargs=kwargs); both store the same k_rope and latent."""
+    from portvlm.mla import cache as mla_cache
+    from portvlm.shims import kv_cache
+
+    cls = getattr(mla_cache, cls_name)
+    k, c = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 3, 16)
+    calls = [((0, {}), {})] + ([] if kv_cache.takes_cache_kwargs(cls()) else [((0,), {"kwargs": {"position_ids": None}})])
+    for args, kwargs in calls:
+        cache = cls()
+        cache.update(k, c, *args, **kwargs)
+        assert torch.equal(cache.k_rope(0), k) and torch.equal(cache.latent(0), c), (args, kwargs)
+        got = kv_cache.update_cache(cache, k, c, 0, {}, {"position_ids": None})
+        assert got[0].shape[-2] == 6 and cache.get_seq_length() == 6
+
+
 def test_latent_cache_rejects_the_3d_vlm_mla_latent():
     from portvlm.mla.cache import LatentCache
 

@@ -27,8 +27,8 @@ def _real_cache():
     ids = torch.arange(2, 10)[None]
     pos = torch.arange(8)
     with torch.no_grad():
-        return model(input_ids=ids, use_cache=True, cache_position=pos,
-                     position_ids=pos.view(1, 1, -1).expand(3, 1, -1)).past_key_values
+        return kv_cache.output_cache(model(input_ids=ids, use_cache=True, cache_position=pos,
+                                           position_ids=pos.view(1, 1, -1).expand(3, 1, -1)))
 
 
 def test_kv_cache_layout_is_known():
@@ -53,6 +53,15 @@ def test_kv_cache_update_signature():
     params = list(inspect.signature(transformers.DynamicCache.update).parameters)
     assert params[:4] == ["self", "key_states", "value_states", "layer_idx"], drift(
         "kv_cache", f"DynamicCache.update parameters are {params} (SinkWindowCache overrides update(k, v, layer_idx, ...))")
+
+
+@pytest.mark.parametrize("family", _tiny.FAMILIES)
+def test_kv_cache_argument_is_known(family):
+    """The forward takes its cache under a name the shim knows (5.24.0 renamed past_key_values -> cache)."""
+    if _tiny.available(family):
+        pytest.skip(_tiny.available(family)[0])
+    reasons = kv_cache.cache_argument_reasons(_tiny.build(family))
+    assert not reasons, drift("kv_cache", reasons[0])
 
 
 @pytest.mark.parametrize("family", _tiny.FAMILIES)

@@ -155,7 +155,7 @@ def test_gpu_images_install_torch_from_its_index(specs):
 def test_python_source(matrix):
     by_id = {s.id: s for s in matrix.stacks}
     assert C.python_source(by_id["volta-cu118-torch2.3.1-tf4.50.3"]) == "system"  # jammy ships 3.10
-    assert C.python_source(by_id["volta-cu126-torch2.13.0-tf5.23.0"]) == "uv"  # noble ships 3.12, stack wants 3.11
+    assert C.python_source(by_id["volta-cu126-torch2.14.1-tf5.24.0"]) == "uv"  # noble ships 3.12, stack wants 3.11
 
 
 def test_old_torch_gets_numpy_1(specs):

@@ -247,22 +247,22 @@ def test_v100_with_cu130_torch_fails_the_kernel_image_check_naming_builds_that_w
 
 
 def test_v100_cu126_is_ok_without_bf16_and_picks_efficient_varlen():
-    report = report_for(machine(v100(), versions={"transformers": "5.23.0"}))
+    report = report_for(machine(v100("2.14.1+cu126"), versions={"transformers": "5.24.0"}))
     assert report.arch == "sm70"
     assert check(report, "kernel_image").status == "ok"
     precision = check(report, "precision")
     assert "bf16 emulated only" in precision.message and "is_bf16_supported" in precision.message
     fam = family(report)
-    assert fam.cell == "sm70--qwen2_5vl--volta-cu126-torch2.13.0-tf5.23.0"
+    assert fam.cell == "sm70--qwen2_5vl--volta-cu126-torch2.14.1-tf5.24.0"
     assert fam.dtype == "float16"
     assert fam.vision.chosen == "efficient_varlen"
     assert report.verdict == "OK"
 
 
 def test_v100_cu126_with_flash_attn_installed_warns_with_the_known_failures():
-    mods = v100()
+    mods = v100("2.14.1+cu126")
     mods["flash_attn"] = SimpleNamespace(__version__="2.8.3")
-    report = report_for(machine(mods, versions={"transformers": "5.23.0", "flash-attn": "2.8.3"}))
+    report = report_for(machine(mods, versions={"transformers": "5.24.0", "flash-attn": "2.8.3"}))
     fa = check(report, "flash_attn")
     assert fa.status == "warn"
     assert "ms-swift#5002" in fa.message and "EasyR1#160" in fa.message and "sm80" in fa.message

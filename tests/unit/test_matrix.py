@@ -302,7 +302,7 @@ ERROR_CASES = [
     ),
     _case(
         "container-needs-image",
-        _mutate("    image: portvlm/sm70-cu126-torch2.13.0\n", "", "  - id: volta-cu126-torch2.13.0-tf5.23.0"),
+        _mutate("    image: portvlm/sm70-cu126-torch2.14.1\n", "", "  - id: volta-cu126-torch2.14.1-tf5.24.0"),
         "add `image: ...` to the stack or set the arch's runtime: host",
     ),
     # min_transformers coverage
