@@ -4,6 +4,7 @@
 # (carried; see docs/gpu.md), installed into per-version target dirs — nothing is downloaded.
 #
 #   bash benchmarks/gpu_cells.sh            # doctor, then sm90 cells (hardware) and sm70-policy cells (emulated)
+#   bash benchmarks/gpu_cells.sh STACK...   # only these stacks (ids from matrix.yaml)
 #
 # Results land in $OUT/results.tgz (unpack into results/); logs and doctor output beside it.
 set -u
@@ -19,10 +20,12 @@ site() {  # site TAG: install .whl/TAG/*.whl into /tmp/site-TAG (offline), print
   [ -d "$dir" ] || python3 -m pip install -q --no-index --no-deps --no-compile --target "$dir" .whl/"$1"/*.whl >&2
   echo "$dir"
 }
+ONLY="$*"
 BASE=$(site base)  # jsonschema & co: the matrix loader needs them, the GPU image lacks them
 
 run() {  # run TF_TAG ARCH STACK: one arch × stack for every model, with that transformers on the path
   local tf=$1 arch=$2 stack=$3 path="$BASE:$ROOT"
+  [ -n "$ONLY" ] && [[ " $ONLY " != *" $stack "* ]] && return 0
   [ "$tf" != "installed" ] && path="$(site "$tf"):$path"
   PYTHONPATH="$path" timeout 900 python3 -m portvlm.cli run --arch "$arch" --stack "$stack" \
     --python python3 --results "$RES/results" --timeout 300 2>&1 | tee -a "$OUT/cells.log"
@@ -38,7 +41,7 @@ run installed sm90 cu130-torch2.11.0-tf5.17.0
 run tf4.57.6 sm90 cu130-torch2.11.0-tf4.57.6
 run tf4.50.3 sm70 volta-cu118-torch2.3.1-tf4.50.3
 run tf4.57.6 sm70 volta-cu118-torch2.7.0-tf4.57.6
-run tf5.23.0 sm70 volta-cu126-torch2.13.0-tf5.23.0
+run tf5.24.0 sm70 volta-cu126-torch2.14.1-tf5.24.0
 
 tar -C "$RES" -czf "$OUT/results.tgz" results logs
 grep -E "^\[|→" "$OUT/cells.log" | tail -40
