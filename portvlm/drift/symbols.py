@@ -21,8 +21,10 @@ LLAVA = "transformers.models.llava.modeling_llava"
 # version-specific ones (the 4.53.x dense mask, <=4.52 class tables) are simply absent elsewhere: only a symbol the
 # verified baseline has and the newest lacks counts as drift.
 ANCHORS: dict[str, tuple[str, ...]] = {
+    # the forwards take the cache by name (``past_key_values``; ``cache`` from 5.24): a renamed parameter is drift
     "kv_cache": ("transformers.DynamicCache.update", "transformers.DynamicCache.crop",
-                 "transformers.DynamicCache.get_seq_length"),
+                 "transformers.DynamicCache.get_seq_length", "transformers.Qwen2_5_VLForConditionalGeneration.forward",
+                 "transformers.Qwen3VLForConditionalGeneration.forward", "transformers.LlavaForConditionalGeneration.forward"),
     "layer_paths": ("transformers.Qwen2_5_VLForConditionalGeneration", "transformers.LlavaForConditionalGeneration",
                     "transformers.Qwen3VLForConditionalGeneration"),
     "vision_varlen": (f"{QWEN25}.apply_rotary_pos_emb_vision", f"{QWEN25}.Qwen2_5_VLVisionAttention.forward",
@@ -142,6 +144,10 @@ def compare_symbols(baseline: Mapping[str, dict], newest: Mapping[str, dict],
         if old.get("home") and new.get("home") and old["home"] != new["home"]:
             out.append(SymbolChange(name, "moved", f"defined in {old['home']} → {new['home']}", where))
         if old.get("params") is not None and new.get("params") is not None and old["params"] != new["params"]:
-            out.append(SymbolChange(name, "signature", f"({', '.join(old['params'])}) → ({', '.join(new['params'])})",
-                                    where))
+            gone = [p for p in old["params"] if p not in new["params"]]
+            added = [p for p in new["params"] if p not in old["params"]]
+            delta = "; ".join(part for part in (f"removed {', '.join(gone)}" if gone else "",
+                                                f"added {', '.join(added)}" if added else "") if part)
+            out.append(SymbolChange(name, "signature", f"({', '.join(old['params'])}) → ({', '.join(new['params'])})"
+                                    + (f" [{delta}]" if delta else " [reordered]"), where))
     return out

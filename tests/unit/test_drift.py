@@ -152,7 +152,7 @@ def test_compare_symbols_reports_missing_moved_and_resigned_names_the_baseline_h
     got = {(c.name, c.kind): c for c in symbols.compare_symbols(base, new, {"a.gone": ("p.py:1",)})}
     assert set(got) == {("a.gone", "missing"), ("a.moved", "moved"), ("a.sig", "signature")}
     assert "transformers.elsewhere" in got[("a.gone", "missing")].detail and got[("a.gone", "missing")].used_at == ("p.py:1",)
-    assert got[("a.sig", "signature")].detail == "(self, max_length) → (self, n)"
+    assert got[("a.sig", "signature")].detail == "(self, max_length) → (self, n) [removed max_length; added n]"
 
 
 def test_compare_answers_names_each_shim_that_changed_per_model():
