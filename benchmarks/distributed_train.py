@@ -47,7 +47,7 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import portvlm  # noqa: E402
-from portvlm.distributed import make_mesh, pack, parallelize  # noqa: E402
+from portvlm.distributed import enable_activation_checkpointing, make_mesh, pack, parallelize  # noqa: E402
 from portvlm.suites import tiny  # noqa: E402
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "V100": 125.0}  # dense bf16/fp16 tensor-core peaks
@@ -455,7 +455,7 @@ def part_size(args, rank, world, device, kind):
         try:
             dtype = torch.float32 if kind == "cpu" else torch.float16
             model = build(model_id, cfg, device, dtype)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
             from torch.distributed.fsdp import fully_shard
 
             from portvlm.shims.layer_paths import resolve

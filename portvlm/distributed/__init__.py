@@ -12,6 +12,7 @@ _LAZY = {
     "ParallelModel": "portvlm.distributed.parallel",
     "StepOutput": "portvlm.distributed.parallel",
     "pack": "portvlm.distributed.parallel",
+    "enable_activation_checkpointing": "portvlm.distributed.parallel",
     "make_mesh": "portvlm.distributed.mesh",
     "split_sizes": "portvlm.distributed.ulysses",
     "split_bounds": "portvlm.distributed.ulysses",

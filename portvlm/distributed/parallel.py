@@ -256,7 +256,7 @@ def parallelize(model, handle, mesh, *, activation_checkpointing: bool = False, 
     if reasons:
         raise UnsupportedError("portvlm.distributed.parallelize: " + "; ".join(reasons))
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     pmodel = ParallelModel(model, handle, layout, loss_chunk=loss_chunk, fault=fault)
     kwargs = {"mesh": layout.fsdp_mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
@@ -271,6 +271,20 @@ def parallelize(model, handle, mesh, *, activation_checkpointing: bool = False, 
         if isinstance(m, FSDPModule) and fault != "average_gradients":  # the fault keeps FSDP's mean over ranks
             sum_gradients(m)
     return pmodel
+
+
+def enable_activation_checkpointing(model, *, use_reentrant: bool = False) -> None:
+    """The model's own (non-reentrant) activation checkpointing, by whichever name this transformers has.
+
+    transformers 5.23 renamed ``gradient_checkpointing_enable(gradient_checkpointing_kwargs=…)`` to
+    ``activation_checkpointing_enable(activation_checkpointing_kwargs=…)``; the old name warns (FutureWarning,
+    removal in v6). Probe the new name first.
+    """
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def sum_gradients(module) -> None:
