@@ -76,7 +76,7 @@ def from_benchmarks(directory: Path) -> tuple[list[DistRow], list[str]]:
                                 run.get("tokens_per_s"), run.get("peak_GiB"), f"{gpu}; {key}", path.name))
         if body.get("longest_row_that_trains") is not None or "status" in body:  # sp
             search = body.get("search") or [{}]
-            last = search[-1]
+            last = next((s for s in reversed(search) if s.get("trains")), search[-1])  # the longest that trained
             longest = body.get("longest_row_that_trains")
             if longest is not None and all(s.get("trains") for s in search):
                 longest = f"≥ {longest} (the largest tried; none failed)"
