@@ -35,7 +35,7 @@ except MatrixError as exc:  # a broken matrix still lets `nox -l`, lint and test
     MATRIX, CELLS = None, ()
 
 ARCH_MODEL = [(a.id, m.id) for a in (MATRIX.archs if MATRIX else ()) for m in (MATRIX.models if MATRIX else ())]
-CI_STACKS = [s for s in (MATRIX.stacks if MATRIX else ()) if s.ci and s.torch_variant == "cpu"]
+CI_STACKS = list(MATRIX.ci_cpu_stacks()) if MATRIX else []
 
 
 def _portvlm(session: nox.Session, *args: str) -> None:

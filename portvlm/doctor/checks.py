@@ -8,7 +8,7 @@ from portvlm.doctor.collect import EnvInfo
 from portvlm.doctor.report import Check
 from portvlm.platform import Platform, bf16_reasons, kernel_image_reasons
 from portvlm.records import CheckStatus
-from portvlm.shims.versions import base_version, parse, parse_or_none
+from portvlm.shims.versions import ALLOW_UNVERIFIED_ENV, base_version, parse, parse_or_none
 from portvlm.wheels import torch_index
 
 
@@ -202,7 +202,7 @@ def check_transformers(info: EnvInfo, matrix, arch=None) -> list[Check]:
         return checks
     verified = _verified_range()
     if verified is not None and not verified[0].contains(version, prereleases=True):
-        allowed = info.env.get("PORTVLM_ALLOW_UNVERIFIED") == "1"
+        allowed = info.env.get(ALLOW_UNVERIFIED_ENV) == "1"
         newest = stacks[-1] if stacks else None
         if arch is not None and matrix is not None and arch.stacks:  # the newest version tested on this arch
             newest = max(parse_or_none(matrix.stack(s).transformers) or parse("0") for s in arch.stacks)

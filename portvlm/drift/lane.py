@@ -19,19 +19,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
-from packaging.version import Version
 
 from portvlm.drift import probe, report, resolve, symbols
 from portvlm.errors import EnvironmentBuildError, MatrixError
+from portvlm.shims.versions import parse as parse_version
 
 DRIFT_STACK = "drift-tf{transformers}"
 
 
 def baseline_stack(matrix, transformers: str):
     """The newest CI CPU stack not newer than ``transformers`` (the verified stack drift is measured against)."""
-    stacks = [s for s in matrix.stacks if s.ci and s.torch_variant == "cpu"
-              and Version(s.transformers) <= Version(transformers)]
-    return max(stacks, key=lambda s: Version(s.transformers), default=None)
+    stacks = [s for s in matrix.ci_cpu_stacks() if parse_version(s.transformers) <= parse_version(transformers)]
+    return max(stacks, key=lambda s: parse_version(s.transformers), default=None)
 
 
 def drift_matrix_text(matrix_text: str, *, transformers: str, torch: str, python: str) -> tuple[str, str]:
@@ -41,7 +40,7 @@ def drift_matrix_text(matrix_text: str, *, transformers: str, torch: str, python
     """
     data = yaml.safe_load(matrix_text)
     stack_id = DRIFT_STACK.format(transformers=transformers)
-    base = Version(torch)
+    base = parse_version(torch)
     data["stacks"].append({
         "id": stack_id, "python": python, "torch": base.base_version, "torch_variant": base.local or "cpu",
         "transformers": transformers, "ci": False,
@@ -99,8 +98,8 @@ def run_drift(*, transformers: str | None = None, torch: str | None = None, pyth
     ensure_env = ensure_env or envs.ensure_env
     matrix = load_matrix(matrix_path)
     matrix_text = Path(matrix_path or os.environ.get("PORTVLM_MATRIX") or packaged_path()).read_text()
-    ci_cpu = [s for s in matrix.stacks if s.ci and s.torch_variant == "cpu"]
-    python = python or (max(ci_cpu, key=lambda s: Version(s.transformers)).python if ci_cpu else "3.11")
+    ci_cpu = matrix.ci_cpu_stacks()
+    python = python or (max(ci_cpu, key=lambda s: parse_version(s.transformers)).python if ci_cpu else "3.11")
     known = [m.id for m in matrix.models]
     models = list(models or known)
     unknown = [m for m in models if m not in known]
@@ -109,7 +108,7 @@ def run_drift(*, transformers: str | None = None, torch: str | None = None, pyth
     for flag, value in (("--transformers", transformers), ("--torch", torch)):
         if value and versions.parse_or_none(value) is None:
             raise LookupError(f"{flag} {value!r} is not a version (PEP 440, e.g. 5.24.0 or 2.13.0+cpu)")
-    if torch and Version(torch).local != "cpu":
+    if torch and parse_version(torch).local != "cpu":
         raise LookupError(f"--torch {torch!r} is not a CPU build: the drift lane runs the CPU cells; pass X+cpu "
                           "(e.g. 2.13.0+cpu)")
     notes: list[str] = []
@@ -120,7 +119,7 @@ def run_drift(*, transformers: str | None = None, torch: str | None = None, pyth
         tf = resolve_transformers(python=python)
     th = resolve.Resolved("torch", torch, "forced by --torch") if torch else resolve_torch(python=python)
     notes += [*tf.notes, *th.notes]
-    verified = versions.VERIFIED_TRANSFORMERS.contains(Version(tf.version), prereleases=True)
+    verified = versions.VERIFIED_TRANSFORMERS.contains(parse_version(tf.version), prereleases=True)
     tested = report.Tested(tf.version, th.version, python, verified, versions.VERIFIED_RANGE_TEXT, tf.source, th.source)
     say(f"drift: transformers {tf.version} ({tf.source}; {'verified' if verified else 'unverified'}), "
         f"torch {th.version} ({th.source}), python {python}")
@@ -149,7 +148,7 @@ def run_drift(*, transformers: str | None = None, torch: str | None = None, pyth
 
     from portvlm.shims.patch import SHIMS
 
-    retired = [s.name for s in SHIMS if not versions.in_range(s.transformers, Version(tf.version))]
+    retired = [s.name for s in SHIMS if not versions.in_range(s.transformers, parse_version(tf.version))]
     cells = []
     if skip_cells:
         notes.append("cells not run (--no-cells)")

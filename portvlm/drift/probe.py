@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from portvlm.drift.symbols import Symbol
+from portvlm.shims.versions import ALLOW_UNVERIFIED_ENV
 
-ALLOW = {"PORTVLM_ALLOW_UNVERIFIED": "1"}  # the newest release may be outside the verified range: probe it anyway
+ALLOW = {ALLOW_UNVERIFIED_ENV: "1"}  # the newest release may be outside the verified range: probe it anyway
 
 
 # -- child: runs inside the environment -----------------------------------------------------------------------------

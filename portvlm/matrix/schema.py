@@ -124,6 +124,10 @@ class Matrix:
                 return model
         raise KeyError(f"no model of family {family!r}; known: {', '.join(m.family for m in self.models)}")
 
+    def ci_cpu_stacks(self) -> tuple[Stack, ...]:
+        """The CPU stacks CI tests (``ci: true``): the torch tests' venvs and the drift lane's baselines."""
+        return tuple(s for s in self.stacks if s.ci and s.torch_variant == "cpu")
+
     def families(self) -> tuple[str, ...]:
         """The transformers model_types of the declared models, in declaration order, once each."""
         return tuple(dict.fromkeys(m.family for m in self.models))

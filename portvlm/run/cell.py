@@ -131,7 +131,7 @@ def run(cell: Cell, suites: tuple[str, ...], fast: bool, in_container: bool, evi
         matrix=None) -> CellReport:
     """Run ``cell``'s suites here under its arch's policy (``portvlm.policy.resolve_policy`` of ``matrix``, the
     Matrix the cell came from; None: the packaged one)."""
-    from portvlm.policy import resolve_policy
+    from portvlm.policy import packaged_matrix, resolve_policy
     from portvlm.suites import SuiteContext, run_suites
 
     t0 = time.perf_counter()
@@ -139,7 +139,7 @@ def run(cell: Cell, suites: tuple[str, ...], fast: bool, in_container: bool, evi
     policy = resolve_policy(cell.arch.id, matrix=matrix, host=host)
     actual = _installed_versions()
     evidence = Evidence(evidence) if evidence else evidence_for(cell, host.arch_id)
-    archs = matrix.archs if matrix is not None else ()
+    archs = (matrix if matrix is not None else packaged_matrix()).archs  # undeclared hosts are named either way
     notes = differences(cell, actual, host, policy, archs) if evidence == Evidence.EMULATED else []
     if in_container:
         notes.append("ran inside the stack's container image")

@@ -165,11 +165,11 @@ def cache_argument(model) -> str:
     Probes the forward's signature (``inspect.signature`` follows ``@deprecate_kwarg``'s ``functools.wraps`` to the
     real parameters); raises ``TypeError`` naming what was found when the forward takes neither.
     """
-    reasons = cache_argument_reasons(model)
-    if reasons:
-        raise TypeError(reasons[0])
-    params = _forward_parameters(model)
-    return next(name for name in CACHE_ARGUMENTS if name in params)
+    params = _forward_parameters(model) or ()
+    name = next((n for n in CACHE_ARGUMENTS if n in params), None)
+    if name is None:
+        raise TypeError(cache_argument_reasons(model)[0])
+    return name
 
 
 def cache_kwargs(model, cache) -> dict:
@@ -179,7 +179,8 @@ def cache_kwargs(model, cache) -> dict:
 
 def output_cache(outputs):
     """The KV cache a model output carries (``.cache`` on 5.24.0+, ``.past_key_values`` before), read without
-    touching 5.24's deprecated ``past_key_values`` property; ``None`` when the output holds none."""
+    touching 5.24's deprecated ``past_key_values`` property (``None`` when that field is empty); ``TypeError`` naming
+    the fields when the output has neither."""
     names = {f.name for f in fields(outputs)} if is_dataclass(outputs) else set()
     for name in CACHE_ARGUMENTS:
         if name in names:
