@@ -162,8 +162,7 @@ def run_drift(*, transformers: str | None = None, torch: str | None = None, pyth
     record = report.build_report(tested_at=stamp, tested=tested, baseline=baseline, cells=cells,
                                  newest_probe=newest_probe, baseline_probe=base_probe, changes=changes,
                                  symbol_changes=sym_changes, notes=notes, models=models, retired=retired)
-    redact = {str(envs.envs_root()): "<envs>", str(envs.REPO_ROOT): "<repo>"}
-    path = report.write_report(record, results_dir, redact=redact)
+    path = report.write_report(record, results_dir)
     return record, path
 
 

@@ -192,13 +192,14 @@ def report_name(report: Mapping) -> str:
 def write_report(report: Mapping, results_dir: str | Path, *, redact: Mapping[str, str] | None = None) -> Path:
     """Write ``<results>/drift/<name>.json`` and ``.md``, never over an earlier report; returns the JSON path.
 
-    ``redact``: ``{this machine's path: placeholder}`` (the envs root → ``<envs>``) applied to the text.
+    ``redact``: ``{this machine's path: placeholder}`` (default ``run.env.local_paths()``) applied to the text.
     """
+    from portvlm.run.env import redact_paths
+
     folder = Path(results_dir) / DRIFT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=1, ensure_ascii=False, default=str)
-    for path, placeholder in sorted((redact or {}).items(), key=lambda kv: -len(kv[0])):
-        text = text.replace(json.dumps(path)[1:-1], placeholder)
+    text = redact_paths(text, redact)
     data = json.loads(text)
     base, n = report_name(data), 1
     while (folder / f"{base}{'' if n == 1 else f'-{n}'}.json").exists():

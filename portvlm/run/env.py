@@ -8,6 +8,7 @@ env costs seconds once the wheels are cached.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -40,6 +41,18 @@ class EnvSpec:
 
     def requirements(self) -> list[str]:
         return [f"torch=={self.torch}", f"transformers=={self.transformers}", *self.extras, *CELL_REQUIREMENTS]
+
+
+def local_paths() -> dict[str, str]:
+    """This machine's roots and the placeholders records that travel (results, drift reports) name them by."""
+    return {str(envs_root()): "<envs>", str(REPO_ROOT): "<repo>"}
+
+
+def redact_paths(text: str, paths: dict[str, str] | None = None) -> str:
+    """``text`` (JSON) with every local root replaced by its placeholder, longest root first."""
+    for path, placeholder in sorted((local_paths() if paths is None else paths).items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(json.dumps(path)[1:-1], placeholder)  # as the path appears inside a JSON string
+    return text
 
 
 def envs_root() -> Path:

@@ -27,15 +27,19 @@ from portvlm.records import (  # noqa: E402,F401 - re-exported: results are read
 
 
 def write_result(result: CellResult, directory: str | os.PathLike) -> Path:
-    """Write results/<cell>.json atomically (temp file + rename); other cells' files are never touched."""
+    """Write results/<cell>.json atomically (temp file + rename); other cells' files are never touched.
+
+    Local roots (the venvs, the checkout) are written as ``<envs>`` / ``<repo>``: the record travels.
+    """
+    from portvlm.run.env import redact_paths
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{result.cell}.json"
     fd, tmp = tempfile.mkstemp(prefix=f".{result.cell}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(result.to_json(), fh, indent=2, sort_keys=True, default=str)
-            fh.write("\n")
+            fh.write(redact_paths(json.dumps(result.to_json(), indent=2, sort_keys=True, default=str)) + "\n")
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -106,6 +106,20 @@ def test_write_result_is_atomic_and_leaves_other_cells_alone(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_a_written_result_names_local_roots_by_placeholder(tmp_path, monkeypatch):
+    """A result travels (git, the site): the venv root and the checkout are <envs> / <repo>, never this machine's."""
+    import dataclasses
+
+    from portvlm.run import env as envs
+
+    monkeypatch.setenv("PORTVLM_ENVS", "/machine/envs")
+    rec = dataclasses.replace(_result("a"), environment={"python": "/machine/envs/py3.11/bin/python",
+                                                         "matrix": f"{envs.REPO_ROOT}/matrix.yaml"})
+    text = write_result(rec, tmp_path).read_text()
+    assert "/machine/envs" not in text and str(envs.REPO_ROOT) not in text
+    assert '"<envs>/py3.11/bin/python"' in text and '"<repo>/matrix.yaml"' in text
+
+
 def test_weaker_evidence_never_replaces_hardware_result(tmp_path):
     write_result(_result("a", evidence="hardware"), tmp_path)
     assert runner.keep_existing(tmp_path, _result("a", evidence="emulated")).evidence == "hardware"
