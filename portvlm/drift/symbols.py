@@ -16,6 +16,8 @@ from pathlib import Path
 QWEN25 = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
 QWEN3 = "transformers.models.qwen3_vl.modeling_qwen3_vl"
 LLAVA = "transformers.models.llava.modeling_llava"
+QWEN35 = "transformers.models.qwen3_5.modeling_qwen3_5"
+QWEN35_MOE = "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe"
 
 # Names the shims reach by string or through a model instance (the AST scan cannot see them), per shim. The
 # version-specific ones (the 4.53.x dense mask, <=4.52 class tables) are simply absent elsewhere: only a symbol the
@@ -36,6 +38,12 @@ ANCHORS: dict[str, tuple[str, ...]] = {
     "text_registry_legacy": ("transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS",
                              "transformers.models.llama.modeling_llama.LlamaModel._update_causal_mask"),
     "text_classes": (f"{QWEN25}.QWEN2_5_VL_ATTENTION_CLASSES", f"{QWEN25}.apply_multimodal_rotary_pos_emb"),
+    # the DeltaNet forward looks the two functions up in its modeling module at call time: a rename or a new
+    # signature (cu_seqlens read at last, a kernel that keeps samples apart) is what the lane must report
+    "linear_attention_packed": (f"{QWEN35}.causal_conv1d_fn", f"{QWEN35}.torch_chunk_gated_delta_rule",
+                                f"{QWEN35}.Qwen3_5GatedDeltaNet.forward", f"{QWEN35_MOE}.causal_conv1d_fn",
+                                f"{QWEN35_MOE}.torch_chunk_gated_delta_rule",
+                                f"{QWEN35_MOE}.Qwen3_5MoeGatedDeltaNet.forward"),
 }
 
 

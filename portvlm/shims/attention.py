@@ -67,7 +67,8 @@ class AttentionState:
     # vision attention module -> a static upper bound on its segment length (window layers); absent = full layer
     bounds: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
     rotary: dict = field(default_factory=dict)  # vision attention class -> apply_rotary_pos_emb_vision
-    calls: dict = field(default_factory=lambda: {"vision": 0, "text": 0, "text_packed": 0})
+    calls: dict = field(default_factory=lambda: {"vision": 0, "text": 0, "text_packed": 0, "linear": 0,
+                                                 "linear_packed": 0})
     # <=4.52 class-patched text: id(rotary cos tensor) -> (weakref to it, (cu_seq_lens, max_length)); see packed_of
     packed_by_rope: dict = field(default_factory=dict)
 

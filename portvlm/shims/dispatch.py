@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ FOREIGN_POLICIES = ("warn", "refuse")
 class Hook:
     """One class attribute replaced by a dispatcher, and what to put back when its last holder lets go."""
 
-    cls: type
+    cls: object  # a class, or a modeling module (its functions are looked up at call time)
     attr: str
     saved: object  # the class's own __dict__ entry before, or _ABSENT (inherited)
     fallback: Callable  # what unowned instances run: the attribute as the class resolved it before
@@ -50,7 +51,14 @@ class Hook:
 
     @property
     def target(self) -> str:
-        return f"{self.cls.__module__}.{self.cls.__qualname__}.{self.attr}"
+        return f"{owner_name(self.cls)}.{self.attr}"
+
+
+def owner_name(owner) -> str:
+    """``module.Class`` for a class, ``module`` for a module (a modeling module's function is hooked the same way)."""
+    if isinstance(owner, types.ModuleType):
+        return owner.__name__
+    return f"{owner.__module__}.{owner.__qualname__}"
 
 
 HOOKS: dict[tuple[type, str], Hook] = {}
@@ -92,8 +100,10 @@ def owner_reasons(modules) -> list[str]:
             "handle first (or keep using it); portvlm never layers a second patch over the first"]
 
 
-def acquire(cls: type, attr: str, make: Callable[[Callable], Callable], token, foreign: str = "warn") -> Hook:
-    """Install (once) the dispatcher ``make(fallback)`` as ``cls.attr`` and count ``token`` as a holder."""
+def acquire(cls, attr: str, make: Callable[[Callable], Callable], token, foreign: str = "warn") -> Hook:
+    """Install (once) the dispatcher ``make(fallback)`` as ``cls.attr`` and count ``token`` as a holder.
+
+    ``cls`` is a class, or a module whose function the class's forward looks up at call time."""
     key = (cls, attr)
     current = vars(cls).get(attr, _ABSENT)
     hook = HOOKS.get(key)
@@ -109,7 +119,7 @@ def acquire(cls: type, attr: str, make: Callable[[Callable], Callable], token, f
     origin = foreign_origin(fallback)
     if origin is not None and foreign == "refuse":
         raise UnsupportedError(
-            f"{cls.__module__}.{cls.__qualname__}.{attr} is not transformers' own: it was replaced by {origin}; "
+            f"{owner_name(cls)}.{attr} is not transformers' own: it was replaced by {origin}; "
             "portvlm refuses to replace it (foreign='refuse'). Remove that patch, or pass foreign='warn' to let "
             "portvlm run in its place for this model (revert puts it back)")
     dispatcher = make(fallback)

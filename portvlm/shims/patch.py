@@ -410,6 +410,23 @@ def _text_classes_apply(ctx, patcher) -> list[str]:
     return attention.install_text_classes(ctx.claim, ctx.model, list(_text_attn_groups(ctx)))
 
 
+def _linear_probe(ctx) -> list[str]:
+    from portvlm.shims import linear_attention
+
+    if ctx.model is None:
+        return ["no model given: the Gated DeltaNet layers are found on the model instance"]
+    groups = linear_attention.linear_modules(ctx.model)
+    if not groups:
+        return [f"{ctx.family} has no Gated DeltaNet (linear-attention) layers"]
+    return [r for mods in groups.values() for r in linear_attention.module_reasons(mods[0])]
+
+
+def _linear_apply(ctx, patcher) -> list[str]:
+    from portvlm.shims import linear_attention
+
+    return linear_attention.install(ctx.claim, ctx.model)
+
+
 SHIMS: tuple[Shim, ...] = (
     Shim(
         name="kv_cache",
@@ -478,6 +495,17 @@ SHIMS: tuple[Shim, ...] = (
         apply=_text_classes_apply,
         families=("qwen2_5_vl",),
         labels=((">=0", "Qwen2.5-VL text classes patched for packed rows"),),
+    ),
+    Shim(
+        name="linear_attention_packed",
+        answers="Qwen3.5 Gated DeltaNet torch fallbacks (causal_conv1d_fn, torch_chunk_gated_delta_rule) ignore "
+        "cu_seqlens: samples of a packed row share conv windows and recurrent state (silent to 5.17; 5.23+ refuses "
+        "with ValueError without flash-linear-attention)",
+        transformers=">=5.0",
+        probe=_linear_probe,
+        apply=_linear_apply,
+        families=("qwen3_5", "qwen3_5_moe"),
+        labels=((">=0", "packed rows: per-sample conv windows + fresh fp32 state"),),
     ),
 )
 
@@ -617,6 +645,8 @@ class PatchHandle:
 def _instance_overrides(handle: PatchHandle, model, patcher: Patcher) -> None:
     """Instance attributes that shadow a claimed class attribute (``module.forward = ...``): foreign too."""
     for hook in list(handle._hooks):
+        if not isinstance(hook.cls, type):  # a modeling module's function: no instance can shadow it
+            continue
         for name, module in model.named_modules():
             if not isinstance(module, hook.cls) or hook.attr not in vars(module):
                 continue
