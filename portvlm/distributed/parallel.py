@@ -208,17 +208,17 @@ class ParallelModel(torch.nn.Module):
         if row["pixel_values"] is not None:
             kwargs.update(input_ids=ids, pixel_values=row["pixel_values"])
         else:
-            # The tower runs first, as in a row with images, and feeds the embeddings (times zero): every rank
+            # The tower runs first, as in a row with images, and feeds the embeddings (an exact zero): every rank
             # all-gathers and reduce-scatters the same FSDP blocks in the same order.
             embeds = self.module.get_input_embeddings()(ids)
-            kwargs["inputs_embeds"] = embeds + 0.0 * self._llava_dummy(ids.device).to(embeds.dtype)
+            kwargs["inputs_embeds"] = embeds + self._llava_dummy(ids.device).to(embeds.dtype)
         out = self.module(**kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0]
         return torch.nn.functional.cross_entropy(logits[0].float(), targets[0], ignore_index=loss_mod.IGNORE,
                                                  reduction="sum")
 
     def _llava_dummy(self, device):
-        """The tower and projector on one blank image (FSDP gathers their weights on every rank)."""
+        """An exact zero from the tower and projector on one blank image (FSDP gathers their weights on every rank)."""
         cfg = self.module.config
         tower = self._paths.vision_tower
         size = cfg.vision_config.image_size
@@ -228,7 +228,7 @@ class ParallelModel(torch.nn.Module):
         feats = hs[layer] if isinstance(layer, int) else torch.cat([hs[i] for i in layer], dim=-1)
         if getattr(cfg, "vision_feature_select_strategy", "default") == "default":
             feats = feats[:, 1:]
-        return self._paths.projector(feats).sum()
+        return vision.zero_anchor(self._paths.projector(feats))  # never 0·sum(): an fp16 sum overflows (issue 22)
 
 
 def _restart_positions(position_ids, cu, lo, hi):
@@ -241,13 +241,35 @@ def _restart_positions(position_ids, cu, lo, hi):
     return pos
 
 
-def parallelize(model, handle, mesh, *, activation_checkpointing: bool = False, mp_policy=None,
+AUTO = "auto"
+
+
+def mixed_precision_for(dtype):
+    """FSDP2's policy for a compute dtype: fp16 computes in fp16 over fp32 sharded weights and reduces gradients in
+    fp32 (what ``torch.amp.GradScaler`` needs: it refuses fp16 gradients); bf16 and fp32 keep their own (None)."""
+    if dtype != torch.float16:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+
+
+def _upcast(module, *, recurse: bool) -> None:
+    """Floating-point parameters and buffers of ``module`` to fp32 (exact from fp16/bf16): the master weights."""
+    module._apply(lambda t: t.float() if t.is_floating_point() else t, recurse=recurse)
+
+
+def parallelize(model, handle, mesh, *, activation_checkpointing: bool = False, mp_policy=AUTO,
                 reshard_after_forward: bool = True, loss_chunk: int = 8192, fault: str | None = None) -> ParallelModel:
     """Shard a ``portvlm.patch``-ed model with FSDP2 over ``mesh`` (dims "dp", "sp") and run Ulysses SP over "sp".
 
     ``fully_shard`` wraps every vision block and decoder layer (the classes ``portvlm.shims.layer_paths`` finds) and
     the returned root; gradients are summed (divide factor 1) because the loss is already the batch mean.
     ``activation_checkpointing`` turns on the model's own non-reentrant gradient checkpointing.
+    ``mp_policy``: ``"auto"`` (default) is ``mixed_precision_for(handle.dtype)`` — for an fp16 policy (sm70) the
+    sharded weights become fp32 master weights, each block computes in fp16 and gradients are reduced in fp32, so
+    ``torch.amp.GradScaler`` works; ``None`` shards the parameters as they are; a ``MixedPrecisionPolicy`` is used
+    as given (the model's dtype is then the caller's choice).
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -255,6 +277,12 @@ def parallelize(model, handle, mesh, *, activation_checkpointing: bool = False, 
     reasons = parallel_reasons(model, handle, layout)
     if reasons:
         raise UnsupportedError("portvlm.distributed.parallelize: " + "; ".join(reasons))
+    upcast = False
+    if isinstance(mp_policy, str):
+        if mp_policy != AUTO:
+            raise ValueError(f"mp_policy {mp_policy!r}: pass {AUTO!r}, None or a torch MixedPrecisionPolicy")
+        mp_policy = mixed_precision_for(getattr(handle, "dtype", None))
+        upcast = mp_policy is not None
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     pmodel = ParallelModel(model, handle, layout, loss_chunk=loss_chunk, fault=fault)
@@ -262,8 +290,16 @@ def parallelize(model, handle, mesh, *, activation_checkpointing: bool = False, 
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     paths = pmodel._paths
-    for block in list(paths.vision_blocks) + list(paths.text_layers):
+    blocks = list(paths.vision_blocks) + list(paths.text_layers)
+    for block in blocks:
+        if upcast:  # block by block: only one block's fp32 copy exists unsharded at a time
+            _upcast(block, recurse=True)
         fully_shard(block, **kwargs)
+    if upcast:
+        inside = {id(m) for b in blocks for m in b.modules()}
+        for m in pmodel.modules():
+            if id(m) not in inside:
+                _upcast(m, recurse=False)
     # The root keeps FSDP's own default: its parameters (embeddings, lm_head, merger) stay gathered from forward
     # through backward, where the chunked loss recomputes lm_head. Forcing True would free them after forward.
     fully_shard(pmodel, **{k: v for k, v in kwargs.items() if k != "reshard_after_forward"})

@@ -78,6 +78,19 @@ def tower_outputs(out):
     return merged, list(getattr(out, "deepstack_features", None) or [])
 
 
+def zero_anchor(x):
+    """An exact fp32 zero that depends on every element of ``x`` (gradient 0 to each), in any dtype of ``x``.
+
+    Never ``0.0 * x.sum()``: in fp16 the sum of many finite features passes 65504, the sum is inf and 0·inf = NaN,
+    which the caller adds to every embedding (issue 22: every packed row with ~17+ images at 7B widths gave loss NaN
+    under the sm70 policy). Multiplying first keeps every term an exact zero, so the sum cannot overflow; an element
+    that is itself inf or NaN (a real overflow in the tower) still surfaces as NaN.
+    """
+    import torch
+
+    return (x * 0).sum(dtype=torch.float32)
+
+
 def merge_size(tower) -> int:
     value = getattr(tower, "spatial_merge_size", None)
     return int(value if value is not None else tower.config.spatial_merge_size)
@@ -96,8 +109,7 @@ def encode_local(tower, items: list[Item], mine: list[int], pixels: dict, pixel_
     dummy = torch.zeros(m * m, pixel_dim, dtype=like.dtype, device=like.device)
     feats, deep = tower_outputs(tower(dummy, grid_thw=torch.tensor([[1, m, m]], device=like.device)))
     # Zero rows out, but connected to the graph: backward reaches every vision parameter on this rank too.
-    keep = feats[:0] + 0.0 * feats.sum()
-    return keep, [d[:0] + 0.0 * d.sum() for d in deep], 0
+    return feats[:0] + zero_anchor(feats), [d[:0] + zero_anchor(d) for d in deep], 0
 
 
 def gather_features(local, counts: list[int], rank: int, group):
@@ -147,7 +159,7 @@ def distributed_features(tower, row: dict, rank: int, ranks: int, group, *, orde
     out = {"image": chunks[0][:n_image], "video": chunks[0][n_image:], "deepstack": [(d[:n_image], d[n_image:]) for d in chunks[1:]]}
     # A zero that depends on every feature: the row's embeddings add it, so the tower's backward (and FSDP's
     # reduce-scatter of its blocks) runs on every rank, also where the row has no vision token at all.
-    out["anchor"] = 0.0 * gathered.sum()
+    out["anchor"] = zero_anchor(gathered)
     out["items"], out["plan"] = len(items), plan
     return out
 

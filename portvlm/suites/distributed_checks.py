@@ -185,11 +185,97 @@ def worker(rank: int, world: int, port: int, spec: dict) -> None:
         dist.destroy_process_group()
 
 
-def spawn(spec: dict, world: int, timeout_s: float = 240.0) -> dict:
-    """Run ``worker`` in ``world`` gloo processes under a hard deadline; rank 0's results."""
+def _plant_inf(model) -> str:
+    """Put an inf into this rank's shard of one gradient (the last decoder layer's first non-empty one); its name."""
+    for name, p in reversed(list(model.named_parameters())):
+        local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        if local is not None and local.numel() and "layers" in name:
+            with torch.no_grad():
+                local.view(-1)[0] = float("inf")
+            return name.removeprefix("module.")
+    raise RuntimeError("no decoder-layer gradient shard on this rank to plant an inf in")
+
+
+def scaler_worker(rank: int, world: int, port: int, spec: dict) -> None:
+    """One gloo rank of the fp16 recipe: parallelize (mixed precision by default) + ``torch.amp.GradScaler``, two
+    steps; in the first, rank ``plant_rank`` puts an inf into one of its gradient shards. Every rank's record saved."""
+    import torch.distributed as dist
+
+    from portvlm.distributed import make_mesh, parallelize
+    from portvlm.shims.patch import patch
+    from portvlm.suites import tiny
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    try:
+        state = torch.load(spec["state"], weights_only=True)
+        rows = torch.load(spec["rows"], weights_only=False)
+        model = tiny.build(spec["model_id"], attn_implementation="sdpa")
+        model.load_state_dict(state)
+        model.train()
+        with patch(model, arch=spec["arch"]) as handle:
+            model.to(handle.dtype)  # what a user does with the policy's dtype; parallelize keeps fp32 shards
+            pmodel = parallelize(model, handle, make_mesh(spec["dp"], spec["sp"], "cpu"))
+            seen: list[str] = []  # the dtype a decoder layer actually computes in (FSDP casts the fp32 shards)
+            hook = pmodel._paths.text_layers[0].register_forward_hook(
+                lambda m, a, o: seen.append(str((o[0] if isinstance(o, tuple) else o).dtype)))
+            record = {"rank": rank, "sharded_dtypes": sorted({str(p.dtype) for p in pmodel.parameters()}), "steps": []}
+            with pmodel:
+                opt = torch.optim.SGD(pmodel.parameters(), lr=LR)
+                scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+                row = rows[pmodel.layout.dp_rank]
+                for step in range(2):
+                    out = pmodel(**row)
+                    scaler.scale(out.loss).backward()
+                    planted = None
+                    if step == 0 and spec.get("plant_rank") == rank:
+                        planted = _plant_inf(pmodel)
+                    before = [p.detach().to_local().clone() if hasattr(p, "to_local") else p.detach().clone()
+                              for p in pmodel.parameters()]
+                    scale = float(scaler.get_scale())
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad(set_to_none=True)
+                    after = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in pmodel.parameters()]
+                    moved = sum(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+                    record["steps"].append({"planted": planted is not None, "planted_in": planted,
+                                            "loss": float(out.loss_value), "loss_finite": bool(torch.isfinite(out.loss_value)),
+                                            "scale_before": scale, "scale_after": float(scaler.get_scale()),
+                                            "params_moved": moved, "skipped": moved == 0})
+            hook.remove()
+            record["compute_dtype"] = sorted(set(seen))
+        records = [None] * world
+        dist.all_gather_object(records, record)
+        if rank == 0:
+            torch.save(records, spec["out"])
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_scaler(model_id: str, arch: str, *, dp: int, sp: int, rows: list[dict], plant_rank: int | None,
+               seed: int = 0, timeout_s: float = 240.0) -> list[dict]:
+    """``scaler_worker`` on ``dp × sp`` gloo ranks; every rank's record (steps: skipped, scale before/after)."""
+    from portvlm.suites import tiny
+
+    state = tiny.build(model_id, seed=seed).state_dict()
+    with tempfile.TemporaryDirectory(prefix="portvlm-scaler-") as tmp:
+        spec = {"model_id": model_id, "arch": arch, "dp": dp, "sp": sp, "plant_rank": plant_rank,
+                "state": os.path.join(tmp, "state.pt"), "rows": os.path.join(tmp, "rows.pt"),
+                "out": os.path.join(tmp, "out.pt")}
+        torch.save(state, spec["state"])
+        torch.save(rows, spec["rows"])
+        return spawn(spec, dp * sp, timeout_s, fn=scaler_worker)
+
+
+def spawn(spec: dict, world: int, timeout_s: float = 240.0, *, fn=worker) -> dict:
+    """Run ``fn`` (``worker``) in ``world`` gloo processes under a hard deadline; rank 0's results."""
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(worker, args=(world, free_port(), spec), nprocs=world, join=False, start_method="spawn")
+    ctx = mp.start_processes(fn, args=(world, free_port(), spec), nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:

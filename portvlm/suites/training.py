@@ -66,17 +66,26 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 class LossScaler:
-    """Dynamic loss scaling with fp32 master weights: what fp16 training needs where there is no bf16 (Volta)."""
+    """Dynamic loss scaling with fp32 master weights: what fp16 training needs where there is no bf16 (Volta).
+
+    A skipped step records why (``reasons``): ``fp16 overflow in <module> forward`` when the loss is not finite
+    (``locate`` re-runs the forward to find the first module whose output is not), ``in gradients`` when only the
+    scaled gradients are.
+    """
 
     def __init__(self, model, lr: float, init_scale: float = 2.0**12):
+        self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
         self.opt = torch.optim.AdamW(self.master, lr=lr, weight_decay=0.0)
         self.scale = init_scale
         self.skipped = 0
         self.scales: list[float] = []
+        self.reasons: list[str | None] = []  # per step; None: the step was taken
 
-    def step(self, loss: torch.Tensor) -> bool:
+    def step(self, loss: torch.Tensor, locate=None) -> bool:
+        """Backward ``loss × scale``, unscale in fp32, step or skip (halving the scale); ``locate()``: a forward
+        module path where the loss is not finite."""
         (loss * self.scale).backward()
         grads = [None if p.grad is None else p.grad.float() / self.scale for p in self.params]
         finite = all(g is None or bool(torch.isfinite(g).all()) for g in grads)
@@ -89,12 +98,64 @@ class LossScaler:
             with torch.no_grad():
                 for p, m in zip(self.params, self.master, strict=True):
                     p.copy_(m.to(p.dtype))
+            self.reasons.append(None)
         else:
             self.skipped += 1
+            self.reasons.append(self._why(loss, locate))
             self.scale /= 2.0
         for p in self.params:
             p.grad = None
         return finite
+
+    def _why(self, loss, locate) -> str:
+        if not bool(torch.isfinite(loss.detach()).all()):
+            where = locate() if locate is not None else None
+            return f"fp16 overflow in {where or 'an unlocated module'} forward"
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        # backward reaches the last registered modules first: name the last parameter with a non-finite gradient
+        bad = [names[id(p)] for p in self.params if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        where = bad[-1].rsplit(".", 1)[0] if bad else "an unlocated module"
+        return f"fp16 overflow in gradients (scale {self.scale:g}; {where}" + (f" and {len(bad) - 1} more parameters)" if len(bad) > 1 else ")")
+
+    def summary(self) -> str:
+        """``N of M steps skipped: <why> (steps …)``; one clause per distinct reason."""
+        by: dict[str, list[int]] = {}
+        for i, why in enumerate(self.reasons):
+            if why is not None:
+                by.setdefault(why, []).append(i)
+        head = f"{self.skipped} of {len(self.reasons)} steps skipped"
+        if not by:
+            return head
+        return head + ": " + "; ".join(f"{why} (step{'s' if len(ix) > 1 else ''} {', '.join(map(str, ix))})"
+                                       for why, ix in by.items())
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    return [t for t in values if isinstance(t, torch.Tensor)]
+
+
+def first_nonfinite_module(model, inp) -> str | None:
+    """The first module (in call order) whose forward output holds an inf/NaN on ``inp``, by its path; None: none."""
+    found: list[str] = []
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def hook(module, args, output):
+        # forward hooks fire when a module returns: a leaf (down_proj) before its parent (mlp), so the first hit is
+        # the innermost module that produced the inf
+        if not found and any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in _tensors(output)):
+            found.append(names.get(id(module)) or type(module).__name__)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if m is not model]
+    try:
+        with torch.no_grad():
+            loss_of(model, inp)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
 
 
 def _sync(model) -> None:
@@ -133,10 +194,10 @@ def train_steps(model, inp, steps: int, dtype) -> tuple[list[float], dict]:
             t0 = time.perf_counter()
             loss = loss_of(model, inp)
             losses.append(float(loss.detach().float()))
-            scaler.step(loss)
+            scaler.step(loss, locate=lambda: first_nonfinite_module(model, inp))
             _sync(model)
             times.append(time.perf_counter() - t0)
-        extra.update(loss_scales=scaler.scales, skipped_steps=scaler.skipped)
+        extra.update(loss_scales=scaler.scales, skipped_steps=scaler.skipped, skipped_summary=scaler.summary())
     else:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
         losses = []
@@ -376,7 +437,7 @@ def run(ctx):
             rec.figures["steps_vs_reference_max_abs_err"] = lc.max_abs_err
             rec.add(check_from("steps.match_reference_trajectory", lc))
         if dtype == torch.float16:
-            rec.check("fp16.no_skipped_steps_at_end", extra["skipped_steps"] < STEPS, detail=f"{extra['skipped_steps']} of {STEPS} steps skipped by the loss scaler; scales {extra['loss_scales']}")
+            rec.check("fp16.no_skipped_steps_at_end", extra["skipped_steps"] < STEPS, detail=f"{extra['skipped_summary']} (loss scaler); scales {extra['loss_scales']}")
             rec.add(precision.softmax_check(_vision_backend(rec, ctx), device=ctx.device))
             rope = _vision_rotary(model)
             if rope is not None:
