@@ -48,7 +48,7 @@ def test_the_vision_anchor_is_an_exact_zero_where_the_fp16_feature_sum_overflows
     gathered = feats["image"]
     assert gathered.dtype == torch.float16 and bool(torch.isfinite(gathered).all())
     assert not torch.isfinite(gathered.sum()), "the features must overflow an fp16 sum, or this test shows nothing"
-    assert float(gathered.float().sum()) > FP16_MAX
+    assert float(gathered.detach().float().sum()) > FP16_MAX
     anchor = feats["anchor"]
     assert torch.isfinite(anchor) and float(anchor) == 0.0, anchor  # the old 0.0 * gathered.sum() is NaN here
     anchor.backward()
@@ -83,12 +83,6 @@ def test_an_inf_in_one_ranks_gradients_makes_every_rank_skip_and_halve_its_scale
         assert second["loss_finite"] and not second["skipped"] and second["scale_after"] == first["scale_after"], (rank, r)
 
 
-def test_without_the_plant_no_rank_skips():
-    rows = check.rows_for("qwen2_5vl", "sp")
-    got = check.run_scaler("qwen2_5vl", "sm70", dp=1, sp=2, rows=rows, plant_rank=None, timeout_s=DEADLINE_S)
-    assert all(not s["skipped"] for r in got for s in r["steps"]), got
-
-
 def _fp16_model():
     model = tiny.build("qwen2_5vl", attn_implementation="eager").train().to(torch.float16)
     from portvlm.suites import training
@@ -101,15 +95,17 @@ def test_the_training_scaler_names_the_module_whose_forward_overflowed():
     from portvlm.suites import training
 
     model, inp = _fp16_model()
-    down = model.model.language_model.layers[0].mlp.down_proj
+    from portvlm.shims.layer_paths import resolve
+
+    down = resolve(model).text_layers[0].mlp.down_proj
+    path = next(n for n, m in model.named_modules() if m is down)  # model.language_model.… from 4.52, model.… before
     with torch.no_grad():
         down.weight.mul_(1e5)  # the text down_proj drives the residual stream past 65504 (transformers #14126 style)
     scaler = training.LossScaler(model, lr=1e-3)
     loss = training.loss_of(model, inp)
     assert not scaler.step(loss, locate=lambda: training.first_nonfinite_module(model, inp))
     assert scaler.scale == 2.0**11
-    assert scaler.summary() == ("1 of 1 steps skipped: fp16 overflow in model.language_model.layers.0.mlp.down_proj "
-                                "forward (step 0)"), scaler.summary()
+    assert scaler.summary() == f"1 of 1 steps skipped: fp16 overflow in {path} forward (step 0)", scaler.summary()
 
 
 def test_the_training_scaler_says_when_only_the_gradients_overflowed():
