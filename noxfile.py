@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from portvlm.errors import MatrixError  # noqa: E402
 from portvlm.matrix import expand, load_matrix  # noqa: E402
+from portvlm.wheels import REQUIRE_INTEGRATIONS_ENV, integration_requirements  # noqa: E402
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_existing_virtualenvs = True
@@ -84,12 +85,15 @@ def tests(session: nox.Session) -> None:
               or s.id in os.environ["PORTVLM_TEST_STACKS"].split(",")]
     for stack in stacks:
         session.log(f"torch tests on {stack.id} (torch {stack.torch}+{stack.torch_variant}, transformers {stack.transformers})")
+        # The trainer libraries (PEFT, TRL, accelerate) go into the newest CI stack's venv only, and are required there.
+        extras = integration_requirements(stack, CI_STACKS)
         python = session.run(
             "python", "-m", "portvlm.run.env", "--transformers", stack.transformers,
-            "--torch", f"{stack.torch}+{stack.torch_variant}", "--python", stack.python, silent=True,
+            "--torch", f"{stack.torch}+{stack.torch_variant}", "--python", stack.python,
+            *[f"--extra={e}" for e in extras], silent=True,
         ).strip().splitlines()[-1]
         session.run(python, "-m", "pytest", "tests/torch", "-n", "2", "-q", "-p", "no:cacheprovider",
-                    *session.posargs, external=True)
+                    *session.posargs, external=True, env={REQUIRE_INTEGRATIONS_ENV: "1"} if extras else None)
 
 
 @nox.session

@@ -44,6 +44,8 @@ class CheckReport:
     figures: dict[str, Any] = field(default_factory=dict)
     runs: dict[str, str] = field(default_factory=dict)  # attention forward -> what runs it for this model
     warnings: list[str] = field(default_factory=list)
+    wrappers: list[str] = field(default_factory=list)  # what the model was found inside (portvlm.wrappers)
+    reference: str = "the model's own weights"  # what the fp32 reference was built from (LoRA: merged or not)
 
     @property
     def ok(self) -> bool:
@@ -58,13 +60,17 @@ class CheckReport:
         return {
             "ok": self.ok, "family": self.family, "arch": self.arch, "device_kind": self.device_kind,
             "dtype": self.dtype, "checks": [dict(c.__dict__) for c in self.checks], "figures": self.figures,
-            "runs": dict(self.runs), "warnings": list(self.warnings),
+            "runs": dict(self.runs), "warnings": list(self.warnings), "wrappers": list(self.wrappers),
+            "reference": self.reference,
         }
 
     def __str__(self) -> str:
         verdict = "PASS" if self.ok else "FAIL"
         lines = [f"portvlm check: {verdict} — {self.family} in {self.dtype}, tolerances of {self.device_kind} "
                  f"(arch {self.arch}), against an independent fp32 eager reference"]
+        if self.wrappers:
+            lines.append(f"  found inside: {' -> '.join(self.wrappers)}")
+        lines.append(f"  reference built from {self.reference}")
         lines += [f"  {target}: {who}" for target, who in self.runs.items()]
         for c in self.checks:
             lines.append(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
@@ -142,13 +148,77 @@ def _text_attention(model) -> list:
 
 def reference(model):
     """A fresh fp32 CPU eager copy of ``model`` (config + state dict), vision attention per segment; foreign notes."""
+    ref, notes, _ = reference_from(model)
+    return ref, notes
+
+
+def _active_adapters(model) -> tuple[list[str], bool]:
+    """The adapter names the model's LoRA layers run, and whether the adapters are disabled (``disable_adapter()``)."""
+    from portvlm.wrappers import is_lora_layer
+
+    layer = next(m for m in model.modules() if is_lora_layer(m))
+    return list(layer.active_adapters), bool(layer.disable_adapters)
+
+
+def _with_adapters(ref, model, adapters: dict):
+    """``ref`` (fresh, base weights only) given the same PEFT adapters as ``model``; returns (PeftModel, active, off)."""
+    from peft import get_peft_model
+
+    names = list(adapters)
+    peft_ref = get_peft_model(ref, copy.deepcopy(adapters[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        peft_ref.add_adapter(name, copy.deepcopy(adapters[name]))
+    active, disabled = _active_adapters(model)
+    peft_ref.base_model.set_adapter(active if len(active) > 1 else active[0])
+    return peft_ref, active, disabled
+
+
+def reference_from(model):
+    """``reference`` plus what it was built from: the model's weights, or LoRA adapters merged into them in fp32.
+
+    A model PEFT injected adapters into (``get_peft_model``; ``model.peft_config`` names them) gets the same adapters
+    on a fresh fp32 copy (its state dict then has the model's keys), and PEFT's ``merge_and_unload`` merges them there
+    in fp32 — the user's model is never merged or modified. An adapter type PEFT cannot merge stays unmerged (base +
+    adapters, fp32), and the report says so.
+    """
     import torch
+
+    from portvlm.errors import UnsupportedError
+    from portvlm.wrappers import adapters_of
 
     cfg = copy.deepcopy(model.config)
     cls = type(model)
     ref = cls._from_config(cfg, attn_implementation="eager")
+    source = "the model's own weights"
+    adapters = adapters_of(model)
+    peft_ref = None
+    if adapters:
+        try:
+            peft_ref, active, disabled = _with_adapters(ref, model, adapters)
+        except ImportError as exc:
+            raise UnsupportedError(f"the model carries PEFT adapters ({', '.join(adapters)}) but peft cannot be "
+                                   f"imported here ({exc}): install peft to check it") from exc
+        ref = peft_ref.get_base_model()
     state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in model.state_dict().items()}
-    ref.load_state_dict(state)
+    try:
+        ref.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UnsupportedError(
+            f"portvlm check cannot build its reference: {type(model).__name__}'s weights do not load into a fresh "
+            f"{cls.__name__} from its config ({str(exc).splitlines()[0]} …). Adapters or wrappers portvlm does not "
+            "know change the state dict: check the model before adding them, or merge them first") from exc
+    if peft_ref is not None:
+        names = ", ".join(repr(a) for a in active)
+        if disabled:
+            ref = peft_ref.unload()
+            source = f"the base weights (the model's PEFT adapters {names} are disabled)"
+        else:
+            try:
+                ref = peft_ref.merge_and_unload()
+                source = f"the base weights with PEFT adapter(s) {names} merged in fp32 (peft merge_and_unload on the reference copy)"
+            except (ValueError, NotImplementedError, TypeError) as exc:
+                source = (f"the base weights plus PEFT adapter(s) {names}, unmerged in fp32 (peft cannot merge them: "
+                          f"{exc})")
     ref = ref.to(torch.float32).eval()
     for module in _vision_attention(ref):
         module.forward = reference_vision_forward.__get__(module)
@@ -157,7 +227,7 @@ def reference(model):
         origin = _upstream_reasons(type(module), "forward")
         if origin:
             notes.append(origin)
-    return ref, sorted(set(notes))
+    return ref, sorted(set(notes)), source
 
 
 def _upstream_reasons(cls, attr: str) -> str | None:
@@ -251,7 +321,13 @@ def check(model, arch: str | None = None, *, seed: int = 0) -> CheckReport:
     from portvlm.shims.layer_paths import resolve
     from portvlm.suites import tolerances
     from portvlm.suites._common import check_from, compare
+    from portvlm.wrappers import unwrap
 
+    held = unwrap(model)  # PEFT, DDP, DeepSpeed, torch.compile: the checks run on the transformers model inside
+    reasons = held.check_reasons()
+    if reasons:
+        raise UnsupportedError("portvlm.check: " + "; ".join(reasons))
+    model = held.model
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     families = packaged_matrix().families()  # transformers model_types; model_for_family maps them to model ids
     if model_type not in families:
@@ -262,11 +338,11 @@ def check(model, arch: str | None = None, *, seed: int = 0) -> CheckReport:
     kind, arch_id = _device_kind(device, arch)
     dtype_name = str(dtype).removeprefix("torch.")
     atol, rtol = tolerances.tolerance(kind, dtype_name, None, "fwd")
-    report = CheckReport(model_type, arch_id, kind, dtype_name, runs=runs(model))
+    report = CheckReport(model_type, arch_id, kind, dtype_name, runs=runs(model), wrappers=held.labels)
     report.figures.update(atol=atol, rtol=rtol)
     geo = geometry(model)
     family = geo.family
-    ref, notes = reference(model)
+    ref, notes, report.reference = reference_from(model)
     report.warnings += notes
 
     was_training = model.training
@@ -364,6 +440,14 @@ def load_factory(spec: str):
     return fn
 
 
+def _where(exc: BaseException) -> str:
+    """`` (at file:line in function)`` of the innermost frame of ``exc``'s traceback."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
@@ -371,15 +455,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="portvlm check",
         description="Run portvlm's parity checks on YOUR model (as your factory builds it, patches included) against "
-                    "an independent fp32 eager reference. Exit 0: every check passed; 1: a check failed; 2: usage.")
+                    "an independent fp32 eager reference. Exit 0: every check passed; 1: a check failed; 2: usage, or a model "
+                    "portvlm cannot check (the reason is printed); 3: portvlm itself failed (report it).")
     parser.add_argument("factory", help="module:function that returns the model (e.g. mypkg.models:build_model)")
     parser.add_argument("--arch", help="arch id whose tolerances apply to a GPU model (default: the host's)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     try:
         model = load_factory(args.factory)()
-    except (ValueError, ImportError, AttributeError) as exc:
-        print(f"error: cannot load the factory {args.factory}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - the user's factory: say what failed, never a traceback
+        print(f"error: cannot build the model with {args.factory}: {type(exc).__name__}: {exc}{_where(exc)}",
+              file=sys.stderr)
         return 2
     from portvlm.errors import PortvlmError
 
@@ -388,8 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     except PortvlmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - no raw exception escapes the command; exit 3 says "portvlm failed"
+        print(f"error: portvlm check failed on {type(model).__name__} with {type(exc).__name__}: {exc}{_where(exc)}. "
+              "This is portvlm's failure, not a parity verdict: please report it with this line", file=sys.stderr)
+        return 3
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report)
     return 0 if report.ok else 1
 
 
-__all__ = ["CheckReport", "check", "geometry", "inputs", "main", "reference", "runs", "vision_items"]
+__all__ = ["CheckReport", "check", "geometry", "inputs", "main", "reference", "reference_from", "runs", "vision_items"]

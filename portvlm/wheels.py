@@ -27,6 +27,22 @@ TORCH_INDEX_ENV = "PORTVLM_TORCH_INDEX"  # a mirror, with {variant}
 CELL_REQUIREMENTS = ("numpy", "pyyaml", "packaging", "jsonschema", "rich", "jinja2", "uv",
                      "pytest", "pytest-xdist", "hypothesis")
 
+# The trainer libraries the integration tests run against (pyproject's `integrations` extra; a unit test keeps the two
+# in step). Pinned: the newest CI stack (transformers 5.24.0, torch 2.13.0+cpu) resolves them; pillow feeds the
+# Qwen2.5-VL image processor. No torchvision: transformers 5.x's Qwen2.5-VL video processor needs it, and the tests
+# send images only (examples/_offline.py).
+INTEGRATION_REQUIREMENTS = ("peft==0.21.2", "trl==1.16.0", "accelerate==1.16.0", "pillow==12.3.0")
+# Set in the stack whose venv gets them: there a missing library fails the integration tests instead of skipping them.
+REQUIRE_INTEGRATIONS_ENV = "PORTVLM_REQUIRE_INTEGRATIONS"
+
+
+def integration_requirements(stack, ci_stacks) -> tuple[str, ...]:
+    """``INTEGRATION_REQUIREMENTS`` for the newest CI stack (by transformers version), ``()`` for the others."""
+    from packaging.version import Version
+
+    newest = max(ci_stacks, key=lambda s: Version(s.transformers), default=None)
+    return INTEGRATION_REQUIREMENTS if newest is not None and stack.id == newest.id else ()
+
 
 def torch_index(variant: str, environ: Mapping[str, str] | None = None) -> str:
     """PyTorch's index for one build variant ("cpu", "cu126", "rocm7.2"), or the mirror ``$PORTVLM_TORCH_INDEX`` names."""

@@ -273,6 +273,7 @@ def parallelize(model, handle, mesh, *, activation_checkpointing: bool = False, 
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    model = _model_inside(model)
     layout = layout_of(mesh)
     reasons = parallel_reasons(model, handle, layout)
     if reasons:
@@ -307,6 +308,21 @@ def parallelize(model, handle, mesh, *, activation_checkpointing: bool = False, 
         if isinstance(m, FSDPModule) and fault != "average_gradients":  # the fault keeps FSDP's mean over ranks
             sum_gradients(m)
     return pmodel
+
+
+def _model_inside(model):
+    """The transformers model to shard: PEFT is looked through (its LoRA layers are sharded inside their decoder
+    layers); a model another data-parallel wrapper or torch.compile already holds is refused, since parallelize shards
+    the model itself and compiling comes after sharding."""
+    from portvlm.wrappers import unwrap
+
+    held = unwrap(model)
+    other = [w.label for w in held.chain if w.package != "peft"]
+    if other:
+        raise UnsupportedError(
+            f"portvlm.distributed.parallelize: the model is already inside {' -> '.join(other)}; parallelize shards the "
+            "model with FSDP2 itself: pass the model before DDP / FSDP / DeepSpeed wrapping, and torch.compile after")
+    return held.model
 
 
 def enable_activation_checkpointing(model, *, use_reentrant: bool = False) -> None:

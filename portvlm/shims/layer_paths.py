@@ -83,7 +83,16 @@ def _classes(modules) -> tuple:
 
 def resolve(model) -> LayerPaths:
     """Find the parts of a qwen2_5_vl / qwen3_vl / llava ``*ForConditionalGeneration`` instance."""
+    from portvlm.wrappers import foreign_reasons, wrapper_of
+
     model_type = family_of(model)
+    wrapper = wrapper_of(model)
+    if wrapper is not None:  # PeftModel forwards .config, so the family check passes on the wrapper
+        raise UnsupportedError(f"layer_paths: {type(model).__name__} is a {wrapper.label}, not the model: pass "
+                               "portvlm.wrappers.unwrap(model).model (patch, check and parallelize do that)")
+    reasons = foreign_reasons(model)
+    if reasons:
+        raise UnsupportedError(f"layer_paths: {reasons[0]}")
     text_layers, text_path = _first(model, TEXT_LAYERS, "text decoder layers", model_type)
     tower, tower_path = _first(model, VISION_TOWER, "vision tower", model_type)
     blocks, blocks_path = _first(tower, VISION_BLOCKS, "vision blocks", model_type, prefix=tower_path + ".")

@@ -164,6 +164,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     replaced: list[Replaced] = field(default_factory=list)  # foreign forwards portvlm runs in place of, for this model
     attn_name: str | None = None  # this handle's registered attention name
+    wrappers: list[str] = field(default_factory=list)  # what the model was found inside (portvlm.wrappers), outermost first
 
     def shim_names(self) -> set[str]:
         return {a.shim for a in self.applied}
@@ -187,6 +188,7 @@ class Report:
             "warnings": list(self.warnings),
             "replaced": [{"target": r.target, "origin": r.origin} for r in self.replaced],
             "attn_name": self.attn_name,
+            "wrappers": list(self.wrappers),
         }
 
     def __str__(self) -> str:
@@ -196,6 +198,8 @@ class Report:
         ]
         if self.emulation:
             lines.append(f"  emulation: {self.emulation}")
+        if self.wrappers:
+            lines.append(f"  found inside: {' -> '.join(self.wrappers)}")
         for label, s in (("vision", self.vision_backend), ("text", self.text_backend)):
             if s is not None:
                 lines.append(f"  {label} backend {s.name}")
@@ -544,6 +548,30 @@ _NAMES = itertools.count(1)  # per-handle attention names: portvlm_1, portvlm_2,
 _LIVE_CONFIGS: dict[int, tuple[weakref.ref, str]] = {}
 
 
+# attention name of a handle -> the implementation its model had before the patch. A model built from a patched
+# model's config (TRL builds its reference model with the policy's ``attn_implementation``) or deep-copied from a
+# patched model inherits the name; patching it points it back here first, so its revert never restores a name that
+# the other handle's revert unregisters. Names are never reused in a process.
+_ORIGINAL_IMPL: dict[str, str | None] = {}
+
+
+def _inherited_names(model, report: Report) -> None:
+    """Configs of ``model`` that name another handle's attention get that handle's original implementation back."""
+    from portvlm.shims import attention
+
+    reset: dict[tuple[str, str | None], list[str]] = {}
+    for cfg in attention.configs_of(model):
+        name = vars(cfg).get("_attn_implementation_internal")
+        if isinstance(name, str) and name in _ORIGINAL_IMPL:
+            cfg._attn_implementation_internal = _ORIGINAL_IMPL[name]
+            reset.setdefault((name, _ORIGINAL_IMPL[name]), []).append(type(cfg).__name__)
+    for (name, original), configs in reset.items():
+        report.warnings.append(
+            f"{', '.join(configs)} named {name!r}, another patch's attention (inherited: the model was built from or "
+            f"copied off a patched model's config, as TRL builds its reference model); reset to {original!r}, what "
+            f"{name!r} replaced, before this patch (revert restores that)")
+
+
 class PatchHandle:
     """The result of ``patch``: a context manager; ``.report`` says what was applied and why; ``.revert()`` undoes."""
 
@@ -676,8 +704,13 @@ def patch(model=None, arch: str | None = None, *, dtype=None, matrix=None, forei
     gate = versions.check_transformers()
     family = None
     paths = None
+    held = None
     if model is not None:
+        from portvlm import wrappers
         from portvlm.shims import layer_paths
+
+        held = wrappers.unwrap(model)  # PEFT, DDP, FSDP, DeepSpeed, torch.compile: the transformers model inside
+        model = held.model
 
         reasons = dispatch.owner_reasons(model.modules())
         if reasons:
@@ -716,7 +749,11 @@ def patch(model=None, arch: str | None = None, *, dtype=None, matrix=None, forei
         vision_backend=vision_sel,
         text_backend=text_sel,
         attn_name=state.name,
+        wrappers=held.labels if held is not None else [],
     )
+    for note in held.notes if held is not None else []:
+        report.warnings.append(note)
+        warnings.warn(note, stacklevel=2)
     if gate.warning:
         report.warnings.append(gate.warning)
         warnings.warn(gate.warning, stacklevel=2)
@@ -728,6 +765,8 @@ def patch(model=None, arch: str | None = None, *, dtype=None, matrix=None, forei
     try:
         if model is not None:
             handle.take_configs(model)
+            _inherited_names(model, report)
+            _ORIGINAL_IMPL[state.name] = getattr(model.config, "_attn_implementation", None)
         for shim in SHIMS:
             reasons = []
             if not versions.in_range(shim.transformers, version):
