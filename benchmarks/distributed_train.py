@@ -1,28 +1,42 @@
-"""portvlm.distributed on GPUs: FSDP2 data parallel, a 7B-sized step, and Ulysses SP on a long row (issue 12).
+"""portvlm.distributed on GPUs: FSDP2 data parallel, Ulysses SP, fp16 mixed precision, a 7B-sized step (issues 12,
+22, 23). One command runs one or more parts; each part writes ``distributed_<part>_<topology>.json`` to ``--out``
+(default ``$OUT``) and ``benchmarks/results/`` as it goes (a row at a time: a run cut short keeps what it measured),
+prints a short table last, and exits 1 if any row failed (a non-finite loss is a failure, never a figure).
 
-One command per part (world size N = GPUs; multicast stays off, as the shared machines require):
+One GPU per rank (NCCL; multicast stays off, as the shared machines require):
 
-    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
-      torchrun --nproc_per_node N benchmarks/distributed_train.py dp     # 1. DP, different rows per rank
-      torchrun --nproc_per_node N benchmarks/distributed_train.py size   # 2. Qwen2.5-VL-7B dims: sm70 / flash / sdpa
-      torchrun --nproc_per_node N benchmarks/distributed_train.py sp     # 3. SP=N vs SP=1 on a long row + search
-    torchrun --nproc_per_node 2 benchmarks/distributed_train.py {dp,size,sp} --smoke   # CPU, gloo, tiny config
+    torchrun --nproc_per_node N benchmarks/distributed_train.py dp grads scaler fp16rows
+    torchrun --nproc_per_node N benchmarks/distributed_train.py sp
 
-1. ``dp``: Qwen2.5-VL / Qwen3-VL (a few real-sized layers, random weights) under the sm90 policy (bf16, hardware on
-   sm90) and the sm70 policy (fp16, emulated off Volta). Every rank gets a DIFFERENT packed row; rank 0 first runs
-   one process on the union of all rows; the parallel loss and the parameters after one SGD step must match it.
-2. ``size``: Qwen2.5-VL-7B dimensions (28 text layers of 3584, 32 vision blocks of 1280; ``--text-layers`` to cut,
-   stated in the output), FSDP2 + activation checkpointing, SGD without momentum (no optimizer state). Samples of
-   128–4096 text tokens with 1–4 images of 64–256 tokens each (seeded), packed into rows of ``--row-tokens``; and one
-   long row (a single 32k-token sample). Three runs: portvlm's sm70 policy (fp16, text+vision through the
-   efficient-attention varlen kernel), the flash policy (bf16, ``torch_varlen`` = FlashAttention-2 inside torch for
-   text+vision), and transformers' own sdpa on padded batches of the same samples (unpatched). Then every attention
-   call of one sm70 forward is replayed alone with both kernels: target (a) = (sm70 step − flash step) / (kernel
-   time difference) ≤ 1.1; target (b) = sm70 tokens/s / padded-sdpa tokens/s ≥ 1.5.
-3. ``sp``: one long packed row (≥ 32k tokens incl. images): loss with SP=1 (every rank the same row, mesh (N,1))
-   vs SP=N (mesh (1,N)); then the longest row that trains one step under SP=N (a doubling search), per-rank memory.
+Every rank on ONE GPU (shared-device mode, ``portvlm.distributed.launch``: gloo, each rank capped at 1/N of the GPU;
+``PORTVLM_SHARED_DEVICE=1`` does the same as the flag). Numerics are those of N ranks; times are NOT NCCL times:
 
-Results (JSON, with world size, GPU and evidence) go to ``$OUT/`` and ``benchmarks/results/``.
+    torchrun --nproc_per_node 2 benchmarks/distributed_train.py dp grads scaler fp16rows --shared-device   # ~5 min
+    torchrun --nproc_per_node 2 benchmarks/distributed_train.py sp --shared-device                         # ~7 min
+
+    torchrun --nproc_per_node 2 benchmarks/distributed_train.py dp grads scaler fp16rows sp --smoke   # CPU, gloo, tiny
+
+Parts (Qwen2.5-VL at 7B widths, Qwen3-VL at 8B widths, few layers, random weights; the sm90 policy: bf16,
+``hardware`` on sm90; the sm70 policy: fp16, ``emulated`` off Volta):
+
+- ``dp``: a DIFFERENT packed row per rank; loss, every gradient and the parameters after one SGD step against one
+  process on the union of the rows.
+- ``grads``: SP=N vs one process (SP=1) on one row of >= 16 images whose samples and images straddle the rank
+  boundaries: loss within the loss tolerance, each parameter's gradient within the table's backward rtol (relative
+  norm error); a negative control (per-rank positions) must fail the same check.
+- ``scaler``: the fp16 recipe (``parallelize``'s default mixed precision: fp32 shards, fp16 compute, fp32 reduce,
+  ``torch.amp.GradScaler``) for DP=N and SP=N: an inf planted in one rank's gradient shard makes EVERY rank skip
+  the step and halve its scale; the next step is taken everywhere.
+- ``fp16rows``: the sm70 policy (fp16) under SP=N on a row with >= 32 images and on a video row of >= 256 frames:
+  loss finite and within the fp16 loss tolerance of an fp32 one-process reference (issue 22's NaN rows).
+- ``sp``: per policy, the longest packed row (Qwen2.5-VL, 4 text layers, 8 vision blocks at 7B widths; 1–4 images of
+  256 tokens per ~n/8-token sample) that trains one step with SP=1 (mesh (N,1): each rank the whole row) and with
+  SP=N (mesh (1,N)) at equal per-rank memory, with per-rank peak memory: a coarse doubling search (32k × 1, 2, 4, 8,
+  16) refined once halfway between the last row that trained and the first that did not; and the loss of SP=N vs
+  SP=1 on the searches' first (~36k-token) row.
+- ``size``: Qwen2.5-VL-7B dimensions, FSDP2 + activation checkpointing: sm70 vs flash vs padded sdpa (issue 12).
+
+``--budget-s`` (default 450) bounds one command: what does not fit is recorded ``not_run`` (exit 3), never passed.
 """
 
 from __future__ import annotations
@@ -55,14 +69,16 @@ QWEN25_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_attention_h
                       num_hidden_layers=28, vocab_size=152064, head_dim=128)
 QWEN25_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                         fullatt_block_indexes=[7, 15, 23, 31])
-FEW_LAYERS_TEXT = dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16, num_key_value_heads=2,
-                       num_hidden_layers=4, head_dim=128)
-FEW_LAYERS_VISION = {"qwen2_5vl": dict(depth=4, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                                       fullatt_block_indexes=[1, 3]),
-                     "qwen3vl": dict(depth=4, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
-                                     deepstack_visual_indexes=[1, 2])}
+QWEN3_8B_TEXT = dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, vocab_size=151936)
+QWEN3_8B_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                       num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])
 MROPE = {"qwen2_5vl": [16, 24, 24], "qwen3vl": [24, 20, 20]}
-TOL = {"bfloat16": 3e-2, "float16": 1e-2, "float32": 1e-4}  # loss, relative (the bf16/fp16 rows of the table)
+TOL = {"bfloat16": 3e-2, "float16": 1e-2, "float32": 1e-4}  # dp/size: loss, relative (the bf16/fp16 rows of the table)
+POLICIES = ("sm90", "sm70")
+SMOKE_RANK_TOKENS = 700  # --smoke: a rank "runs out of memory" above this many tokens (exercises the search's OOM path)
+MODELS = ("qwen2_5vl", "qwen3vl")
+NAMES = {"qwen2_5vl": "Qwen2.5-VL-7B widths", "qwen3vl": "Qwen3-VL-8B widths"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,16 +86,42 @@ TOL = {"bfloat16": 3e-2, "float16": 1e-2, "float32": 1e-4}  # loss, relative (th
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def init(smoke: bool):
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    timeout = datetime.timedelta(minutes=5)  # a rank that dies makes the others fail, not hang
-    if smoke or not torch.cuda.is_available():
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
-        return rank, world, torch.device("cpu"), "cpu"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device, timeout=timeout)
-    return rank, world, device, "cuda"
+def init(args):
+    """This rank, the world, its device and the run's topology (``portvlm.distributed.launch.init_ranks``)."""
+    from portvlm.distributed.launch import init_ranks
+
+    # a rank that dies makes the others fail, not hang; gloo steps of a 200k-token row take ~30 s
+    if args.smoke:
+        ranks = init_ranks(shared_device=False, backend="gloo", timeout_s=300)
+    else:
+        ranks = init_ranks(shared_device=args.shared_device, timeout_s=300)
+    return ranks.rank, ranks.world, ranks.device, ranks.device.type, ranks.topology
+
+
+def widths(model_id: str, text_layers: int, vision_blocks: int):
+    """The real model's widths with ``text_layers`` decoder layers and ``vision_blocks`` vision blocks."""
+    if model_id == "qwen2_5vl":
+        vision = dict(QWEN25_7B_VISION, depth=vision_blocks,
+                      fullatt_block_indexes=[i for i in (7, 15, 23, 31) if i < vision_blocks]
+                      or [vision_blocks // 2 - 1, vision_blocks - 1])
+        return dict(QWEN25_7B_TEXT, num_hidden_layers=text_layers), vision
+    deep = [i for i in (8, 16, 24) if i < vision_blocks] or list(range(1, vision_blocks))
+    vision = dict(QWEN3_8B_VISION, depth=vision_blocks, deepstack_visual_indexes=deep[:text_layers])
+    return dict(QWEN3_8B_TEXT, num_hidden_layers=text_layers), vision
+
+
+def model_config(model_id, args):
+    """The tiny config (``--smoke``) or the real widths with ``--text-layers`` / ``--vision-blocks``."""
+    if args.smoke:
+        return config(model_id, None, None)
+    return config(model_id, *widths(model_id, args.text_layers, args.vision_blocks))
+
+
+def describe(model_id, cfg, smoke):
+    if smoke:
+        return f"tiny {model_id}"
+    return (f"{NAMES[model_id]} ({cfg.get_text_config().num_hidden_layers} text layers, {cfg.vision_config.depth} "
+            "vision blocks; random weights)")
 
 
 def config(model_id: str, text: dict | None, vision: dict | None):
@@ -148,21 +190,72 @@ def gather_rows(obj, world):
     return out
 
 
-def write(name: str, doc: dict, rank: int) -> None:
+def write(name: str, doc: dict, rank: int, out_dir: str | None) -> None:
     if rank:
         return
-    for d in filter(None, (os.environ.get("OUT"), os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))):
+    for d in filter(None, (out_dir, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))):
         os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, name), "w") as fh:
+        tmp = os.path.join(d, name + ".tmp")
+        with open(tmp, "w") as fh:
             json.dump(doc, fh, indent=1)
-    print(f"wrote {name}", flush=True)
+        os.replace(tmp, os.path.join(d, name))  # a reader never sees half a file
 
 
-def header(world, device, smoke):
+def header(world, device, smoke, topology):
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"torch": torch.__version__, "transformers": __import__("transformers").__version__, "gpu": gpu,
-            "world_size": world, "smoke": smoke,
+            "world_size": world, "topology": topology.as_dict(), "smoke": smoke,
             "evidence": "cpu-smoke" if smoke else "hardware", "date": datetime.datetime.now(datetime.UTC).isoformat()}
+
+
+class Report:
+    """One part's JSON: rows appended and written at once (rank 0), so a run cut short keeps every finished row."""
+
+    def __init__(self, part, args, rank, world, device, kind, topology):
+        self.rank, self.args = rank, args
+        where = ("shared1gpu" if topology.shared_device else f"{world}gpu") if kind == "cuda" else f"{world}proc"
+        self.name = f"distributed_{part}_{where}{'_smoke' if args.smoke else ''}.json"
+        self.doc = header(world, device, args.smoke, topology) | {"part": part, "argv": sys.argv[1:], "rows": []}
+        if topology.note:
+            self.doc["evidence_note"] = topology.note
+
+    def add(self, row: dict) -> dict:
+        row = {k: v for k, v in row.items()}
+        self.doc["rows"].append(row)
+        self.flush()
+        if self.rank == 0:
+            print(json.dumps({k: v for k, v in row.items() if k not in ("trace", "per_rank")}), flush=True)
+        return row
+
+    def flush(self):
+        write(self.name, self.doc, self.rank, self.args.out)
+
+
+class Budget:
+    """Wall-clock budget of one command: a row that no longer fits is recorded ``not_run``, never passed."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+def agree(flag: bool, world: int) -> bool:
+    """Every rank's flag (all ranks must take the same branch before the next collective)."""
+    return all(gather_rows(bool(flag), world)) if world > 1 else bool(flag)
+
+
+def finite(x) -> bool:
+    return x is not None and math.isfinite(float(x))
+
+
+def free(device):
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def policy_evidence(arch: str, device) -> str:
@@ -173,89 +266,458 @@ def policy_evidence(arch: str, device) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 1. dp
+# Shared by dp / grads / scaler / fp16rows: one process as the reference, the parallel run, the comparisons
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def part_dp(args, rank, world, device, kind):
-    rows = []
-    for model_id in ("qwen2_5vl", "qwen3vl"):
-        for arch in ("sm90", "sm70") if kind == "cuda" else ("cpu",):
-            row = {"model": model_id, "arch_policy": arch, "world_size": world, "mesh": {"dp": world, "sp": 1}}
-            try:
-                if tiny.is_available(model_id):
-                    raise RuntimeError("; ".join(tiny.is_available(model_id)))
-                row.update(dp_one(args, model_id, arch, rank, world, device))
-            except Exception as exc:  # noqa: BLE001 - a row that failed says why
-                row.update(status="fail", error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-1500:])
-            row["evidence"] = policy_evidence(arch, device)
-            if rank == 0:
-                print(json.dumps({k: v for k, v in row.items() if k != "trace"}), flush=True)
-            rows.append(row)
-    return rows
+def tolerances_for(arch, device, dtype):
+    """``(loss (atol, rtol), grad rtol)`` from portvlm's tolerance table for this policy on this device."""
+    from portvlm.suites import tolerances
+
+    # an emulated policy is held to the tolerance of the device it runs on (its kernels round as the host's do)
+    real = "sm{}{}".format(*torch.cuda.get_device_capability(device)) if device.type == "cuda" else "cpu"
+    kind = tolerances.device_kind(real, device.type)
+    return tolerances.loss_tolerance(dtype), tolerances.tolerance(kind, dtype, None, "bwd")[1]
+
+
+def one_process(model_id, cfg, arch, rows, device, *, dtype=None, ckpt=False, grads=True, seed=0):
+    """The reference: one process, no FSDP, no SP (``ParallelModel`` at world 1) on all ``rows``: the mean token loss
+    over every row, and the gradients by parameter name (in the compute dtype) with the parameters before the step."""
+    from portvlm.distributed.mesh import Layout
+    from portvlm.distributed.parallel import ParallelModel
+
+    model = build(model_id, cfg, device, torch.float32, seed=seed)
+    with portvlm.patch(model, arch=arch, dtype=dtype) as handle:
+        model.to(handle.dtype)
+        if ckpt:
+            enable_activation_checkpointing(model)
+        with ParallelModel(model, handle, Layout(1, 1, 0, 0, None, None, None)) as single, \
+                torch.set_grad_enabled(grads):
+            sums, n = [], 0
+            for r in rows:
+                out = single(**to(r, device, handle.dtype))
+                sums.append(out.loss * out.tokens)
+                n += out.tokens
+            loss = torch.stack(sums).sum() / n
+            if grads:
+                loss.backward()
+    res = {"loss": float(loss.detach()), "dtype": handle.dtype}
+    if grads:
+        res["grads"] = {k: p.grad.detach() for k, p in model.named_parameters() if p.grad is not None}
+        res["params"] = {k: p.detach() for k, p in model.named_parameters()}
+    del model
+    return res
+
+
+def parallel_model(model_id, cfg, arch, device, dims, *, ckpt=False, master_fp32=True, fault=None, seed=0):
+    """``portvlm.patch`` + ``parallelize`` over mesh ``dims``; weights as ``one_process`` builds them (same seed).
+
+    ``master_fp32``: fp32 sharded weights with the policy's compute dtype and fp32 gradient reduction — the
+    default for fp16 policies, asked for explicitly for bf16 so one SGD step compares at fp32 resolution.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    model = build(model_id, cfg, device, torch.float32, seed=seed)
+    handle = portvlm.patch(model, arch=arch)
+    model.to(handle.dtype)  # what a user does; the fp32 master copy is then exactly the compute weights
+    mp = "auto"
+    if master_fp32 and handle.dtype != torch.float16 and handle.dtype != torch.float32:
+        model.float()
+        mp = MixedPrecisionPolicy(param_dtype=handle.dtype, reduce_dtype=torch.float32)
+    pmodel = parallelize(model, handle, make_mesh(*dims, device.type), activation_checkpointing=ckpt, mp_policy=mp,
+                         fault=fault)
+    return pmodel, handle
+
+
+def close(pmodel, handle, device):
+    pmodel.close()
+    handle.revert()
+    free(device)
+
+
+def full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _shard_of(ref, t, rank, world):
+    """This rank's shard of DTensor ``t`` and the slice of the full ``ref`` it holds (FSDP2: Shard(0) over the
+    flattened mesh, ``torch.chunk`` semantics, coordinate = global rank); the whole tensors for another layout."""
+    if not hasattr(t, "placements"):
+        return t, ref
+    local = t.to_local()
+    chunks = torch.chunk(ref, world, dim=0)
+    part = chunks[rank] if rank < len(chunks) else ref[:0]
+    return (local, part) if tuple(local.shape) == tuple(part.shape) else (full(t), ref)
+
+
+def sharded_diffs(pmodel, ref: dict, rank, world, of=lambda p: p.grad, ref_of=None):
+    """Per parameter ``‖got − want‖`` and ``‖want‖`` over the whole tensor, computed shard by shard on every rank
+    and summed with ONE all-reduce (nothing is gathered): ``({name: (diff, norm)}, names missing on one side)``."""
+    names, stats, missing = [], [], []
+    for k, p in pmodel.named_parameters():
+        key = k.removeprefix("module.")
+        t = of(p)
+        if t is None or key not in ref:
+            missing.append(key)
+            continue
+        local, part = _shard_of(ref[key] if ref_of is None else ref_of(key), t, rank, world)
+        d = local.float() - part.float()
+        stats.append(torch.stack([d.pow(2).sum(), part.float().pow(2).sum()]))
+        names.append(key)
+    if not stats:
+        return {}, missing
+    total = torch.stack(stats)
+    if world > 1:
+        dist.all_reduce(total)
+    total = total.sqrt().tolist()
+    return {n: (a, b) for n, (a, b) in zip(names, total, strict=True)}, missing
+
+
+def worst_ratio(pairs: dict, denominator=None) -> tuple[float, str | None]:
+    """The largest ``diff / norm`` (or ``diff / denominator[name]``) and its parameter."""
+    ratios = {n: a / max(denominator[n] if denominator else b, 1e-30) for n, (a, b) in pairs.items()
+              if denominator is None or n in denominator}
+    if not ratios:
+        return float("inf"), None
+    name = max(ratios, key=lambda n: ratios[n])
+    return ratios[name], name
+
+
+def all_finite(pmodel, world) -> bool:
+    """Every rank's gradient shards are finite (one all-reduce)."""
+    bad = torch.zeros((), device=next(pmodel.parameters()).device)
+    for p in pmodel.parameters():
+        if p.grad is not None:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            bad += (~torch.isfinite(g)).sum().float()
+    if world > 1:
+        dist.all_reduce(bad)
+    return float(bad) == 0.0
+
+
+def row_with_images(model_id, n_images, n_tokens, grids, seed, smoke):
+    """One packed row of several samples holding >= ``n_images`` images in total, about ``n_tokens`` tokens."""
+    rng = random.Random(seed)
+    samples, images, tokens, i = [], 0, 0, 0
+    per = max(2, n_images // 4)
+    text = (16, 48) if smoke else (max(64, n_tokens // 8), max(128, n_tokens // 4))
+    while images < n_images or tokens < n_tokens:
+        s = sample(model_id, rng, text, (per, per), grids, seed * 1000 + i)
+        samples.append(s)
+        images += int(s["image_grid_thw"].shape[0])
+        tokens += int(s["input_ids"].shape[1])
+        i += 1
+    return pack(samples)
+
+
+def video_row(model_id, frames, grid_hw, text_tokens, seed):
+    """One row: a text sample, then a sample with one video of ``frames`` frames (temporal patches of 2)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def words(n):
+        return tiny.Segment("text", torch.randint(3, 200, (n,), generator=g).tolist())
+
+    t = frames // tiny.TEMPORAL_PATCH
+    video = tiny.qwen_sequence(model_id, [words(text_tokens), tiny.Segment("video", grid=(t, *grid_hw)), words(16)],
+                               seed=seed)
+    lead = tiny.qwen_sequence(model_id, [words(text_tokens)], seed=seed + 1)
+    for s in (lead, video):
+        labels = s["input_ids"].clone()
+        for tok in (tiny.IMG, tiny.VID, tiny.VSTART, tiny.VEND):
+            labels[labels == tok] = -100
+        s["labels"] = labels
+        s.pop("attention_mask", None)
+    return pack([lead, video])
+
+
+def cuts(row, sp):
+    """Where the SP split cuts the row: through samples and through vision-token runs (``straddles``)."""
+    from portvlm.suites.distributed_checks import straddles
+
+    return straddles(row, sp)
+
+
+def failed_row(row, exc):
+    return row | {"status": "fail", "error": f"{type(exc).__name__}: {str(exc)[:600]}",
+                  "trace": traceback.format_exc()[-1500:]}
+
+
+def policies_for(kind):
+    return POLICIES if kind == "cuda" else ("cpu",)
+
+
+def run_rows(report, budget, items, fn, world):
+    """``fn(item)`` for every item with the budget checked first (the same answer on every rank)."""
+    for item, base in items:
+        if not agree(budget.left() > 0, world):
+            report.add(base | {"status": "not_run", "reason": "the command's --budget-s was spent before this row"})
+            continue
+        try:
+            report.add(base | fn(item))
+        except Exception as exc:  # noqa: BLE001 - a row that failed says why
+            report.add(failed_row(base, exc))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dp: a different row per rank vs one process on the union
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def part_dp(args, rank, world, device, kind, report, budget):
+    items = []
+    for model_id in MODELS:
+        for arch in policies_for(kind):
+            base = {"check": "dp_vs_union", "model": model_id, "arch_policy": arch, "world_size": world,
+                    "mesh": {"dp": world, "sp": 1}, "evidence": policy_evidence(arch, device)}
+            items.append(((model_id, arch), base))
+
+    def one(item):
+        model_id, arch = item
+        if tiny.is_available(model_id):
+            raise RuntimeError("; ".join(tiny.is_available(model_id)))
+        return dp_one(args, model_id, arch, rank, world, device)
+
+    run_rows(report, budget, items, one, world)
 
 
 def dp_one(args, model_id, arch, rank, world, device):
-    cfg = config(model_id, None, None) if args.smoke else config(model_id, FEW_LAYERS_TEXT, FEW_LAYERS_VISION[model_id])
+    cfg = model_config(model_id, args)
     rng = random.Random(1)
     text_range = (16, 64) if args.smoke else (128, 1024)
     grids = [(1, 8, 8), (1, 8, 12)] if args.smoke else [(1, 16, 16), (1, 24, 32)]
-    # one DIFFERENT row per rank (2 samples each, different lengths)
+    # one DIFFERENT row per rank (2 samples each, different lengths; odd ranks' first sample has no image)
     all_rows = [pack([sample(model_id, rng, text_range, (0 if r % 2 else 1, 2), grids, 10 * r + i) for i in range(2)])
                 for r in range(world)]
-    # single process on the union (every rank computes it: no FSDP, same weights, same rows)
-    ref = build(model_id, cfg, device, torch.float32, seed=0)
-    state = {k: v.detach().clone() for k, v in ref.state_dict().items()}
-    with portvlm.patch(ref, arch=arch) as handle:
-        dtype = handle.dtype
-        ref.to(dtype)
-        ref_loss, n = 0.0, 0
-        sums = []
-        for r in all_rows:
-            from portvlm.distributed.parallel import ParallelModel
-            from portvlm.distributed.mesh import Layout
+    ref = one_process(model_id, cfg, arch, all_rows, device)  # every rank computes it: same weights, same rows
+    dtype = ref["dtype"]
+    (l_atol, l_rtol), g_rtol = tolerances_for(arch, device, dtype)
+    pmodel, handle = parallel_model(model_id, cfg, arch, device, (world, 1))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    out = pmodel(**to(all_rows[rank], device, dtype))
+    out.loss.backward()
+    sync(device)
+    step = time.perf_counter() - t0
+    diffs, missing = sharded_diffs(pmodel, ref["grads"], rank, world)
+    grad_err, grad_worst = worst_ratio(diffs)
+    # the parallel model starts from the reference's weights (the seeded builds agree), or nothing is compared
+    start, _ = sharded_diffs(pmodel, ref["params"], rank, world, of=lambda p: p.detach())
+    start_err, start_worst = worst_ratio(start)
+    if start_err != 0.0:
+        raise RuntimeError(f"{start_worst}: the parallel model's weights differ from the reference's before the step "
+                           f"(relative {start_err:.3g}); the seeded builds disagree, nothing is compared")
+    # one SGD step on the fp32 master shards vs the same step from the reference's weights and gradients (fp32)
+    moved = torch.zeros((), device=device)
+    with torch.no_grad():
+        for p in pmodel.parameters():
+            if p.grad is not None:
+                delta = args.lr * p.grad
+                p -= delta
+                local = delta.to_local() if hasattr(delta, "to_local") else delta
+                if local.numel():
+                    moved = torch.maximum(moved, local.abs().max().float())
+    if world > 1:
+        dist.all_reduce(moved, op=dist.ReduceOp.MAX)
+    grads = ref["grads"]
+    after, _ = sharded_diffs(pmodel, ref["params"], rank, world, of=lambda p: p.detach(),
+                             ref_of=lambda k: ref["params"][k].float() - args.lr * grads[k].float() if k in grads
+                             else ref["params"][k].float())
+    # ‖p_after − (p − lr·g_ref)‖ relative to the step ‖lr·g_ref‖ itself (the weights' own norm would hide it)
+    step_err, step_worst = worst_ratio(after, {k: args.lr * float(g.float().norm()) for k, g in grads.items()})
+    moved = float(moved)
+    close(pmodel, handle, device)
+    loss, ref_loss = float(out.loss_value), ref["loss"]
+    loss_err = abs(loss - ref_loss)
+    ok = (finite(loss) and loss_err <= l_atol + l_rtol * abs(ref_loss) and grad_err <= g_rtol and step_err <= g_rtol
+          and moved > 0 and not missing)
+    return {"model_desc": describe(model_id, cfg, args.smoke), "dtype": str(dtype).removeprefix("torch."),
+            "rows_tokens": [int(r["input_ids"].shape[1]) for r in all_rows], "union_loss": ref_loss, "dp_loss": loss,
+            "loss_abs_err": loss_err, "loss_tolerance": [l_atol, l_rtol], "grad_max_rel_err": grad_err,
+            "grad_worst": grad_worst, "step_max_rel_err": step_err, "step_worst": step_worst,
+            "param_max_change_in_step": moved, "grad_rtol": g_rtol, "grads_missing": missing[:5],
+            "metric": "per parameter ‖got − ref‖/‖ref‖ of the gradient and of the SGD step (fp32 master weights)",
+            "step_s": round(step, 3), "peak_GiB": peak_gib(device), "status": "pass" if ok else "fail"}
 
-            single = ParallelModel(ref, handle, Layout(1, 1, 0, 0, None, None, None))
-            out = single(**to(r, device, dtype))
-            sums.append(out.loss * out.tokens)
-            n += out.tokens
-        loss = torch.stack(sums).sum() / n
-        loss.backward()
-        with torch.no_grad():
-            for p in ref.parameters():
-                if p.grad is not None:
-                    p -= args.lr * p.grad
-        ref_params = {k: v.detach().float().cpu() for k, v in ref.named_parameters()}
-        ref_loss = float(loss.detach())
-    del ref
-    model = build(model_id, cfg, device, torch.float32)
-    model.load_state_dict(state)
-    with portvlm.patch(model, arch=arch) as handle:
-        model.to(dtype)
-        pmodel = parallelize(model, handle, make_mesh(world, 1, device.type))
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        sync(device)
-        t0 = time.perf_counter()
-        out = pmodel(**to(all_rows[rank], device, dtype))
-        out.loss.backward()
-        with torch.no_grad():
-            for p in pmodel.parameters():
-                if p.grad is not None:
-                    p -= args.lr * p.grad
-        sync(device)
-        step = time.perf_counter() - t0
-        params = {k.removeprefix("module."): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().cpu()
-                  for k, p in pmodel.named_parameters()}
-        pmodel.close()
-    worst = max(float(((params[k] - v).abs() / (v.abs() + 1e-2)).max()) for k, v in ref_params.items())
-    moved = max(float((v - state[k].float().cpu()).abs().max()) for k, v in ref_params.items())  # the step did move
-    loss_err = abs(float(out.loss_value) - ref_loss)
-    tol = TOL[str(dtype).removeprefix("torch.")]
-    ok = loss_err <= tol * max(1.0, abs(ref_loss)) and worst <= tol * 10 and moved > 0
-    return {"dtype": str(dtype).removeprefix("torch."), "rows_tokens": [int(r["input_ids"].shape[1]) for r in all_rows],
-            "union_loss": ref_loss, "dp_loss": float(out.loss_value), "loss_abs_err": loss_err,
-            "param_max_rel_err_after_step": worst, "param_max_change_in_step": moved, "tolerance": tol, "step_s": round(step, 3),
+
+# ---------------------------------------------------------------------------------------------------------------
+# grads: SP=N vs SP=1 on a row of >= 16 images straddling the rank boundaries
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def part_grads(args, rank, world, device, kind, report, budget):
+    items = []
+    for model_id in MODELS:
+        for arch in policies_for(kind):
+            base = {"check": "sp_vs_sp1", "model": model_id, "arch_policy": arch, "world_size": world,
+                    "mesh": {"dp": 1, "sp": world}, "evidence": policy_evidence(arch, device)}
+            items.append(((model_id, arch, None), base))
+    # the negative control: vision features left in rank order, not sequence order — the same check must fail
+    items.append((("qwen2_5vl", policies_for(kind)[0], "unordered_vision"),
+                  {"check": "sp_vs_sp1", "model": "qwen2_5vl", "arch_policy": policies_for(kind)[0],
+                   "world_size": world, "mesh": {"dp": 1, "sp": world}, "negative_control": "unordered_vision",
+                   "evidence": policy_evidence(policies_for(kind)[0], device)}))
+
+    def one(item):
+        model_id, arch, fault = item
+        if tiny.is_available(model_id):
+            raise RuntimeError("; ".join(tiny.is_available(model_id)))
+        res = sp_grads_one(args, model_id, arch, rank, world, device, fault)
+        if fault:  # a negative control passes when the check it runs FAILS
+            res["status"] = "pass" if res["status"] == "fail" else "fail"
+            res["note"] = "negative control: the comparison must fail (it did)" if res["status"] == "pass" \
+                else "negative control: the comparison did NOT fail — the check cannot tell a wrong SP"
+        return res
+
+    run_rows(report, budget, items, one, world)
+
+
+def sp_grads_one(args, model_id, arch, rank, world, device, fault):
+    cfg = model_config(model_id, args)
+    grids = [(1, 8, 8), (1, 8, 12)] if args.smoke else [(1, 16, 16), (1, 16, 24), (1, 32, 32)]
+    for seed in range(3, 43):  # the first seeded row whose split cuts through a sample AND an image
+        row = row_with_images(model_id, 16, 600 if args.smoke else 8192, grids, seed=seed, smoke=args.smoke)
+        where = cuts(row, world)
+        if where["sample_cut"] and where["vision_cut"]:
+            break
+    ref = one_process(model_id, cfg, arch, [row], device)
+    dtype = ref["dtype"]
+    (l_atol, l_rtol), g_rtol = tolerances_for(arch, device, dtype)
+    pmodel, handle = parallel_model(model_id, cfg, arch, device, (1, world), fault=fault)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    out = pmodel(**to(row, device, dtype))
+    out.loss.backward()
+    sync(device)
+    step = time.perf_counter() - t0
+    diffs, missing = sharded_diffs(pmodel, ref["grads"], rank, world)
+    grad_err, grad_worst = worst_ratio(diffs)
+    close(pmodel, handle, device)
+    del ref["grads"], ref["params"]
+    loss, ref_loss = float(out.loss_value), ref["loss"]
+    loss_err = abs(loss - ref_loss)
+    straddle = bool(where["sample_cut"]) and bool(where["vision_cut"])
+    ok = finite(loss) and loss_err <= l_atol + l_rtol * abs(ref_loss) and grad_err <= g_rtol and not missing
+    return {"model_desc": describe(model_id, cfg, args.smoke), "dtype": str(dtype).removeprefix("torch."),
+            "row_tokens": int(row["input_ids"].shape[1]), "row_images": int(row["image_grid_thw"].shape[0]),
+            "cuts": where, "straddles": straddle, "sp1_loss": ref_loss, "sp_loss": loss, "loss_abs_err": loss_err,
+            "loss_tolerance": [l_atol, l_rtol], "grad_max_rel_err": grad_err, "grad_worst": grad_worst,
+            "grad_rtol": g_rtol, "grads_missing": missing[:5],
+            "metric": "per parameter ‖g_SP − g_SP1‖/‖g_SP1‖ (the table's backward rtol)",
+            "step_s": round(step, 3), "peak_GiB": peak_gib(device),
+            "status": "pass" if ok and (straddle or args.smoke) else "fail"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scaler: fp16 mixed precision + GradScaler, an inf in one rank's gradients
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def part_scaler(args, rank, world, device, kind, report, budget):
+    arch = "sm70" if kind == "cuda" else "sm70"  # the fp16 policy (emulated off Volta; on the CPU too)
+    items = []
+    for dims in ((world, 1), (1, world)):
+        base = {"check": "grad_scaler_skip", "model": "qwen2_5vl", "arch_policy": arch, "world_size": world,
+                "mesh": {"dp": dims[0], "sp": dims[1]}, "evidence": policy_evidence(arch, device)}
+        items.append((dims, base))
+    run_rows(report, budget, items, lambda dims: scaler_one(args, arch, dims, rank, world, device), world)
+
+
+def scaler_one(args, arch, dims, rank, world, device):
+    from portvlm.suites.distributed_checks import _plant_inf
+
+    model_id = "qwen2_5vl"
+    cfg = model_config(model_id, args)
+    grids = [(1, 8, 8)] if args.smoke else [(1, 16, 16), (1, 24, 32)]
+    rng = random.Random(2)
+    rows = [pack([sample(model_id, rng, (16, 64) if args.smoke else (256, 1024), (1, 2), grids, 50 * r + i)
+                  for i in range(2)]) for r in range(dims[0])]
+    pmodel, handle = parallel_model(model_id, cfg, arch, device, dims)  # fp16: the default mixed precision
+    plant = world - 1
+    record = {"sharded_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in pmodel.parameters()}),
+              "steps": []}
+    opt = torch.optim.SGD(pmodel.parameters(), lr=args.lr)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**12)
+    row = to(rows[pmodel.layout.dp_rank], device, handle.dtype)
+    for step in range(2):
+        out = pmodel(**row)
+        scaler.scale(out.loss).backward()
+        planted = _plant_inf(pmodel) if step == 0 and rank == plant else None
+        before = [p.detach().to_local().clone() for p in pmodel.parameters()]
+        scale = float(scaler.get_scale())
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        moved = sum(not torch.equal(p.detach().to_local(), b) for p, b in zip(pmodel.parameters(), before, strict=True))
+        record["steps"].append({"planted_in": planted, "loss": float(out.loss_value), "scale_before": scale,
+                                "scale_after": float(scaler.get_scale()), "params_moved": moved, "skipped": moved == 0})
+    close(pmodel, handle, device)
+    per_rank = gather_rows(record, world)
+    ok = all(
+        r["sharded_dtypes"] == ["float32"]
+        and all(finite(s["loss"]) for s in r["steps"])
+        and r["steps"][0]["skipped"] and r["steps"][0]["scale_after"] == r["steps"][0]["scale_before"] / 2
+        and not r["steps"][1]["skipped"] and r["steps"][1]["scale_after"] == r["steps"][0]["scale_after"]
+        for r in per_rank)
+    return {"model_desc": describe(model_id, cfg, args.smoke), "dtype": str(handle.dtype).removeprefix("torch."),
+            "planted_rank": plant, "planted_in": per_rank[plant]["steps"][0]["planted_in"],
+            "skipped_on_ranks": [r["steps"][0]["skipped"] for r in per_rank],
+            "scales": [[s["scale_before"], s["scale_after"]] for s in per_rank[0]["steps"]],
+            "second_step_taken_on_ranks": [not r["steps"][1]["skipped"] for r in per_rank],
+            "per_rank": per_rank, "status": "pass" if ok else "fail"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp16rows: the sm70 policy on a >= 32-image row and a >= 256-frame video row vs an fp32 reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def part_fp16rows(args, rank, world, device, kind, report, budget):
+    items = []
+    for model_id in MODELS:
+        for what in ("images", "video"):
+            base = {"check": "fp16_row_vs_fp32", "model": model_id, "arch_policy": "sm70", "world_size": world,
+                    "mesh": {"dp": 1, "sp": world}, "row": what, "evidence": policy_evidence("sm70", device)}
+            items.append(((model_id, what), base))
+
+    def one(item):
+        model_id, what = item
+        if tiny.is_available(model_id):
+            raise RuntimeError("; ".join(tiny.is_available(model_id)))
+        return fp16_row_one(args, model_id, what, world, device)
+
+    run_rows(report, budget, items, one, world)
+
+
+def fp16_row_one(args, model_id, what, world, device):
+    cfg = model_config(model_id, args)
+    if what == "images":
+        grids = [(1, 8, 8)] if args.smoke else [(1, 16, 16), (1, 16, 24), (1, 24, 24)]
+        row = row_with_images(model_id, 32, 600 if args.smoke else 12288, grids, seed=7, smoke=args.smoke)
+        shape = {"images": int(row["image_grid_thw"].shape[0])}
+    else:
+        frames = 8 if args.smoke else 256
+        row = video_row(model_id, frames, (8, 8) if args.smoke else (16, 16), 32 if args.smoke else 512, seed=8)
+        shape = {"video_frames": int(row["video_grid_thw"][:, 0].sum()) * tiny.TEMPORAL_PATCH}
+    ref = one_process(model_id, cfg, "sm70", [row], device, dtype=torch.float32, grads=False)  # fp32, one process
+    pmodel, handle = parallel_model(model_id, cfg, "sm70", device, (1, world), ckpt=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    out = pmodel(**to(row, device, handle.dtype))
+    out.loss.backward()
+    grads_finite = all_finite(pmodel, world)
+    dtype = handle.dtype
+    close(pmodel, handle, device)
+    (l_atol, l_rtol), _ = tolerances_for("sm70", device, dtype)
+    loss, ref_loss = float(out.loss_value), ref["loss"]
+    err = abs(loss - ref_loss) if finite(loss) else float("inf")
+    ok = finite(loss) and grads_finite and err <= l_atol + l_rtol * abs(ref_loss)
+    return {"model_desc": describe(model_id, cfg, args.smoke), "dtype": str(dtype).removeprefix("torch."),
+            "row_tokens": int(row["input_ids"].shape[1]), **shape, "loss": loss, "fp32_reference_loss": ref_loss,
+            "loss_abs_err": err, "loss_tolerance": [l_atol, l_rtol], "grads_finite": grads_finite,
             "peak_GiB": peak_gib(device), "status": "pass" if ok else "fail"}
 
 
@@ -411,11 +873,14 @@ def part_size(args, rank, world, device, kind):
                 packed = [to(pack(r), device, dtype) for r in batch]
                 rec = Recorder() if name in ("sm70", "cpu") else None
 
+                losses = []
+
                 def step():
                     for i, r in enumerate(packed):
                         if rec is not None:
                             rec.on = not recorded.get(label) and i == 0
                         o = pmodel(**r)
+                        losses.append(float(o.loss_value))
                         if rec is not None and rec.on:  # the forward's calls; recompute is added when timing
                             recorded[label] = (list(rec.calls), dtype)
                             rec.on = False
@@ -437,7 +902,10 @@ def part_size(args, rank, world, device, kind):
                 flops = model_flops(cfg, [s for r in batch for s in r])
                 res.update(step_s=round(med, 4), tokens_per_s=round(tokens / med, 1), tokens=tokens,
                            peak_GiB=peak_gib(device), mfu=round(flops / med / (peak * 1e12), 4) if peak else None,
-                           status="pass")
+                           losses=[round(x, 5) for x in losses], status="pass")
+                if not all(finite(x) for x in losses):  # a NaN step is a failure, never a throughput figure
+                    res.update(status="fail", error=f"non-finite loss in {sum(not finite(x) for x in losses)} of "
+                                                    f"{len(losses)} forwards")
             except Exception as exc:  # noqa: BLE001
                 res.update(status="fail", error=f"{type(exc).__name__}: {str(exc)[:400]}")
             out["runs"][f"{name}/{label}"] = res
@@ -472,12 +940,16 @@ def part_size(args, rank, world, device, kind):
             for p in padded:
                 p["labels"] = p["labels"].masked_fill(p["attention_mask"] == 0, -100)
 
+            sdpa_losses = []
+
             def step():
                 for p in padded:
                     for m in (model, getattr(model, "model", None)):
                         if m is not None and hasattr(m, "rope_deltas"):
                             m.rope_deltas = None
-                    model(**p, use_cache=False).loss.backward()
+                    loss = model(**p, use_cache=False).loss
+                    sdpa_losses.append(float(loss))
+                    loss.backward()
                 with torch.no_grad():
                     for prm in model.parameters():
                         prm.grad = None
@@ -491,6 +963,9 @@ def part_size(args, rank, world, device, kind):
                        tokens=tokens, padded_tokens=padded_tokens, batch_per_step=per, peak_GiB=peak_gib(device),
                        mfu=round(model_flops(cfg, flat) / med / (peak * 1e12), 4) if peak else None, status="pass",
                        note="mean loss per padded batch (transformers' own), not the packed batch mean; same samples")
+            if not all(finite(x) for x in sdpa_losses):
+                res.update(status="fail", error=f"non-finite loss in {sum(not finite(x) for x in sdpa_losses)} of "
+                                                f"{len(sdpa_losses)} padded batches")
             del model
         except Exception as exc:  # noqa: BLE001
             res.update(status="fail", error=f"{type(exc).__name__}: {str(exc)[:400]}")
@@ -529,123 +1004,227 @@ def part_size(args, rank, world, device, kind):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. sp
+# 3. sp: SP=N vs SP=1 loss on a long row, and the longest row each trains at equal per-rank memory
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def part_sp(args, rank, world, device, kind):
+def sp_row(model_id, n, smoke):
+    """About ``n`` tokens: samples of ~n/8 text tokens with 1–4 images each (seeded, the same row for every rank)."""
+    rng = random.Random(5)
+    grids = [(1, 8, 8)] if smoke else [(1, 32, 32)]
+    per = max(64, n // 8)
+    ss, tot, i = [], 0, 0
+    while tot < n:
+        s = sample(model_id, rng, (per // 2, per), (1, 4), grids, i)
+        ss.append(s)
+        tot += int(s["input_ids"].shape[1])
+        i += 1
+    return pack(ss)
+
+
+def sp_step(args, model_id, cfg, arch, device, dims, row, world, held=None):
+    """One training step (forward + backward, activation checkpointing) of ``row`` over mesh ``dims``: fits (no
+    rank ran out of memory), loss, per-rank peak memory. An OOM is an answer, not an error. ``held``: the model of
+    the previous step of this search (reused after a step that fit on every rank; rebuilt after an OOM).
+    Returns ``(result, held)``."""
+    res = {}
+    try:
+        if held is None:
+            held = parallel_model(model_id, cfg, arch, device, dims, ckpt=True)
+        pmodel, handle = held
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if args.smoke and row["input_ids"].shape[1] / dims[1] > SMOKE_RANK_TOKENS:  # the CPU never runs out
+            raise torch.OutOfMemoryError(f"smoke: simulated, more than {SMOKE_RANK_TOKENS} tokens on one rank")
+        sync(device)
+        t0 = time.perf_counter()
+        out = pmodel(**to(row, device, handle.dtype))
+        out.loss.backward()
+        sync(device)
+        res = {"fits": True, "loss": float(out.loss_value), "step_s": round(time.perf_counter() - t0, 3),
+               "peak_GiB": peak_gib(device), "dtype": str(handle.dtype).removeprefix("torch."),
+               "text_backend": handle.state.text_backend}
+        del out
+    except torch.OutOfMemoryError as exc:
+        res = {"fits": False, "error": f"OutOfMemoryError: {str(exc)[:160]}", "peak_GiB": peak_gib(device)}
+    if held is not None:
+        for p in held[0].parameters():
+            p.grad = None
+    per_rank = gather_rows(res, world)
+    fits = all(r["fits"] for r in per_rank)
+    if not fits and held is not None:  # every rank drops its model after an OOM anywhere: FSDP's state is suspect
+        close(*held, device)
+        held = None
+    free(device)
+    loss = per_rank[0].get("loss")
+    return {"tokens": int(row["input_ids"].shape[1]), "images": int(row["image_grid_thw"].shape[0]), "fits": fits,
+            "trains": fits and finite(loss), "loss": loss, "step_s": per_rank[0].get("step_s"),
+            "peak_GiB_per_rank": [r.get("peak_GiB") for r in per_rank], "dtype": per_rank[0].get("dtype"),
+            "text_backend": per_rank[0].get("text_backend"),
+            "error": next((r["error"] for r in per_rank if "error" in r), None)}, held
+
+
+def search_longest(args, model_id, cfg, arch, device, dims, world, until):
+    """Doubling from ``--search-start`` tokens until a row does not train, then one step halfway back (coarse)."""
+    tried, ok, bad, held, why = [], None, None, None, None
+    sizes = []
+    n = args.search_start
+    while n <= args.search_max:
+        sizes.append(n)
+        n *= 2
+    try:
+        queue = list(sizes)
+        refined = False
+        while queue:
+            n = queue.pop(0)
+            if not agree(time.monotonic() < until, world):
+                why = "the time share for this search was spent"
+                break
+            r, held = sp_step(args, model_id, cfg, arch, device, dims, sp_row(model_id, n, args.smoke), world, held)
+            tried.append(r)
+            if r["fits"] and not r["trains"]:
+                why = f"loss {r['loss']} is not finite at {r['tokens']} tokens"
+                break
+            if r["trains"]:
+                ok = r["tokens"]
+                continue
+            bad = r["tokens"]
+            if ok is None or refined:
+                break
+            refined, queue = True, [(ok + bad) // 2]  # one step halfway between the bounds
+        if why is None and bad is None:
+            why = f"every row up to --search-max {args.search_max} trained"
+    finally:
+        if held is not None:
+            close(*held, device)
+    return tried, ok, bad, why
+
+
+def part_sp(args, rank, world, device, kind, report, budget):
     model_id = "qwen2_5vl"
-    if args.smoke:
-        cfg, arch, length, grids, lengths = config(model_id, None, None), "cpu", 300, [(1, 8, 8)], [300, 600]
-    else:
-        text = dict(QWEN25_7B_TEXT, num_hidden_layers=args.text_layers)
-        cfg = config(model_id, text, dict(QWEN25_7B_VISION, depth=args.vision_blocks,
-                                          fullatt_block_indexes=[i for i in (7, 15, 23, 31) if i < args.vision_blocks]))
-        arch, length, grids = args.arch, 32768, [(1, 32, 32)]
-        lengths = [32768 * m for m in (1, 2, 3, 4, 6, 8)]
-
-    def row_of(n):
-        rng = random.Random(5)
-        per = max(64, n // 8)  # 8 samples of ~n/8 text tokens, 1-4 images each
-        ss, tot, i = [], 0, 0
-        while tot < n:
-            s = sample(model_id, rng, (per // 2, per), (1, 4), grids, i)
-            ss.append(s)
-            tot += int(s["input_ids"].shape[1])
-            i += 1
-        return pack(ss)
-
-    out = {"model": f"Qwen2.5-VL-7B dims ({cfg.get_text_config().num_hidden_layers} text layers, "
-                    f"{cfg.vision_config.depth} vision blocks)" if not args.smoke else "tiny qwen2_5vl",
-           "arch_policy": arch, "world_size": world, "evidence": policy_evidence(arch, device), "activation_checkpointing": True}
-
-    def one(mesh_dims, row, text_backend=None):
-        model = build(model_id, cfg, device, torch.float32 if kind == "cpu" else torch.bfloat16, seed=0)
-        with portvlm.patch(model, arch=arch) as handle:
-            model.to(handle.dtype)
-            if text_backend:
-                handle.state.text_backend = text_backend
-            pmodel = parallelize(model, handle, make_mesh(*mesh_dims, device.type), activation_checkpointing=True)
-            if kind == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            sync(device)
-            t0 = time.perf_counter()
-            o = pmodel(**to(row, device, handle.dtype))
-            o.loss.backward()
-            sync(device)
-            res = {"loss": float(o.loss_value), "step_s": round(time.perf_counter() - t0, 3), "peak_GiB": peak_gib(device),
-                   "dtype": str(handle.dtype).removeprefix("torch."), "text_backend": handle.state.text_backend}
-            pmodel.close()
-        del model, pmodel
-        if kind == "cuda":
-            torch.cuda.empty_cache()
-        return res
-
-    tb = None if kind == "cpu" else args.text_backend
-    row = row_of(length)
-    out["row_tokens"] = int(row["input_ids"].shape[1])
-    out["row_images"] = int(row["image_grid_thw"].shape[0])
-    sp1 = one((world, 1), row, tb)  # every rank: the whole row (SP=1)
-    spn = one((1, world), row, tb)
-    tol = TOL[sp1["dtype"]]
-    out["sp1"] = gather_rows(sp1, world)
-    out[f"sp{world}"] = gather_rows(spn, world)
-    out["loss_abs_err"] = abs(sp1["loss"] - spn["loss"])
-    out["loss_tolerance"] = tol * max(1.0, abs(sp1["loss"]))
-    out["status"] = "pass" if out["loss_abs_err"] <= out["loss_tolerance"] else "fail"
-    if rank == 0:
-        print(json.dumps({k: out[k] for k in ("row_tokens", "row_images", "sp1", f"sp{world}", "loss_abs_err", "status")}), flush=True)
-    search = []
-    longest = None
-    for n in lengths:
-        r = row_of(n)
+    cfg = model_config(model_id, args)
+    cap = None
+    if kind == "cuda":
+        frac = report.doc["topology"].get("memory_fraction_per_rank") or 1.0
+        cap = round(torch.cuda.get_device_properties(device).total_memory * frac / 2**30, 2)
+    policies = [a for a in args.arch.split(",")] if args.arch else list(policies_for(kind))
+    for i, arch in enumerate(policies):
+        base = {"model": model_id, "model_desc": describe(model_id, cfg, args.smoke), "arch_policy": arch,
+                "world_size": world, "evidence": policy_evidence(arch, device), "activation_checkpointing": True,
+                "memory_cap_GiB_per_rank": cap}
+        policy_end = time.monotonic() + budget.left() / (len(policies) - i)  # this policy's share of the budget
+        # (b) the longest row that trains at equal per-rank memory, SP=1 then SP=N; each policy gets its time share
+        row = base | {"check": "longest_row", "mesh": {"dp": 1, "sp": world}, "target_ratio": 1.8,
+                      "search": "coarse: doubling, then one step halfway between the last row that trained and the "
+                                "first that did not; both bounds are recorded"}
         try:
-            res = one((1, world), r, tb)
-            ok = True
-        except torch.OutOfMemoryError as exc:
-            res, ok = {"error": f"OutOfMemoryError: {str(exc)[:160]}"}, False
-            torch.cuda.empty_cache()
-        oks = gather_rows(ok, world)
-        search.append({"tokens": int(r["input_ids"].shape[1]), "trains": all(oks), **res})
-        if rank == 0:
-            print(json.dumps({"search": search[-1]}), flush=True)
-        if not all(oks):
-            break
-        longest = int(r["input_ids"].shape[1])
-    out["search"], out["longest_row_that_trains"] = search, longest
-    out["mesh"] = {"dp": 1, "sp": world}
-    return out
+            found = {}
+            for name, dims, frac in (("sp1", (world, 1), 0.35), (f"sp{world}", (1, world), 1.0)):
+                until = time.monotonic() + frac * max(0.0, policy_end - time.monotonic())  # SP=1 steps are short
+                tried, ok, bad, why = search_longest(args, model_id, cfg, arch, device, dims, world, until)
+                found[name] = {"mesh": {"dp": dims[0], "sp": dims[1]}, "longest_that_trains": ok,
+                               "shortest_that_does_not": bad, "stopped": why, "tried": tried}
+            a, b = found["sp1"]["longest_that_trains"], found[f"sp{world}"]["longest_that_trains"]
+            nonfinite = [t for f in found.values() for t in f["tried"] if t["fits"] and not t["trains"]]
+            bracketed = all(f["shortest_that_does_not"] is not None for f in found.values())
+            ratio = round(b / a, 3) if a and b else None
+            status = "fail" if nonfinite or ratio is None else ("pass" if bracketed else "not_run")
+            row |= found | {"ratio_longest_sp_over_sp1": ratio, "meets_target": ratio is not None and ratio >= 1.8,
+                            "status": status}
+            if status == "not_run":
+                row["reason"] = "a search stopped before a row failed to train: the ratio is not bracketed"
+        except Exception as exc:  # noqa: BLE001
+            found = {}
+            row = failed_row(row, exc)
+        # (a) the loss of the searches' first row (the same seeded row): SP=N vs SP=1 (mesh (N,1): each rank all of it)
+        first = [f["tried"][0] for f in found.values() if f.get("tried")]
+        loss_row = base | {"check": "sp_loss", "mesh": {"dp": 1, "sp": world}}
+        if len(first) == 2 and first[0]["tokens"] == first[1]["tokens"] and first[0]["trains"] and first[1]["trains"]:
+            (l_atol, l_rtol), _ = tolerances_for(arch, device, first[0]["dtype"])
+            err = abs(first[0]["loss"] - first[1]["loss"])
+            report.add(loss_row | {"row_tokens": first[0]["tokens"], "row_images": first[0]["images"],
+                                   "sp1_loss": first[0]["loss"], "sp_loss": first[1]["loss"], "loss_abs_err": err,
+                                   "loss_tolerance": [l_atol, l_rtol],
+                                   "status": "pass" if err <= l_atol + l_rtol * abs(first[0]["loss"]) else "fail"})
+        else:
+            report.add(loss_row | {"status": "fail" if first else "not_run",
+                                   "reason": "the first row of both searches did not train: " +
+                                             "; ".join(f"{t['tokens']} tokens: {t.get('error') or t.get('loss')}"
+                                                       for t in first)})
+        report.add(row)
+
+
+PARTS = ("dp", "grads", "scaler", "fp16rows", "sp", "size")
+
+
+def summary(reports) -> str:
+    """The short table printed last: one line per row."""
+    lines = [f"{'part':8} {'check':18} {'model':10} {'policy':6} {'mesh':5} {'status':8} figure"]
+    for rep in reports:
+        for r in rep.doc["rows"]:
+            mesh = r.get("mesh") or {}
+            fig = next((f"{k}={r[k]:.3g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in (
+                "ratio_longest_sp_over_sp1", "grad_max_rel_err", "loss_abs_err", "skipped_on_ranks", "error", "reason")
+                if r.get(k) is not None), "")
+            lines.append(f"{rep.doc['part']:8} {r.get('check', '-'):18} {r.get('model', '-'):10} "
+                         f"{r.get('arch_policy', '-'):6} {mesh.get('dp', 1)}x{mesh.get('sp', 1):<3} "
+                         f"{r.get('status', '?'):8} {fig[:120]}")
+    return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("part", choices=("dp", "size", "sp"))
+    ap.add_argument("parts", nargs="+", choices=PARTS, metavar="part", help=", ".join(PARTS))
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU with gloo (any world size)")
-    ap.add_argument("--text-layers", type=int, default=28)
-    ap.add_argument("--vision-blocks", type=int, default=32)
+    ap.add_argument("--shared-device", action="store_true", default=None,
+                    help="every rank on one GPU over gloo, each capped at 1/world of it (or PORTVLM_SHARED_DEVICE=1)")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="directory for the JSON (default $OUT)")
+    ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the command")
+    ap.add_argument("--text-layers", type=int, default=None, help="default: 2 (dp, grads, scaler, fp16rows), 4 (sp), 28 (size)")
+    ap.add_argument("--vision-blocks", type=int, default=None, help="default: 4, 8 (sp), 32 (size)")
     ap.add_argument("--row-tokens", type=int, default=16384)
     ap.add_argument("--rows", type=int, default=2, help="size: rows of the length mix per rank per step")
     ap.add_argument("--pad-batch", type=int, default=2, help="size: samples per padded sdpa batch")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--arch", default="sm90", help="sp: the policy")
-    ap.add_argument("--text-backend", default="torch_varlen", help="sp: text varlen kernel on the GPU")
+    ap.add_argument("--arch", default=None, help="sp: policies, comma-separated (default: sm90,sm70 on a GPU)")
+    ap.add_argument("--search-start", type=int, default=32768, help="sp: the search's first row (tokens)")
+    ap.add_argument("--search-max", type=int, default=524288, help="sp: the search's last row (tokens)")
     args = ap.parse_args()
-    rank, world, device, kind = init(args.smoke)
-    if args.part == "sp" and not args.smoke and args.text_layers == 28 and "--text-layers" not in sys.argv:
-        args.text_layers, args.vision_blocks = 4, 8  # the search, stated in the output: fewer layers, same widths
-    t0 = time.time()
-    doc = header(world, device, args.smoke) | {"part": args.part, "argv": sys.argv[1:]}
+    if args.smoke:
+        args.search_start, args.search_max = 300, 2400
+    rank, world, device, kind, topology = init(args)
+    budget = Budget(args.budget_s)
+    reports = []
     try:
-        body = {"dp": part_dp, "size": part_size, "sp": part_sp}[args.part](args, rank, world, device, kind)
-        doc["rows" if args.part == "dp" else "result"] = body
+        for part in dict.fromkeys(args.parts):
+            layers = {"sp": (4, 8), "size": (28, 32)}.get(part, (2, 4))
+            part_args = argparse.Namespace(**vars(args))
+            part_args.text_layers = args.text_layers or layers[0]
+            part_args.vision_blocks = args.vision_blocks or layers[1]
+            report = Report(part, part_args, rank, world, device, kind, topology)
+            reports.append(report)
+            t0 = time.time()
+            if part == "size":  # issue 12's part: one result document, rows derived for the exit code
+                body = part_size(part_args, rank, world, device, kind)
+                report.doc["result"] = body
+                report.doc["rows"] = [dict(v, check=f"size/{k}") for k, v in body.get("runs", {}).items()]
+            else:
+                {"dp": part_dp, "grads": part_grads, "scaler": part_scaler, "fp16rows": part_fp16rows,
+                 "sp": part_sp}[part](part_args, rank, world, device, kind, report, budget)
+            report.doc["wall_s"] = round(time.time() - t0, 1)
+            report.flush()
     finally:
-        doc["wall_s"] = round(time.time() - t0, 1)
-        suffix = "_smoke" if args.smoke else ""
-        write(f"distributed_{args.part}_{world}{'gpu' if kind == 'cuda' else 'proc'}{suffix}.json", doc, rank)
+        for report in reports:
+            report.flush()
         dist.destroy_process_group()
-    rows = doc.get("rows") or []
-    return 1 if any(r.get("status") != "pass" for r in rows) else 0
+    rows = [r for rep in reports for r in rep.doc["rows"]]
+    if rank == 0:
+        print(summary(reports), flush=True)
+        print(f"topology: {json.dumps(topology.as_dict())}", flush=True)
+    if any(r.get("status") == "fail" for r in rows) or not rows:
+        return 1
+    return 3 if any(r.get("status") != "pass" for r in rows) else 0
 
 
 if __name__ == "__main__":
