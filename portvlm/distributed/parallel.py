@@ -47,8 +47,9 @@ class StepOutput(NamedTuple):
     tokens: int  # target tokens in the whole batch (all dp rows)
 
 
-def pack(samples: list[dict]) -> dict:
-    """One packed row from single-sample kwargs (batch 1 each): ids, positions, labels, pixels, ``cu_seqlens``."""
+def pack(samples: list[dict], *, device=None, dtype=None) -> dict:
+    """One packed row from single-sample kwargs (batch 1 each): ids, positions, labels, pixels, ``cu_seqlens``;
+    tensors moved to ``device`` and floating-point ones (pixels) cast to ``dtype`` when given."""
     lengths = [int(s["input_ids"].shape[1]) for s in samples]
     row = {"input_ids": torch.cat([s["input_ids"] for s in samples], 1)}
     if all("position_ids" in s for s in samples):
@@ -59,6 +60,8 @@ def pack(samples: list[dict]) -> dict:
         if parts:
             row[key] = torch.cat(parts, 0)
     row["cu_seqlens"] = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    if device is not None or dtype is not None:
+        row = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in row.items()}
     row["max_seqlen"] = max(lengths)
     return row
 

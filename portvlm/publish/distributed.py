@@ -1,6 +1,8 @@
 """The support table's distributed section: one row per measured (arch policy, DP×SP, model) from the cells'
 ``sp`` checks (CPU, gloo) and the GPU benchmarks' JSON (``benchmarks/distributed_train.py``, world size and
-evidence recorded in each file). Smoke runs (``*_smoke.json``) are tiny-config plumbing checks, never shown."""
+evidence recorded in each file), each with its topology: ranks, devices, transport — and, for shared-device runs
+(every rank on one GPU over gloo, issue 23), that their times are not NCCL times. Smoke runs (``*_smoke.json``)
+are tiny-config plumbing checks, never shown."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class DistRow:
     peak_gib: float | None
     what: str
     source: str
+    topology: str = "—"  # "2 ranks · 1 GPU (shared) · gloo"
 
 
 def _mesh(m: dict | None, world: int | None) -> str:
@@ -40,9 +43,72 @@ def from_cells(by_cell: dict) -> list[DistRow]:
         status = "pass" if check is not None and check.ok else "fail"
         what = ("SP=2 vs one process: loss + every gradient + SGD step" if not fig.get("not_applicable")
                 else f"DP=2 vs union ({fig['not_applicable'].split(';')[0]})")
+        mesh = fig.get("mesh") or {}
+        ranks = int(mesh.get("dp", 1)) * int(mesh.get("sp", 1))
         rows.append(DistRow(result.arch, _mesh(fig.get("mesh"), None), result.model, status, "gloo (CPU)", None, None,
-                            f"{what}; {result.stack.get('id', '') if isinstance(result.stack, dict) else ''}", cell))
+                            f"{what}; {result.stack.get('id', '') if isinstance(result.stack, dict) else ''}", cell,
+                            f"{ranks} ranks · CPU · gloo"))
     return rows
+
+
+def topology_text(doc: dict) -> str:
+    """``"2 ranks · 1 GPU (shared) · gloo"`` from a benchmark file's ``topology`` (older files: one GPU per rank)."""
+    topo = doc.get("topology")
+    world = doc.get("world_size") or 1
+    if not isinstance(topo, dict):
+        gpu = doc.get("gpu", "?")
+        return f"{world} rank{'s' if world != 1 else ''} · " + (
+            "CPU · gloo" if gpu == "cpu" else f"{world} GPU{'s' if world != 1 else ''} · nccl")
+    n = topo.get("world_size", world)
+    devices = topo.get("devices")
+    where = "CPU" if topo.get("device_type") == "cpu" else f"{devices} GPU{'s' if devices != 1 else ''}"
+    if topo.get("shared_device"):
+        where += " (shared; times are not NCCL times)"
+    return f"{n} rank{'s' if n != 1 else ''} · {where} · {topo.get('transport', '?')}"
+
+
+def _check_what(r: dict) -> str:
+    """One line on what a benchmark row (``check``) measured, with its figure."""
+    check = r.get("check")
+    if check == "dp_vs_union":
+        return (f"different rows per rank: loss, every gradient (worst rel. {_g(r.get('grad_max_rel_err'))}) and the SGD "
+                "step vs one process on the union")
+    if check == "sp_vs_sp1":
+        what = (f"SP vs SP=1 on {r.get('row_tokens')} tokens, {r.get('row_images')} images cut at the rank boundary: "
+                f"loss Δ {_g(r.get('loss_abs_err'))}, worst gradient rel. {_g(r.get('grad_max_rel_err'))}")
+        if r.get("negative_control"):
+            what = f"negative control ({r['negative_control']}): must fail the same check — {what}"
+        return what
+    if check == "grad_scaler_skip":
+        return (f"fp16 mixed precision + GradScaler, inf in rank {r.get('planted_rank')}'s gradients: skipped on ranks "
+                f"{r.get('skipped_on_ranks')}, scale {r.get('scales')}")
+    if check == "fp16_row_vs_fp32":
+        shape = f"{r['images']} images" if "images" in r else f"a {r.get('video_frames')}-frame video"
+        return (f"fp16 on {shape} ({r.get('row_tokens')} tokens): loss {_g(r.get('loss'))} vs fp32 "
+                f"{_g(r.get('fp32_reference_loss'))}")
+    if check == "sp_loss":
+        return f"SP vs SP=1 loss on {r.get('row_tokens')} tokens: Δ {_g(r.get('loss_abs_err'))}"
+    if check == "longest_row":
+        sp_key = next((k for k in r if k.startswith("sp") and k != "sp1" and isinstance(r[k], dict)), None)
+        a = (r.get("sp1") or {}).get("longest_that_trains")
+        b = (r.get(sp_key) or {}).get("longest_that_trains") if sp_key else None
+        return (f"longest row that trains at {r.get('memory_cap_GiB_per_rank')} GiB/rank: SP=1 {a} vs "
+                f"{(sp_key or 'sp?').upper()} {b} tokens ({r.get('ratio_longest_sp_over_sp1')}×, target ≥ "
+                f"{r.get('target_ratio')}; coarse doubling search)")
+    return str(check or "?")
+
+
+def _g(x) -> str:
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def _peak(r: dict):
+    if r.get("check") == "longest_row":
+        sp_key = next((k for k in r if k.startswith("sp") and k != "sp1" and isinstance(r[k], dict)), None)
+        tried = [t for t in ((r.get(sp_key) or {}).get("tried") or []) if t.get("trains")]
+        peaks = [p for p in (tried[-1].get("peak_GiB_per_rank") or []) if p is not None] if tried else []
+        return max(peaks) if peaks else None
+    return r.get("peak_GiB", r.get("fsdp_peak_GiB"))
 
 
 def from_benchmarks(directory: Path) -> tuple[list[DistRow], list[str]]:
@@ -60,21 +126,27 @@ def from_benchmarks(directory: Path) -> tuple[list[DistRow], list[str]]:
             continue
         world = doc.get("world_size")
         gpu = doc.get("gpu", "?")
+        topo = topology_text(doc)
         body = doc.get("result") or {}
-        for r in doc.get("rows") or []:  # dp / fsdp2_train rows
+        for r in doc.get("rows") or []:  # dp / fsdp2_train rows, and every part of the shared-device benchmark
+            if r.get("check", "").startswith("size/"):
+                continue  # shown from the size result below
             status = r.get("status") or ("pass" if r.get("ok") else "fail")
             evidence = r.get("evidence") or _evidence(r.get("arch_policy", ""), gpu, doc.get("evidence", "?"))
-            what = ("same batch on every rank: losses vs one process (fsdp2_train.py)" if "mesh" not in r
-                    else "different rows per rank: loss + parameters after a step vs one process on the union"
-                    if (world or 1) > 1 else "world size 1 (FSDP2 plumbing on one GPU): loss + parameters after a "
-                    "step vs one unsharded process")
+            if "check" in r:
+                what = _check_what(r)
+            else:
+                what = ("same batch on every rank: losses vs one process (fsdp2_train.py)" if "mesh" not in r
+                        else "different rows per rank: loss + parameters after a step vs one process on the union"
+                        if (world or 1) > 1 else "world size 1 (FSDP2 plumbing on one GPU): loss + parameters after a "
+                        "step vs one unsharded process")
             rows.append(DistRow(r.get("arch_policy", "?"), _mesh(r.get("mesh"), world), r.get("model", "?"), status,
-                                evidence, None, r.get("peak_GiB", r.get("fsdp_peak_GiB")), f"{gpu}; {what}", path.name))
+                                evidence, None, _peak(r), f"{gpu}; {what}", path.name, topo))
         for key, run in (body.get("runs") or {}).items():  # size
             rows.append(DistRow(run.get("arch_policy", "?"), _mesh(body.get("mesh"), world), body.get("model", "?"),
                                 run.get("status", "?"), run.get("evidence", doc.get("evidence", "?")),
-                                run.get("tokens_per_s"), run.get("peak_GiB"), f"{gpu}; {key}", path.name))
-        if body.get("longest_row_that_trains") is not None or "status" in body:  # sp
+                                run.get("tokens_per_s"), run.get("peak_GiB"), f"{gpu}; {key}", path.name, topo))
+        if body.get("longest_row_that_trains") is not None or "status" in body:  # sp (files before the rows format)
             search = body.get("search") or [{}]
             last = next((s for s in reversed(search) if s.get("trains")), search[-1])  # the longest that trained
             longest = body.get("longest_row_that_trains")
@@ -83,7 +155,7 @@ def from_benchmarks(directory: Path) -> tuple[list[DistRow], list[str]]:
             rows.append(DistRow(body.get("arch_policy", "?"), _mesh(body.get("mesh"), world), body.get("model", "?"),
                                 body.get("status", "?"), body.get("evidence", "?"), None, last.get("peak_GiB"),
                                 f"{gpu}; SP vs SP=1 loss on {body.get('row_tokens')} tokens; longest row that trains "
-                                f"{longest}", path.name))
+                                f"{longest}", path.name, topo))
     return rows, problems
 
 

@@ -22,3 +22,33 @@ def test_rows_from_benchmarks_skip_smoke_and_mark_emulation(tmp_path):
         ("distributed_dp_2gpu.json", "2×1", "fail", "emulated"),
         ("fsdp2_1gpu.json", "1×1", "pass", "emulated"),  # the old file said hardware for an sm70 policy on an H100
     ]
+
+
+def test_shared_device_rows_show_their_topology_and_what_they_measured(tmp_path):
+    topo = {"world_size": 2, "devices": 1, "transport": "gloo", "device_type": "cuda", "shared_device": True,
+            "memory_fraction_per_rank": 0.5, "note": "ranks share one GPU; collectives go through the host; times are "
+                                                     "not NCCL times"}
+    doc = {"world_size": 2, "gpu": "NVIDIA H200", "evidence": "hardware", "topology": topo, "rows": [
+        {"check": "sp_vs_sp1", "model": "qwen2_5vl", "arch_policy": "sm70", "mesh": {"dp": 1, "sp": 2},
+         "status": "pass", "evidence": "emulated", "row_tokens": 8300, "row_images": 16, "loss_abs_err": 1e-4,
+         "grad_max_rel_err": 0.012, "peak_GiB": 20.5},
+        {"check": "longest_row", "model": "qwen2_5vl", "arch_policy": "sm90", "mesh": {"dp": 1, "sp": 2},
+         "status": "pass", "evidence": "hardware", "memory_cap_GiB_per_rank": 69.8, "target_ratio": 1.8,
+         "ratio_longest_sp_over_sp1": 3.0,
+         "sp1": {"longest_that_trains": 65536, "tried": [{"trains": True, "peak_GiB_per_rank": [50.0, 50.1]}]},
+         "sp2": {"longest_that_trains": 196608, "tried": [{"trains": True, "peak_GiB_per_rank": [60.0, 61.5]},
+                                                          {"trains": False, "peak_GiB_per_rank": [69.0, 69.7]}]}}]}
+    old = {"world_size": 1, "gpu": "NVIDIA H200", "evidence": "hardware", "rows": [
+        {"model": "qwen2_5vl", "arch_policy": "sm90", "mesh": {"dp": 1, "sp": 1}, "status": "pass"}]}
+    (tmp_path / "distributed_grads_shared1gpu.json").write_text(json.dumps(doc))
+    (tmp_path / "distributed_dp_1gpu.json").write_text(json.dumps(old))
+    rows, problems = distributed.from_benchmarks(tmp_path)
+    assert not problems
+    by = {r.source + "/" + r.what.split(";")[1].strip()[:12]: r for r in rows}
+    assert [r.topology for r in rows] == ["1 rank · 1 GPU · nccl",
+                                          "2 ranks · 1 GPU (shared; times are not NCCL times) · gloo",
+                                          "2 ranks · 1 GPU (shared; times are not NCCL times) · gloo"], by
+    sp, longest = rows[1], rows[2]
+    assert "SP vs SP=1 on 8300 tokens, 16 images" in sp.what and sp.peak_gib == 20.5 and sp.evidence == "emulated"
+    assert "SP=1 65536 vs SP2 196608 tokens (3.0×, target ≥ 1.8" in longest.what, longest.what
+    assert longest.peak_gib == 61.5  # the longest SP=2 row that trained, its busiest rank
