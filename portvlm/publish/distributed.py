@@ -71,11 +71,11 @@ def _check_what(r: dict) -> str:
     """One line on what a benchmark row (``check``) measured, with its figure."""
     check = r.get("check")
     if check == "dp_vs_union":
-        return (f"different rows per rank: loss, every gradient (worst rel. {_g(r.get('grad_max_rel_err'))}) and the SGD "
-                "step vs one process on the union")
+        return (f"different rows per rank: loss, every gradient and the SGD step vs one process on the union (worst "
+                f"gradient {_g(r.get('grad_ratio'))} of its allowance)")
     if check == "sp_vs_sp1":
         what = (f"SP vs SP=1 on {r.get('row_tokens')} tokens, {r.get('row_images')} images cut at the rank boundary: "
-                f"loss Δ {_g(r.get('loss_abs_err'))}, worst gradient rel. {_g(r.get('grad_max_rel_err'))}")
+                f"loss Δ {_g(r.get('loss_abs_err'))}, worst gradient {_g(r.get('grad_ratio'))} of its allowance")
         if r.get("negative_control"):
             what = f"negative control ({r['negative_control']}): must fail the same check — {what}"
         return what
