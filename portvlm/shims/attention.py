@@ -79,6 +79,9 @@ class AttentionState:
 
 ROTARY_FN = "apply_rotary_pos_emb_vision"
 VISION_FORWARD_PARAMS = ("hidden_states", "cu_seqlens")  # what every version's caller passes by name or position
+# The submodules portvlm's vision forward applies: qkv, proj, and the per-head RMS norms GLM-OCR / dots3 / GLM-5
+# apply to q and k before rotary (transformers 5.x modeling_glm_ocr.py GlmOcrVisionAttention.forward).
+VISION_CHILDREN = ("qkv", "proj", "q_norm", "k_norm")
 
 
 def vision_module_reasons(module) -> list[str]:
@@ -88,6 +91,11 @@ def vision_module_reasons(module) -> list[str]:
     for attr in ("qkv", "proj", "num_heads"):
         if not hasattr(module, attr):
             reasons.append(f"{cls.__name__} has no `{attr}` (portvlm's vision forward computes q/k/v with it)")
+    unknown = sorted(set(dict(module.named_children())) - set(VISION_CHILDREN))
+    if unknown:
+        # a submodule portvlm's forward would skip changes the math (GLM-OCR's q_norm/k_norm did, before they were
+        # known): refuse rather than run a forward that drops it
+        reasons.append(f"{cls.__name__} has submodules portvlm's vision forward does not apply: {', '.join(unknown)}")
     params = inspect.signature(cls.forward).parameters
     missing = [p for p in VISION_FORWARD_PARAMS if p not in params]
     if missing:
@@ -143,6 +151,11 @@ def vision_forward(
 
     seq_length = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
+    if q_norm is not None:  # per-head norms before rotary, in upstream's order (GLM-OCR, dots3, GLM-5)
+        q = q_norm(q)
+    if k_norm is not None:
+        k = k_norm(k)
     if position_embeddings is None:
         if rotary_pos_emb is None:
             raise ValueError("portvlm vision attention needs position_embeddings (cos, sin) or rotary_pos_emb")
@@ -158,7 +171,8 @@ def vision_forward(
     state.calls["vision"] += 1
     out = kernels.varlen_attention(
         q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen),
-        backend=state.vision_backend, scale=1.0 / math.sqrt(q.shape[-1]), causal=False,
+        backend=state.vision_backend, scale=getattr(self, "scaling", None) or 1.0 / math.sqrt(q.shape[-1]),
+        causal=False,
     )
     return self.proj(out.reshape(seq_length, -1))
 
