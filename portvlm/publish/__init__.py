@@ -49,9 +49,12 @@ def write_all(results_dir="results", matrix=None, out_dir=".") -> tuple[dict[str
                         stacks=tuple(s.id for s in matrix.stacks))
     from portvlm.publish import upstream as _upstream
 
+    from portvlm.publish import families as _families
+
     newest, drift_json, drift_problems = _upstream.latest(results_dir)
-    if drift_problems:
-        table = dataclasses.replace(table, problems=table.problems + tuple(drift_problems))
+    sweep, sweep_problems = _families.latest(results_dir)
+    if drift_problems or sweep_problems:
+        table = dataclasses.replace(table, problems=table.problems + tuple(drift_problems) + tuple(sweep_problems))
     context = {
         "table": table,
         "matrix_name": Path(getattr(matrix, "path", "matrix.yaml") or "matrix.yaml").name,
@@ -60,6 +63,7 @@ def write_all(results_dir="results", matrix=None, out_dir=".") -> tuple[dict[str
         "evidence_style": EVIDENCE_STYLE,
         "distributed": _distributed(loaded, results_dir),
         "upstream": newest,
+        "families": sweep,
     }
     env = _jinja_env()
     link = Path(os.path.relpath(results_dir, out_dir)).as_posix()
@@ -83,6 +87,9 @@ def write_all(results_dir="results", matrix=None, out_dir=".") -> tuple[dict[str
     write("site/badges/upstream.json", json.dumps(upstream_endpoint(newest), indent=2, ensure_ascii=False) + "\n")
     write("site/badges/upstream.svg", env.get_template("badge.svg.j2").render(
         b=box_geometry(UPSTREAM_LABEL, newest.message, newest.color)))
+    write("site/badges/families.json", json.dumps(_families.endpoint(sweep), indent=2, ensure_ascii=False) + "\n")
+    write("site/badges/families.svg", env.get_template("badge.svg.j2").render(
+        b=box_geometry(_families.BADGE_LABEL, sweep.message, sweep.color)))
     written.update(_copy_results(table, loaded.files, site / "results"))
     written.update(_copy_drift(drift_json, site / "drift"))
     return written, table
