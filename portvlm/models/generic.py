@@ -204,7 +204,7 @@ def _vision(row: SweepRow, cfg) -> None:
         row.notes.append("vision: " + "; ".join(reasons))
         return
     heads = module.num_heads
-    dim = module.qkv.in_features
+    dim = (module.qkv if hasattr(module, "qkv") else module.q_proj).in_features
     head_dim = dim // heads
     total = sum(SEGMENTS)
     g = torch.Generator().manual_seed(0)
@@ -222,6 +222,7 @@ def _vision(row: SweepRow, cfg) -> None:
         want = want[0] if isinstance(want, tuple) else want
         state = AttentionState(vision_backend="sdpa_masked")
         got = vision_forward(state, None, module, hidden, cu, position_embeddings=(cos, sin))
+        got = got[0] if isinstance(got, tuple) else got
     row.vision_err = float((got - want).abs().max())
     row.vision = "pass" if row.vision_err <= TOL and state.calls["vision"] == 1 else "fail"
 

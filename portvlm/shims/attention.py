@@ -81,16 +81,24 @@ ROTARY_FN = "apply_rotary_pos_emb_vision"
 VISION_FORWARD_PARAMS = ("hidden_states", "cu_seqlens")  # what every version's caller passes by name or position
 # The submodules portvlm's vision forward applies: qkv, proj, and the per-head RMS norms GLM-OCR / dots3 / GLM-5
 # apply to q and k before rotary (transformers 5.x modeling_glm_ocr.py GlmOcrVisionAttention.forward).
-VISION_CHILDREN = ("qkv", "proj", "q_norm", "k_norm")
+# PaddleOCR-VL / VideoLLaMA3 / Kimi-K2.5 / SigLIP-style towers project q, k, v separately and out through
+# `out_proj` (PaddleOCRVisionAttention.forward, transformers 5.x): the same math with other names.
+SPLIT_QKV = ("q_proj", "k_proj", "v_proj")
+OUT_PROJ = ("proj", "out_proj")
+VISION_CHILDREN = ("qkv", "proj", "q_norm", "k_norm", *SPLIT_QKV, "out_proj")
 
 
 def vision_module_reasons(module) -> list[str]:
     """Why portvlm's vision forward cannot replace this attention module's (empty: it can)."""
     cls = type(module)
     reasons = []
-    for attr in ("qkv", "proj", "num_heads"):
-        if not hasattr(module, attr):
-            reasons.append(f"{cls.__name__} has no `{attr}` (portvlm's vision forward computes q/k/v with it)")
+    if not (hasattr(module, "qkv") or all(hasattr(module, a) for a in SPLIT_QKV)):
+        reasons.append(f"{cls.__name__} has neither `qkv` nor `q_proj`/`k_proj`/`v_proj` (portvlm's vision forward "
+                       "computes q/k/v with them)")
+    if not any(hasattr(module, a) for a in OUT_PROJ):
+        reasons.append(f"{cls.__name__} has no `proj` / `out_proj` (portvlm's vision forward projects out with it)")
+    if not hasattr(module, "num_heads"):
+        reasons.append(f"{cls.__name__} has no `num_heads`")
     unknown = sorted(set(dict(module.named_children())) - set(VISION_CHILDREN))
     if unknown:
         # a submodule portvlm's forward would skip changes the math (GLM-OCR's q_norm/k_norm did, before they were
@@ -150,7 +158,10 @@ def vision_forward(
     from portvlm.backends import kernels
 
     seq_length = hidden_states.shape[0]
-    q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    if getattr(self, "qkv", None) is not None:
+        q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    else:
+        q, k, v = (getattr(self, name)(hidden_states).reshape(seq_length, self.num_heads, -1) for name in SPLIT_QKV)
     q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
     if q_norm is not None:  # per-head norms before rotary, in upstream's order (GLM-OCR, dots3, GLM-5)
         q = q_norm(q)
@@ -174,7 +185,16 @@ def vision_forward(
         backend=state.vision_backend, scale=getattr(self, "scaling", None) or 1.0 / math.sqrt(q.shape[-1]),
         causal=False,
     )
-    return self.proj(out.reshape(seq_length, -1))
+    proj = getattr(self, "proj", None) or self.out_proj
+    out = proj(out.reshape(seq_length, -1))
+    # towers whose attention returns (output, weights) unpack two values (PaddleOCR-VL's encoder layer)
+    return (out, None) if returns_pair(type(self)) else out
+
+
+def returns_pair(cls) -> bool:
+    """Whether ``cls.forward`` is annotated to return ``(output, attention weights)`` rather than a tensor."""
+    ret = inspect.signature(cls.forward).return_annotation
+    return ret is not inspect.Signature.empty and str(ret).replace(" ", "").lower().startswith(("tuple", "typing.tuple"))
 
 
 def vision_dispatcher(fallback):
