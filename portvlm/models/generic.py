@@ -87,9 +87,10 @@ def cu_seqlens_model_types() -> list[str]:
 
 
 def declared_model_types() -> set[str]:
-    from portvlm import models
+    """The model_types the packaged matrix declares (matrix.yaml's ``models:`` mirror the family records)."""
+    from portvlm.matrix import default_matrix
 
-    return set(models.model_types())
+    return {m.family for m in default_matrix().models}
 
 
 # -- tiny configs from the family's own config class --------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_the_sweep_leaves_no_registry_entry_or_class_hook_behind(sweep):
     assert not dispatch.HOOKS
 
 
-def test_an_undeclared_family_gets_a_plan_naming_each_shim():
+def test_the_generic_plan_names_each_shim_it_would_apply():
     cfg = generic.tiny_config("qwen3_5")
     model = transformers.AutoModelForImageTextToText.from_config(cfg)
     plan = generic.generic_plan(model)
