@@ -21,6 +21,7 @@ sweep as JSON; ``portvlm.publish`` puts it into SUPPORT.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import traceback
@@ -99,10 +100,8 @@ def declared_model_types() -> set[str]:
 def _shrink(cfg, values: dict) -> None:
     for key, value in values.items():
         if key in vars(cfg) or hasattr(type(cfg), key):
-            try:
+            with contextlib.suppress(Exception):  # a read-only or validated field keeps its default
                 setattr(cfg, key, value)
-            except Exception:  # noqa: BLE001 - a read-only or validated field keeps its default
-                pass
 
 
 def _fit_rope(text, uses_mrope: bool) -> None:
@@ -247,6 +246,7 @@ def text_model_class(model_type: str, text_cfg) -> type:
 
 def _text(row: SweepRow, cfg) -> None:
     import torch
+
     from portvlm.shims import attention, dispatch, linear_attention
     from portvlm.shims.attention import AttentionState
     from portvlm.shims.patch import Patcher

@@ -47,9 +47,8 @@ def write_all(results_dir="results", matrix=None, out_dir=".") -> tuple[dict[str
     loaded = read_results(results_dir)
     table = build_table(expand(matrix), loaded, archs=tuple(a.id for a in matrix.archs),
                         stacks=tuple(s.id for s in matrix.stacks))
-    from portvlm.publish import upstream as _upstream
-
     from portvlm.publish import families as _families
+    from portvlm.publish import upstream as _upstream
 
     newest, drift_json, drift_problems = _upstream.latest(results_dir)
     sweep, sweep_problems = _families.latest(results_dir)
