@@ -62,7 +62,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import portvlm  # noqa: E402
 from portvlm.distributed import enable_activation_checkpointing, make_mesh, pack, parallelize  # noqa: E402
-from portvlm.suites import tiny  # noqa: E402
+from portvlm.models import inputs as model_inputs  # noqa: E402
+from portvlm.models import qwen, tiny  # noqa: E402
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "V100": 125.0}  # dense bf16/fp16 tensor-core peaks
 QWEN25_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
@@ -166,11 +167,11 @@ def sample(model_id, rng: random.Random, text_range, images_range, grids, seed):
     segs, prev = [], 0
     g = torch.Generator().manual_seed(seed)
     for c in cuts:
-        segs.append(tiny.Segment("text", torch.randint(3, 200, (max(1, c - prev),), generator=g).tolist()))
-        segs.append(tiny.Segment("image", grid=rng.choice(grids)))
+        segs.append(model_inputs.Segment("text", torch.randint(3, 200, (max(1, c - prev),), generator=g).tolist()))
+        segs.append(model_inputs.Segment("image", grid=rng.choice(grids)))
         prev = c
-    segs.append(tiny.Segment("text", torch.randint(3, 200, (max(1, n_text - prev),), generator=g).tolist()))
-    s = tiny.qwen_sequence(model_id, segs, seed=seed)
+    segs.append(model_inputs.Segment("text", torch.randint(3, 200, (max(1, n_text - prev),), generator=g).tolist()))
+    s = model_inputs.qwen_sequence(model_id, segs, seed=seed)
     labels = s["input_ids"].clone()
     for tok in (tiny.IMG, tiny.VID, tiny.VSTART, tiny.VEND):
         labels[labels == tok] = -100
@@ -280,7 +281,7 @@ def policy_evidence(arch: str, device) -> str:
 
 def tolerances_for(arch, device, dtype):
     """``(loss (atol, rtol), grad rtol)`` from portvlm's tolerance table for this policy on this device."""
-    from portvlm.suites import tolerances
+    from portvlm.testing import tolerances
 
     # an emulated policy is held to the tolerance of the device it runs on (its kernels round as the host's do)
     real = "sm{}{}".format(*torch.cuda.get_device_capability(device)) if device.type == "cuda" else "cpu"
@@ -467,12 +468,12 @@ def video_row(model_id, frames, grid_hw, text_tokens, seed):
     g = torch.Generator().manual_seed(seed)
 
     def words(n):
-        return tiny.Segment("text", torch.randint(3, 200, (n,), generator=g).tolist())
+        return model_inputs.Segment("text", torch.randint(3, 200, (n,), generator=g).tolist())
 
-    t = frames // tiny.TEMPORAL_PATCH
-    video = tiny.qwen_sequence(model_id, [words(text_tokens), tiny.Segment("video", grid=(t, *grid_hw)), words(16)],
+    t = frames // qwen.TEMPORAL_PATCH
+    video = model_inputs.qwen_sequence(model_id, [words(text_tokens), model_inputs.Segment("video", grid=(t, *grid_hw)), words(16)],
                                seed=seed)
-    lead = tiny.qwen_sequence(model_id, [words(text_tokens)], seed=seed + 1)
+    lead = model_inputs.qwen_sequence(model_id, [words(text_tokens)], seed=seed + 1)
     for s in (lead, video):
         labels = s["input_ids"].clone()
         for tok in (tiny.IMG, tiny.VID, tiny.VSTART, tiny.VEND):
@@ -765,7 +766,7 @@ def fp16_row_one(args, model_id, what, world, device):
     else:
         frames = 8 if args.smoke else 256
         row = video_row(model_id, frames, (8, 8) if args.smoke else (16, 16), 32 if args.smoke else 512, seed=8)
-        shape = {"video_frames": int(row["video_grid_thw"][:, 0].sum()) * tiny.TEMPORAL_PATCH}
+        shape = {"video_frames": int(row["video_grid_thw"][:, 0].sum()) * qwen.TEMPORAL_PATCH}
     ref = one_process(model_id, cfg, "sm70", [row], device, dtype=torch.float32, grads=False)  # fp32, one process
     pmodel, handle = parallel_model(model_id, cfg, "sm70", device, (1, world), ckpt=True)
     if device.type == "cuda":
@@ -1000,7 +1001,7 @@ def part_size(args, rank, world, device, kind):
             per = max(1, args.pad_batch)
             flat = [s for r in batch for s in r]
             groups = [flat[i : i + per] for i in range(0, len(flat), per)]
-            padded = [to(tiny.pad_rows(g, "right") | {"labels": tiny.pad_rows([{**s, "input_ids": s["labels"]} for s in g], "right")["input_ids"]}, device, dtype) for g in groups]
+            padded = [to(model_inputs.pad_rows(g, "right") | {"labels": model_inputs.pad_rows([{**s, "input_ids": s["labels"]} for s in g], "right")["input_ids"]}, device, dtype) for g in groups]
             for p in padded:
                 p["labels"] = p["labels"].masked_fill(p["attention_mask"] == 0, -100)
 

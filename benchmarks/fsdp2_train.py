@@ -31,8 +31,9 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import portvlm  # noqa: E402
+from portvlm.models import inputs as model_inputs  # noqa: E402
+from portvlm.models import tiny  # noqa: E402
 from portvlm.shims.layer_paths import resolve  # noqa: E402
-from portvlm.suites import tiny  # noqa: E402
 
 STEPS, LR = 4, 1e-4
 TEXT = dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16, num_key_value_heads=2, num_hidden_layers=4)
@@ -92,7 +93,7 @@ def one(model_id: str, arch: str, rank: int, world: int, device) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    inp = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in tiny.inputs(model_id, "packed").items()}
+    inp = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in model_inputs.build(model_id, "packed").items()}
     row = {"model": model_id, "arch_policy": arch, "world_size": world, "steps": STEPS}
     ref = build(model_id, device)
     state = {k: v.detach().clone() for k, v in ref.state_dict().items()}

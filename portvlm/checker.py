@@ -20,7 +20,7 @@ Checks (Qwen-VL; LLaVA packs one image per batch row, so only the logits and the
 - ``vision.alone`` (``vision.windows`` on Qwen2.5-VL): the model's tower on each item alone vs the reference — on
   Qwen2.5-VL, where an item spans several windows, what window blocks leak across windows (full blocks agree).
 - ``logits.<case>``: text, image, packed, padded batch (left / right, padded positions not compared) vs fp32.
-Tolerances: ``portvlm.suites.tolerances`` keyed by the model's device kind and dtype (forward).
+Tolerances: ``portvlm.testing.tolerances`` keyed by the model's device kind and dtype (forward).
 """
 
 from __future__ import annotations
@@ -88,24 +88,24 @@ class CheckReport:
 
 def geometry(model):
     """The model's input geometry (token ids, patch / merge / temporal sizes, window), read from its config."""
-    from portvlm.suites.tiny import InputGeometry
+    from portvlm.models import inputs as model_inputs
 
-    return InputGeometry.of(model.config)
+    return model_inputs.geometry(model.config)
 
 
 def inputs(geo, kind: str, dtype, side: str = "left", seed: int = 0) -> dict:
-    """Model kwargs for ``kind`` (text / image / packed / padded_batch): ``portvlm.suites.tiny.inputs`` built from the
+    """Model kwargs for ``kind`` (text / image / packed / padded_batch): ``portvlm.models.inputs.build`` from the
     model's geometry; LLaVA prompts start with BOS, as a real prompt does."""
-    from portvlm.suites import tiny
+    from portvlm.models import inputs as model_inputs
 
-    return tiny.inputs(geo, kind, dtype, padding_side=side, seed=seed, llava_bos=True)
+    return model_inputs.build(geo, kind, dtype, padding_side=side, seed=seed, llava_bos=True)
 
 
 def vision_items(geo, dtype, seed: int = 0) -> list[dict]:
     """The packed input's images and video one at a time, in the order the tower's features come out."""
-    from portvlm.suites import tiny
+    from portvlm.models import inputs as model_inputs
 
-    return tiny.vision_items(geo, "packed", dtype, seed)
+    return model_inputs.vision_items(geo, "packed", dtype, seed)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -271,7 +271,7 @@ def runs(model) -> dict[str, str]:
 
 
 def _forward(model, inp):
-    from portvlm.suites._common import logits_of
+    from portvlm.testing import logits_of
 
     for holder in (model, getattr(model, "model", None)):
         if holder is not None and hasattr(holder, "rope_deltas"):
@@ -279,15 +279,15 @@ def _forward(model, inp):
     return logits_of(model(**inp, use_cache=False))
 
 
-def _tower_features(family, tower, items, device, dtype) -> dict:
+def _tower_features(layout, tower, items, device, dtype) -> dict:
     import torch
 
-    from portvlm.suites._common import vision_features
+    from portvlm.shims.model_io import vision_features
 
     outs: dict[str, list] = {}
     for item in items:
         grid = None if item["grid_thw"] is None else item["grid_thw"].to(device)
-        for key, t in vision_features(family, tower, item["pixel_values"].to(device, dtype), grid).items():
+        for key, t in vision_features(layout, tower, item["pixel_values"].to(device, dtype), grid).items():
             outs.setdefault(key, []).append(t.float().cpu())
     return {k: torch.cat(v, 0) for k, v in outs.items()}
 
@@ -301,7 +301,7 @@ def _packed(items) -> dict:
 
 
 def _device_kind(model_device, arch: str | None) -> tuple[str, str]:
-    from portvlm.suites.tolerances import device_kind
+    from portvlm.testing.tolerances import device_kind
 
     if model_device.type == "cpu":
         return "cpu", arch or "cpu"
@@ -316,11 +316,9 @@ def check(model, arch: str | None = None, *, seed: int = 0) -> CheckReport:
     """Run the parity checks on ``model`` as it is (its patches included) against portvlm's fp32 reference."""
     import torch
 
+    from portvlm import models
     from portvlm.errors import UnsupportedError
-    from portvlm.policy import packaged_matrix
-    from portvlm.shims.layer_paths import resolve
-    from portvlm.suites import tolerances
-    from portvlm.suites._common import check_from, compare
+    from portvlm.testing import tolerances
     from portvlm.wrappers import unwrap
 
     held = unwrap(model)  # PEFT, DDP, DeepSpeed, torch.compile: the checks run on the transformers model inside
@@ -329,10 +327,9 @@ def check(model, arch: str | None = None, *, seed: int = 0) -> CheckReport:
         raise UnsupportedError("portvlm.check: " + "; ".join(reasons))
     model = held.model
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    families = packaged_matrix().families()  # transformers model_types; model_for_family maps them to model ids
-    if model_type not in families:
-        raise UnsupportedError(f"portvlm.check knows {', '.join(families)}; this model is {model_type!r} "
-                               f"({type(model).__name__})")
+    if model_type not in models.model_types():
+        raise UnsupportedError(f"portvlm.check knows {', '.join(models.model_types())}; this model is {model_type!r} "
+                               f"({type(model).__name__}); portvlm/models/ says how to declare a family")
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     kind, arch_id = _device_kind(device, arch)
@@ -341,7 +338,6 @@ def check(model, arch: str | None = None, *, seed: int = 0) -> CheckReport:
     report = CheckReport(model_type, arch_id, kind, dtype_name, runs=runs(model), wrappers=held.labels)
     report.figures.update(atol=atol, rtol=rtol)
     geo = geometry(model)
-    family = geo.family
     ref, notes, report.reference = reference_from(model)
     report.warnings += notes
 
@@ -349,7 +345,7 @@ def check(model, arch: str | None = None, *, seed: int = 0) -> CheckReport:
     model.eval()  # dropout off for the comparison; the caller's mode is put back below
     try:
         with torch.no_grad():
-            _run_checks(report, model, ref, geo, family, device, dtype, atol, rtol, seed, resolve, compare, check_from)
+            _run_checks(report, model, ref, geo, device, dtype, atol, rtol, seed)
     finally:
         model.train(was_training)
     if notes:
@@ -364,15 +360,19 @@ def _check(name, ok, detail, value=None, bound=None):
     return Check(name=name, ok=bool(ok), detail=detail, value=value, bound=bound)
 
 
-def _run_checks(report, model, ref, geo, family, device, dtype, atol, rtol, seed, resolve, compare, check_from):
+def _run_checks(report, model, ref, geo, device, dtype, atol, rtol, seed):
     import torch
+
+    from portvlm.models import inputs as model_inputs
+    from portvlm.shims.layer_paths import resolve
+    from portvlm.testing import check_from, compare
 
     items = vision_items(geo, torch.float32, seed)
     ref_tower, tower = resolve(ref).vision_tower, resolve(model).vision_tower
-    alone_ref = _tower_features(family, ref_tower, items, torch.device("cpu"), torch.float32)
-    alone = _tower_features(family, tower, items, device, dtype)
-    packed = _tower_features(family, tower, [_packed(items)], device, dtype)
-    windowed = family == "qwen2_5vl"
+    alone_ref = _tower_features(geo.layout, ref_tower, items, torch.device("cpu"), torch.float32)
+    alone = _tower_features(geo.layout, tower, items, device, dtype)
+    packed = _tower_features(geo.layout, tower, [_packed(items)], device, dtype)
+    windowed = geo.window is not None  # Qwen2.5-VL: window blocks beside full-attention ones
     name_alone = "vision.windows" if windowed else "vision.alone"
     figures: dict[str, list] = {}
     for key in alone_ref:
@@ -391,21 +391,17 @@ def _run_checks(report, model, ref, geo, family, device, dtype, atol, rtol, seed
     report.figures.update({k: max(v) for k, v in figures.items() if v})
     report.figures["items"] = [list(map(int, i["grid_thw"][0])) if i["grid_thw"] is not None else "image" for i in items]
     if windowed:
-        from portvlm.suites.tiny import num_windows
-
         vc = model.config.vision_config
         full = list(getattr(vc, "fullatt_block_indexes", []) or [])
-        spans = [num_windows(tuple(map(int, i["grid_thw"][0])), geo.window) for i in items]
+        spans = [model_inputs.num_windows(tuple(map(int, i["grid_thw"][0])), geo.window) for i in items]
         report.figures.update(full_attention_blocks=full, windows_per_item=spans)
         report.checks.append(_check(
             "vision.window_and_full_blocks_exercised", bool(full) and len(full) < vc.depth and max(spans) > 1,
             f"full blocks {full} of {vc.depth}, windows per item {spans}", max(spans), 2))
 
     errors = {}
-    from portvlm.suites.tiny import CASES, case_name
-
-    for kind, side in CASES:
-        name = case_name(kind, side)
+    for kind, side in model_inputs.CASES:
+        name = model_inputs.case_name(kind, side)
         expected = _forward(ref, inputs(geo, kind, torch.float32, side or "left", seed))
         inp = {k: v.to(device) for k, v in inputs(geo, kind, dtype, side or "left", seed).items()}
         got = _forward(model, inp).float().cpu()

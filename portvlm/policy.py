@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -151,6 +151,7 @@ class Policy:
     dtype: str  # "float16" | "bfloat16" | "float32"
     dtype_why: str
     host: ArchMatch | None = None  # the host against the matrix: exact, or named and not declared
+    matrix: Matrix | None = field(default=None, repr=False, compare=False)  # the matrix the policy was read from
 
     @property
     def vision_backends(self) -> tuple[str, ...]:
@@ -210,7 +211,8 @@ def resolve_policy(arch: str | None = None, *, dtype=None, matrix=None, host: Pl
         if arch is None:  # the host's own arch is not declared: say which it is
             emulation = f"{here.reason}; {emulation}"
     chosen, why = dtype_rule(spec, platform, dtype)
-    return Policy(arch=spec, platform=platform, emulation=emulation, dtype=chosen, dtype_why=why, host=here)
+    return Policy(arch=spec, platform=platform, emulation=emulation, dtype=chosen, dtype_why=why, host=here,
+                  matrix=spec_matrix)
 
 
 def dtype_rule(spec: Arch, platform: Platform, dtype=None) -> tuple[str, str]:

@@ -24,12 +24,12 @@ from typing import NamedTuple
 
 import torch
 
+from portvlm import models
 from portvlm.distributed import loss as loss_mod
 from portvlm.distributed import ulysses, vision
 from portvlm.distributed.mesh import Layout, layout_of
 from portvlm.errors import UnsupportedError
 
-SP_FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # LLaVA: data parallel only
 TEXT_SHIMS = ("text_registry", "text_registry_legacy", "text_classes")
 FAULTS = (None, "local_cu", "local_positions", "unordered_vision", "average_gradients")  # negative controls (tests)
 ROW_KEYS = ("input_ids", "position_ids", "labels", "pixel_values", "image_grid_thw", "pixel_values_videos",
@@ -75,8 +75,8 @@ def parallel_reasons(model, handle, layout: Layout) -> list[str]:
         reasons.append("portvlm's text attention is not installed on this model (none of "
                        f"{', '.join(TEXT_SHIMS)} applied): packed rows have no block-diagonal path")
     if layout.sp > 1:
-        if family not in SP_FAMILIES:
-            reasons.append(f"Ulysses SP is implemented for {', '.join(SP_FAMILIES)}, not {family}: "
+        if family not in models.sequence_parallel_types():
+            reasons.append(f"Ulysses SP is implemented for {', '.join(models.sequence_parallel_types())}, not {family}: "
                            "use a mesh with sp=1 (data parallel)")
         else:
             text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -143,7 +143,7 @@ class ParallelModel(torch.nn.Module):
         targets = loss_mod.shift_targets(labels, cu)
         row = dict(input_ids=input_ids, position_ids=position_ids, pixel_values=pixel_values,
                    image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
-        if self.family in SP_FAMILIES:
+        if self.family in models.sequence_parallel_types():
             loss_sum = self._qwen(row, cu, int(max_seqlen), targets)
         else:
             loss_sum = self._whole_model(row, cu, int(max_seqlen), targets)

@@ -7,7 +7,7 @@ declarations, so the tests describe a V100 or an MI300 with a handful of fake va
 
 from __future__ import annotations
 
-from portvlm.doctor import facts
+from portvlm import models
 from portvlm.doctor.checks import (  # noqa: F401 - native_bf16, xformers_op_reasons: re-exported
     check_arch,
     check_driver,
@@ -53,7 +53,8 @@ def _family_reasons(matrix, model_type: str, version: str | None) -> list[str]:
 
 def _family(info: EnvInfo, matrix, policy, policy_error: str | None, model, checks: list[Check]) -> FamilyReport:
     arch = policy.arch if policy is not None else None
-    vision_dim, text_dim = facts.HEAD_DIMS.get(model.family, facts.DEFAULT_HEAD_DIMS)
+    # the released checkpoints' head dims (portvlm.models): backends judge head_dim limits (≤256, ×8) against them
+    vision_dim, text_dim = models.by_type(model.family).head_dims
     global_rank = max((RANK[c.status] for c in checks), default=0)
     ranked = sorted((c for c in checks if RANK[c.status]), key=lambda c: -RANK[c.status])
     global_fix = next((c.fix for c in ranked if c.fix), None)

@@ -151,8 +151,3 @@ def xformers_for_torch(torch_version: str) -> str | None:
     parsed = parse_or_none(base)
     return XFORMERS_FOR_NEWER_TORCH if parsed is not None and parsed >= parse("2.10") else None
 
-
-# Vision / text attention head dims of the released checkpoints (vision: hidden / heads of the ViT; text: 128 for
-# Qwen2.5-VL-7B, Qwen3-VL-8B and LLaVA-1.5-7B). Backends judge head_dim limits (≤256, multiple of 8) against them.
-HEAD_DIMS = {"qwen2_5_vl": (80, 128), "qwen3_vl": (72, 128), "llava": (64, 128)}
-DEFAULT_HEAD_DIMS = (64, 128)

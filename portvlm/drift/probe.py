@@ -85,7 +85,7 @@ def shim_answers(model_id: str, arch: str = "cpu") -> dict:
     """``{shim: {"applies", "detail"}}`` from a patch of ``model_id``'s tiny model, or ``{"error": …}``."""
     try:
         import portvlm
-        from portvlm.suites import tiny
+        from portvlm.models import tiny
 
         missing = tiny.is_available(model_id)
         if missing:

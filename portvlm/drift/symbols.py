@@ -13,31 +13,26 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-QWEN25 = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
-QWEN3 = "transformers.models.qwen3_vl.modeling_qwen3_vl"
-LLAVA = "transformers.models.llava.modeling_llava"
 QWEN35 = "transformers.models.qwen3_5.modeling_qwen3_5"
 QWEN35_MOE = "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe"
 
-# Names the shims reach by string or through a model instance (the AST scan cannot see them), per shim. The
-# version-specific ones (the 4.53.x dense mask, <=4.52 class tables) are simply absent elsewhere: only a symbol the
-# verified baseline has and the newest lacks counts as drift.
+# Names the shims reach by string or through a model instance (the AST scan cannot see them), per shim: the
+# family-independent ones here, each family's beside its record (``portvlm.models``, ``Family.anchors``); ``anchors()``
+# merges them. The version-specific ones (the 4.53.x dense mask, <=4.52 class tables) are simply absent elsewhere:
+# only a symbol the verified baseline has and the newest lacks counts as drift.
 ANCHORS: dict[str, tuple[str, ...]] = {
     # the forwards take the cache by name (``past_key_values``; ``cache`` from 5.24): a renamed parameter is drift
     "kv_cache": ("transformers.DynamicCache.update", "transformers.DynamicCache.crop",
-                 "transformers.DynamicCache.get_seq_length", "transformers.Qwen2_5_VLForConditionalGeneration.forward",
-                 "transformers.Qwen3VLForConditionalGeneration.forward", "transformers.LlavaForConditionalGeneration.forward"),
-    "layer_paths": ("transformers.Qwen2_5_VLForConditionalGeneration", "transformers.LlavaForConditionalGeneration",
-                    "transformers.Qwen3VLForConditionalGeneration"),
-    "vision_varlen": (f"{QWEN25}.apply_rotary_pos_emb_vision", f"{QWEN25}.Qwen2_5_VLVisionAttention.forward",
-                      f"{QWEN3}.apply_rotary_pos_emb_vision", f"{QWEN3}.Qwen3VLVisionAttention.forward"),
-    "vision_dense_mask": (f"{QWEN25}.Qwen2_5_VisionTransformerPretrainedModel._prepare_attention_mask",),
+                 "transformers.DynamicCache.get_seq_length"),
+    "layer_paths": (),
+    "vision_varlen": (),
+    "vision_dense_mask": (),
     "text_registry": ("transformers.AttentionInterface.register", "transformers.AttentionMaskInterface.register",
                       "transformers.PreTrainedModel.set_attn_implementation",
                       "transformers.utils.generic.is_flash_attention_requested"),
     "text_registry_legacy": ("transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS",
                              "transformers.models.llama.modeling_llama.LlamaModel._update_causal_mask"),
-    "text_classes": (f"{QWEN25}.QWEN2_5_VL_ATTENTION_CLASSES", f"{QWEN25}.apply_multimodal_rotary_pos_emb"),
+    "text_classes": (),
     # the DeltaNet forward looks the two functions up in its modeling module at call time: a rename or a new
     # signature (cu_seqlens read at last, a kernel that keeps samples apart) is what the lane must report
     "linear_attention_packed": (f"{QWEN35}.causal_conv1d_fn", f"{QWEN35}.torch_chunk_gated_delta_rule",
@@ -45,6 +40,17 @@ ANCHORS: dict[str, tuple[str, ...]] = {
                                 f"{QWEN35_MOE}.torch_chunk_gated_delta_rule",
                                 f"{QWEN35_MOE}.Qwen3_5MoeGatedDeltaNet.forward"),
 }
+
+
+def anchors() -> dict[str, tuple[str, ...]]:
+    """``ANCHORS`` plus every registered family's (``portvlm.models``), per shim, each name once."""
+    from portvlm import models
+
+    out = {shim: list(names) for shim, names in ANCHORS.items()}
+    for family in models.families():
+        for shim, names in family.anchors.items():
+            out.setdefault(shim, []).extend(names)
+    return {shim: tuple(dict.fromkeys(names)) for shim, names in out.items()}
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,7 @@ def scan_source(text: str, where: str) -> dict[str, list[str]]:
 
 
 def scan_package(root: Path) -> tuple[Symbol, ...]:
-    """Every transformers name portvlm's source (``root``: the ``portvlm`` folder) uses, plus ``ANCHORS``."""
+    """Every transformers name portvlm's source (``root``: the ``portvlm`` folder) uses, plus ``anchors()``."""
     found: dict[str, list[str]] = {}
     for path in sorted(root.rglob("*.py")):
         if "drift" in path.relative_to(root).parts:  # the lane's own lists are not uses
@@ -115,7 +121,7 @@ def scan_package(root: Path) -> tuple[Symbol, ...]:
         where = path.relative_to(root.parent).as_posix()
         for name, lines in scan_source(path.read_text(encoding="utf-8"), where).items():
             found.setdefault(name, []).extend(lines)
-    for shim, names in ANCHORS.items():
+    for shim, names in anchors().items():
         for name in names:
             found.setdefault(name, []).append(f"shim {shim}")
     return tuple(Symbol(name, tuple(dict.fromkeys(lines))) for name, lines in sorted(found.items()))

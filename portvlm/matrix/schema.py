@@ -117,13 +117,6 @@ class Matrix:
     def model(self, model_id: str) -> Model:
         return _by_id(self.models, model_id, "model")
 
-    def model_for_family(self, family: str) -> Model:
-        """The first declared model of a transformers ``model_type`` (the one map between the two id spaces)."""
-        for model in self.models:
-            if model.family == family:
-                return model
-        raise KeyError(f"no model of family {family!r}; known: {', '.join(m.family for m in self.models)}")
-
     def ci_cpu_stacks(self) -> tuple[Stack, ...]:
         """The CPU stacks CI tests (``ci: true``): the torch tests' venvs and the drift lane's baselines."""
         return tuple(s for s in self.stacks if s.ci and s.torch_variant == "cpu")

@@ -107,7 +107,7 @@ def _patch_report(cell: Cell, matrix) -> tuple[list[dict], dict]:
     """Which shims/backends portvlm applies for this cell, from a patch of the cell's tiny model."""
     try:
         import portvlm
-        from portvlm.suites import tiny
+        from portvlm.models import tiny
 
         model = tiny.build(cell.model.id)
         with portvlm.patch(model, arch=cell.arch.id, matrix=matrix) as handle:

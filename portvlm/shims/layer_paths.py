@@ -22,8 +22,6 @@ VISION_BLOCKS = ("blocks", "vision_model.encoder.layers", "encoder.layers")
 # Qwen's patch merger sits inside the tower; LLaVA's projector beside it.
 PROJECTOR = ("model.multi_modal_projector", "multi_modal_projector", "model.visual.merger", "visual.merger")
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
-
 
 @dataclass(frozen=True)
 class LayerPaths:
@@ -62,15 +60,20 @@ def _first(obj, candidates: tuple[str, ...], part: str, model_type: str, prefix:
             return found, prefix + path
     raise UnsupportedError(
         f"layer_paths: cannot find the {part} of a {model_type} model on this transformers version "
-        f"(tried {', '.join(prefix + c for c in candidates)}); upstream moved it — update portvlm.shims.layer_paths"
+        f"(tried {', '.join(prefix + c for c in candidates)}): upstream moved it (update portvlm.shims.layer_paths), "
+        "or this model is laid out unlike the families portvlm declares (portvlm/models/)"
     )
 
 
 def family_of(model) -> str:
-    """``config.model_type`` of a supported family, else ``UnsupportedError`` naming the supported ones."""
+    """``config.model_type`` of a VLM (``UnsupportedError`` for an object without a config).
+
+    No family list here: the paths are probed on the instance. Which families portvlm supports is the matrix's
+    ``models:`` (``patch`` gates on it) and ``portvlm.models`` (the records).
+    """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in FAMILIES:
-        raise UnsupportedError(f"model_type {model_type!r} is not supported; portvlm handles {', '.join(FAMILIES)}")
+    if model_type is None:
+        raise UnsupportedError(f"{type(model).__name__} has no config.model_type: not a transformers VLM")
     return model_type
 
 
@@ -82,7 +85,7 @@ def _classes(modules) -> tuple:
 
 
 def resolve(model) -> LayerPaths:
-    """Find the parts of a qwen2_5_vl / qwen3_vl / llava ``*ForConditionalGeneration`` instance."""
+    """Find the parts of a VLM ``*ForConditionalGeneration`` instance (text layers, vision tower and blocks, …)."""
     from portvlm.wrappers import foreign_reasons, wrapper_of
 
     model_type = family_of(model)

@@ -702,6 +702,8 @@ def patch(model=None, arch: str | None = None, *, dtype=None, matrix=None, forei
     if foreign not in dispatch.FOREIGN_POLICIES:
         raise ValueError(f"foreign={foreign!r}: one of {', '.join(dispatch.FOREIGN_POLICIES)}")
     gate = versions.check_transformers()
+    policy = resolve_policy(arch, dtype=dtype, matrix=matrix)
+    spec, platform = policy.arch, policy.platform
     family = None
     paths = None
     held = None
@@ -716,17 +718,15 @@ def patch(model=None, arch: str | None = None, *, dtype=None, matrix=None, forei
         if reasons:
             raise UnsupportedError(f"{type(model).__name__} is already patched: {reasons[0]}")
         family = getattr(getattr(model, "config", None), "model_type", None)
-        reasons = versions.family_reasons(family)
+        minimums = versions.family_minimums(policy.matrix)  # the matrix patch was handed, else the packaged one
+        reasons = versions.family_reasons(family, minimums=minimums)
         if reasons:
             raise UnsupportedError(
                 f"{'; '.join(reasons)}. portvlm supports "
-                + ", ".join(f"{f} (transformers >={v})" for f, v in versions.FAMILY_MIN_TRANSFORMERS.items())
-                + f" on transformers {versions.VERIFIED_RANGE_TEXT}"
+                + ", ".join(f"{f} (transformers >={v})" for f, v in minimums.items())
+                + f" on transformers {versions.VERIFIED_RANGE_TEXT}; portvlm/models/ says how to add a family"
             )
         paths = layer_paths.resolve(model)
-
-    policy = resolve_policy(arch, dtype=dtype, matrix=matrix)
-    spec, platform = policy.arch, policy.platform
 
     from portvlm.backends import select
     from portvlm.shims.attention import ATTN_NAME, AttentionState

@@ -24,14 +24,19 @@ ALLOW_UNVERIFIED_ENV = "PORTVLM_ALLOW_UNVERIFIED"
 
 
 
+def family_minimums(matrix) -> dict[str, str]:
+    """``{model_type: first transformers release that ships it}`` of ``matrix``'s ``models:`` (first declared wins)."""
+    out: dict[str, str] = {}
+    for model in matrix.models:
+        out.setdefault(model.family, model.min_transformers)
+    return out
+
+
 def family_min_transformers() -> dict[str, str]:
     """Model families portvlm handles and the first transformers release that ships each: matrix.yaml's ``models:``."""
     from portvlm.matrix import default_matrix
 
-    out: dict[str, str] = {}
-    for model in default_matrix().models:
-        out.setdefault(model.family, model.min_transformers)
-    return out
+    return family_minimums(default_matrix())
 
 
 def __getattr__(name: str):

@@ -38,7 +38,7 @@ class SuiteContext:
     @property
     def device_kind(self) -> str:
         """Tolerance device kind: the real device's (an emulated run rounds like the hardware it runs on)."""
-        from portvlm.suites.tolerances import device_kind
+        from portvlm.testing.tolerances import device_kind
 
         if self.device == "cpu":
             return "cpu"
@@ -51,7 +51,7 @@ def run_suite(ctx: SuiteContext, name: str):
 
     t0 = time.perf_counter()
     try:
-        from portvlm.suites import tiny
+        from portvlm.models import tiny
         from portvlm.suites._common import SuiteSkip
 
         reasons = tiny.is_available(ctx.model_id)

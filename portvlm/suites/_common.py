@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from portvlm.records import Check, SuiteResult, SuiteStatus
-from portvlm.suites import tolerances
+from portvlm.testing import Comparison, check_from, compare, logits_of, tolerances  # noqa: F401 - the suites' names
 
 # The attention implementation the model-to-be-patched is built with. The reference is always "eager".
 PATCHED_BUILD_ATTN = "sdpa"
@@ -96,85 +96,16 @@ def report_summary(handle) -> Any:
     return str(rep)
 
 
-@dataclass
-class Comparison:
-    max_abs_err: float
-    max_rel_err: float
-    ratio: float  # max |a-b| / (atol + rtol |b|): <= 1 passes
-    atol: float
-    rtol: float
-    finite: bool
-
-    @property
-    def ok(self) -> bool:
-        return self.finite and self.ratio <= 1.0
-
-
-def compare(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, mask: torch.Tensor | None = None) -> Comparison:
-    """Elementwise ``|a - e| <= atol + rtol |e|`` over the positions ``mask`` keeps (a bool mask broadcast from the left)."""
-    a = actual.detach().float()
-    e = expected.detach().float()
-    if a.shape != e.shape:
-        raise ValueError(f"shape mismatch: patched {tuple(a.shape)} vs reference {tuple(e.shape)}")
-    if mask is not None:
-        a, e = a[mask], e[mask]
-    finite = bool(torch.isfinite(a).all())
-    diff = (a - e).abs()
-    if not finite:
-        return Comparison(float("inf"), float("inf"), float("inf"), atol, rtol, False)
-    if diff.numel() == 0:
-        return Comparison(0.0, 0.0, 0.0, atol, rtol, True)
-    # relative error with the denominator floored at atol, so near-zero references do not blow it up
-    rel = diff / e.abs().clamp_min(atol)
-    ratio = diff / (atol + rtol * e.abs())
-    return Comparison(float(diff.max()), float(rel.max()), float(ratio.max()), atol, rtol, True)
-
-
-def check_from(name: str, cmp: Comparison, what: str = "") -> Check:
-    detail = (
-        f"{what}max_abs={cmp.max_abs_err:.3g} max_rel={cmp.max_rel_err:.3g} vs atol={cmp.atol:g} rtol={cmp.rtol:g}"
-        + ("" if cmp.finite else " (non-finite values)")
-    )
-    return Check(name=name, ok=cmp.ok, value=cmp.ratio, bound=1.0, detail=detail)
-
-
 def tol(ctx, direction: str, backend: str | None = None) -> tuple[float, float]:
     return tolerances.tolerance(ctx.device_kind, ctx.dtype, backend or ctx.vision_backend, direction)
 
 
-def logits_of(out) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
-def _first_tensor(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if getattr(out, "pooler_output", None) is not None:  # 5.x: merged features are the pooler output
-        return out.pooler_output
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out.last_hidden_state
-
-
 def vision_features(model_id: str, tower, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Run the vision tower once and return what the language model would get (plus deepstack features)."""
-    from portvlm.suites.tiny import input_family
+    """Run the vision tower of tiny model ``model_id`` once: what the language model would get (plus deepstack)."""
+    from portvlm import models
+    from portvlm.shims import model_io
 
-    if input_family(model_id) == "llava":
-        out = tower(pixel_values, output_hidden_states=True)
-        # LLaVA feeds hidden_states[vision_feature_layer = -2] (CLS dropped) to the projector.
-        return {"features": out.hidden_states[-2][:, 1:]}
-    out = tower(pixel_values, grid_thw=grid_thw)
-    feats = {"features": _first_tensor(out)}
-    deep = None
-    if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], (list, tuple)):
-        deep = out[1]  # 4.57: (merged, deepstack list)
-    elif getattr(out, "deepstack_features", None) is not None:
-        deep = out.deepstack_features
-    if deep:
-        for i, d in enumerate(deep):
-            feats[f"deepstack{i}"] = d
-    return feats
+    return model_io.vision_features(models.by_id(model_id).layout, tower, pixel_values, grid_thw)
 
 
 def resolve_paths(model):

@@ -31,7 +31,7 @@ LR = 0.5  # plain SGD: parameters after the step differ by LR × the gradient di
 
 
 def _labelled(sample: dict) -> dict:
-    from portvlm.suites import tiny
+    from portvlm.models import tiny
 
     labels = sample["input_ids"].clone()
     for tok in (tiny.IMG, tiny.VID, tiny.VSTART, tiny.VEND, tiny.LLAVA_IMG):
@@ -42,10 +42,10 @@ def _labelled(sample: dict) -> dict:
 def rows_for(model_id: str, kind: str, seed: int = 0) -> list[dict]:
     """Packed rows: ``"sp"`` one row (3 samples, 4 images + a video); ``"dp"`` two rows, the second text only."""
     from portvlm.distributed.parallel import pack
-    from portvlm.suites import tiny
+    from portvlm.models import inputs as model_inputs
 
     def s(k, i):
-        return _labelled(tiny.inputs(model_id, k, seed=seed + i))
+        return _labelled(model_inputs.build(model_id, k, seed=seed + i))
 
     if kind == "sp":
         return [pack([s("text", 0), s("image", 1), s("packed", 2)])]
@@ -59,7 +59,7 @@ def rows_for(model_id: str, kind: str, seed: int = 0) -> list[dict]:
 def straddles(row: dict, sp: int, vision_tokens=None) -> dict:
     """Which SP rank boundaries cut a sample / a vision-token run (the cases a wrong implementation gets wrong)."""
     from portvlm.distributed.ulysses import split_bounds
-    from portvlm.suites import tiny
+    from portvlm.models import tiny
 
     vision_tokens = vision_tokens or (tiny.IMG, tiny.VID)
     ids = row["input_ids"][0]
@@ -91,8 +91,8 @@ def reference(model_id: str, arch: str, state: dict, rows: list[dict]) -> dict:
     """Loss, gradients and post-SGD-step parameters of one process on all ``rows`` (mean over all target tokens)."""
     import torch.nn.functional as F
 
+    from portvlm.models import tiny
     from portvlm.shims.patch import patch
-    from portvlm.suites import tiny
 
     model = tiny.build(model_id, attn_implementation="sdpa")
     model.load_state_dict(state)
@@ -140,8 +140,8 @@ def worker(rank: int, world: int, port: int, spec: dict) -> None:
     import torch.distributed as dist
 
     from portvlm.distributed import make_mesh, parallelize
+    from portvlm.models import tiny
     from portvlm.shims.patch import patch
-    from portvlm.suites import tiny
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -202,8 +202,8 @@ def scaler_worker(rank: int, world: int, port: int, spec: dict) -> None:
     import torch.distributed as dist
 
     from portvlm.distributed import make_mesh, parallelize
+    from portvlm.models import tiny
     from portvlm.shims.patch import patch
-    from portvlm.suites import tiny
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -259,7 +259,7 @@ def scaler_worker(rank: int, world: int, port: int, spec: dict) -> None:
 def run_scaler(model_id: str, arch: str, *, dp: int, sp: int, rows: list[dict], plant_rank: int | None,
                seed: int = 0, timeout_s: float = 240.0) -> list[dict]:
     """``scaler_worker`` on ``dp × sp`` gloo ranks; every rank's record (steps: skipped, scale before/after)."""
-    from portvlm.suites import tiny
+    from portvlm.models import tiny
 
     state = tiny.build(model_id, seed=seed).state_dict()
     with tempfile.TemporaryDirectory(prefix="portvlm-scaler-") as tmp:
@@ -289,7 +289,7 @@ def spawn(spec: dict, world: int, timeout_s: float = 240.0, *, fn=worker) -> dic
 def run(model_id: str, arch: str, *, dp: int, sp: int, rows: list[dict], cases: list[dict], seed: int = 0,
         fail_rank: int | None = None, timeout_s: float = 240.0) -> dict:
     """Spawn ``dp × sp`` workers on ``rows`` (one per dp rank) for each case; rank 0's results per case name."""
-    from portvlm.suites import tiny
+    from portvlm.models import tiny
 
     state = tiny.build(model_id, seed=seed).state_dict()
     with tempfile.TemporaryDirectory(prefix="portvlm-dist-") as tmp:

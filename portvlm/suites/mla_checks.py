@@ -136,7 +136,8 @@ def figures_of(model, dtype) -> dict:
 def parity_checks(ctx, rec, timer) -> None:
     """Full-rank oracles (through ``portvlm.patch``) and reduced-rank cached decoding, as checks on ``rec``."""
     from portvlm.mla.cache import LatentCache
-    from portvlm.suites import tiny
+    from portvlm.models import inputs as model_inputs
+    from portvlm.models import tiny
     from portvlm.suites._common import PATCHED_BUILD_ATTN, check_from, compare, patched, tol, torch_dtype
 
     dtype = torch_dtype(ctx.dtype)
@@ -152,13 +153,13 @@ def parity_checks(ctx, rec, timer) -> None:
     with timer("mla_oracles"):
         for name, spec in oracle_specs(geo).items():
             for kind in kinds:
-                inp32 = tiny.inputs("llava", kind, torch.float32, seed=ctx.seed)
+                inp32 = model_inputs.build("llava", kind, torch.float32, seed=ctx.seed)
                 expected = oracle_logits(base, spec, name, inp32, clone)
                 model = convert(clone(base, PATCHED_BUILD_ATTN), spec).to(ctx.device)
                 with patched(model, ctx), torch.no_grad():
                     model.to(dtype)
                     inp = {k: (v.to(dtype) if v.is_floating_point() else v).to(ctx.device)
-                           for k, v in tiny.inputs("llava", kind, dtype, seed=ctx.seed).items()}
+                           for k, v in model_inputs.build("llava", kind, dtype, seed=ctx.seed).items()}
                     got = model(**inp, use_cache=False).logits.float().cpu()
                 c = compare(got, expected, atol, rtol, mask=inp32["attention_mask"].bool())
                 errs[f"{name}.{kind}"] = c.max_abs_err
@@ -173,7 +174,7 @@ def parity_checks(ctx, rec, timer) -> None:
         with patched(model, ctx):
             model.to(dtype)
             inp = {k: (v.to(dtype) if v.is_floating_point() else v).to(ctx.device)
-                   for k, v in tiny.inputs("llava_mla", "image", dtype, seed=ctx.seed).items()}
+                   for k, v in model_inputs.build("llava_mla", "image", dtype, seed=ctx.seed).items()}
             inp.pop("position_ids")
             cache = LatentCache()
             cached_tokens, cached_logits = greedy_cached(model, inp, DECODE_TOKENS, cache)

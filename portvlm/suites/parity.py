@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from portvlm.suites import tiny, tolerances
+from portvlm.models import inputs as model_inputs
+from portvlm.models import tiny
 from portvlm.suites._common import (
     PATCHED_BUILD_ATTN,
     Recorder,
@@ -27,11 +28,12 @@ from portvlm.suites._common import (
     torch_dtype,
     vision_features,
 )
+from portvlm.testing import tolerances
 
 
 def _inputs(ctx, kind, side, dtype):
     kw = {} if side is None else {"padding_side": side}
-    return tiny.inputs(ctx.model_id, kind, dtype, seed=ctx.seed, **kw)
+    return model_inputs.build(ctx.model_id, kind, dtype, seed=ctx.seed, **kw)
 
 
 def _forward(model, inp):
@@ -58,11 +60,11 @@ def window_figures(model) -> dict:
     full = list(getattr(vc, "fullatt_block_indexes", []) or [])
     depth = vc.depth
     win_patches = vc.window_size // vc.patch_size
-    items = [*tiny.PACKED_IMAGES, tiny.PACKED_VIDEO]
+    items = [*model_inputs.PACKED_IMAGES, model_inputs.PACKED_VIDEO]
     return {
         "full_attention_blocks": full,
         "window_blocks": [i for i in range(depth) if i not in full],
-        "windows_per_item": [tiny.num_windows(g, win_patches) for g in items],
+        "windows_per_item": [model_inputs.num_windows(g, win_patches) for g in items],
     }
 
 
@@ -82,12 +84,12 @@ def run(ctx):
     # Reference outputs first, with nothing of portvlm applied anywhere.
     expected = {}
     with timer("reference"):
-        for kind, side in tiny.CASES:
-            expected[tiny.case_name(kind, side)] = _forward(ref, _inputs(ctx, kind, side, torch.float32))
+        for kind, side in model_inputs.CASES:
+            expected[model_inputs.case_name(kind, side)] = _forward(ref, _inputs(ctx, kind, side, torch.float32))
         ref_tower = resolve_paths(ref).vision_tower
-        items = tiny.vision_items(mid, "packed", torch.float32, seed=ctx.seed)
+        items = model_inputs.vision_items(mid, "packed", torch.float32, seed=ctx.seed)
         alone = _alone(mid, ref_tower, items)
-        vb = tiny.vision_batch(mid, "packed", torch.float32, seed=ctx.seed)
+        vb = model_inputs.vision_batch(mid, "packed", torch.float32, seed=ctx.seed)
         ref_packed = vision_features(mid, ref_tower, vb["pixel_values"], vb["grid_thw"])
 
     # The oracle must agree with itself: the reference tower packed vs alone (eager masks / splits per segment).
@@ -100,8 +102,8 @@ def run(ctx):
         model.to(dtype)
         rec.figures["patch_report"] = report_summary(handle)
         with timer("patched"):
-            for kind, side in tiny.CASES:
-                name = tiny.case_name(kind, side)
+            for kind, side in model_inputs.CASES:
+                name = model_inputs.case_name(kind, side)
                 inp = {k: v.to(ctx.device) for k, v in _inputs(ctx, kind, side, dtype).items()}
                 got = _forward(model, inp).float().cpu()
                 mask = inp["attention_mask"].bool().cpu()  # padded positions are not compared
@@ -109,7 +111,7 @@ def run(ctx):
                 errors[name] = {"max_abs_err": c.max_abs_err, "max_rel_err": c.max_rel_err}
                 rec.add(check_from(f"logits.{name}", c))
             tower = resolve_paths(model).vision_tower
-            vb_d = tiny.vision_batch(mid, "packed", dtype, seed=ctx.seed)
+            vb_d = model_inputs.vision_batch(mid, "packed", dtype, seed=ctx.seed)
             got_packed = vision_features(
                 mid, tower, vb_d["pixel_values"].to(ctx.device), None if vb_d["grid_thw"] is None else vb_d["grid_thw"].to(ctx.device)
             )
@@ -124,11 +126,11 @@ def run(ctx):
     rec.figures["packed_vs_alone_err"] = rec.figures.get("packed_vs_alone_err.features")
     rec.figures["packed_items"] = [list(map(int, i["grid_thw"][0])) if i["grid_thw"] is not None else "image" for i in items]
 
-    if mid == "qwen2_5vl":
+    if tiny.geometry(mid).window is not None:  # Qwen2.5-VL: window blocks beside full-attention ones
         wf = window_figures(ref)
         rec.figures.update(wf)
         rec.check(
-            "qwen2_5vl.window_and_full_blocks_exercised",
+            f"{mid}.window_and_full_blocks_exercised",
             bool(wf["full_attention_blocks"]) and bool(wf["window_blocks"]) and max(wf["windows_per_item"]) > 1,
             detail=f"full blocks {wf['full_attention_blocks']}, windowed blocks {wf['window_blocks']}, windows per packed item {wf['windows_per_item']}",
             value=max(wf["windows_per_item"]),

@@ -17,8 +17,11 @@ import traceback
 
 import torch
 
+from portvlm import models
+from portvlm.models import inputs as model_inputs
+from portvlm.models import tiny
+from portvlm.models.inputs import Segment
 from portvlm.shims.kv_cache import cache_kwargs
-from portvlm.suites import tiny
 from portvlm.suites._common import (
     PATCHED_BUILD_ATTN,
     Recorder,
@@ -31,7 +34,6 @@ from portvlm.suites._common import (
     tol,
     torch_dtype,
 )
-from portvlm.suites.tiny import Segment
 
 CHUNK_GRID = (1, 4, 4)  # one temporal patch (2 frames) of 4×4 patches per chunk -> 4 merged tokens
 GEN_TOKENS = 2
@@ -61,7 +63,7 @@ class Stream:
 
     def __init__(self, ctx, model, cache, dtype):
         self.ctx, self.model, self.cache, self.dtype = ctx, model, cache, dtype
-        self.mid = tiny.input_family(ctx.model_id)  # llava_mla streams LLaVA inputs
+        self.mid = models.by_id(ctx.model_id).model_id  # llava_mla streams LLaVA inputs
         self.geo = tiny.geometry(self.mid)
         self.segments: list[Segment] = []  # Qwen: what was fed, for positions and the full replay
         self.ids: list[int] = []
@@ -75,7 +77,7 @@ class Stream:
         if self.mid == "llava":
             total = len(self.ids)
             return torch.arange(total - n_new, total)[None]
-        return tiny.mrope_positions(self.geo, self.segments)[:, None, -n_new:]
+        return model_inputs.mrope_positions(self.geo, self.segments)[:, None, -n_new:]
 
     def _feed(self, new_ids: list[int], extra: dict) -> torch.Tensor:
         self.ids += new_ids
@@ -102,7 +104,7 @@ class Stream:
             t, h, w = CHUNK_GRID
             px = torch.randn(t * h * w, self.geo.pixel_dim, generator=self.gen).to(self.dtype)
             seg = Segment("video", grid=CHUNK_GRID)
-            new_ids = tiny.vision_tokens(self.geo, seg) + text_tokens
+            new_ids = model_inputs.vision_tokens(self.geo, seg) + text_tokens
             self.segments += [seg, Segment("text", list(text_tokens))]
             extra = {"pixel_values_videos": px.to(self.ctx.device), "video_grid_thw": torch.tensor([CHUNK_GRID], device=self.ctx.device)}
         self.pixels.append(px)
@@ -125,7 +127,7 @@ class Stream:
         else:
             kw["pixel_values_videos"] = torch.cat(self.pixels, 0).to(self.ctx.device)
             kw["video_grid_thw"] = torch.tensor([CHUNK_GRID] * len(self.pixels), device=self.ctx.device)
-            kw["position_ids"] = tiny.mrope_positions(self.geo, self.segments)[:, None, :].to(self.ctx.device)
+            kw["position_ids"] = model_inputs.mrope_positions(self.geo, self.segments)[:, None, :].to(self.ctx.device)
         return kw
 
 

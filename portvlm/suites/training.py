@@ -18,7 +18,9 @@ import time
 
 import torch
 
-from portvlm.suites import precision, tiny, tolerances
+from portvlm.models import inputs as model_inputs
+from portvlm.models import tiny
+from portvlm.suites import precision
 from portvlm.suites._common import (
     PATCHED_BUILD_ATTN,
     Recorder,
@@ -32,6 +34,7 @@ from portvlm.suites._common import (
     tol,
     torch_dtype,
 )
+from portvlm.testing import tolerances
 
 STEPS = 5
 LR = 3e-3
@@ -41,7 +44,7 @@ FSDP_WORLD = 2
 
 def batch(model_id: str, dtype, seed: int = 0) -> dict:
     """The fixed training batch: the one-image sequence, labels = input ids with vision tokens ignored."""
-    inp = tiny.inputs(model_id, "image", dtype, seed=seed)
+    inp = model_inputs.build(model_id, "image", dtype, seed=seed)
     labels = inp["input_ids"].clone()
     for tok in (tiny.IMG, tiny.VID, tiny.VSTART, tiny.VEND, tiny.LLAVA_IMG):
         labels[labels == tok] = -100
@@ -223,7 +226,7 @@ def train_steps(model, inp, steps: int, dtype) -> tuple[list[float], dict]:
 
 def pack_samples(model_id: str, dtype, seed: int = 0) -> tuple[dict, list[dict], list[int]]:
     """``(packed_kwargs, [sample_kwargs, ...], lengths)``: an image sample and a text sample in one row."""
-    samples = [tiny.inputs(model_id, "image", dtype, seed=seed), tiny.inputs(model_id, "text", dtype, seed=seed + 1)]
+    samples = [model_inputs.build(model_id, "image", dtype, seed=seed), model_inputs.build(model_id, "text", dtype, seed=seed + 1)]
     lengths = [s["input_ids"].shape[1] for s in samples]
     packed = {
         "input_ids": torch.cat([s["input_ids"] for s in samples], 1),
@@ -491,11 +494,11 @@ def run(ctx):
 
 def _sp_check(rec, ctx) -> None:
     """SP=2 vs SP=1 (Qwen) or DP=2 vs the union (LLaVA) through ``portvlm.distributed`` on gloo."""
-    from portvlm.distributed.parallel import SP_FAMILIES
+    from portvlm import models
     from portvlm.suites import distributed_checks as check
 
-    family = tiny.config(ctx.model_id).model_type
-    sp = family in SP_FAMILIES
+    family = models.by_id(ctx.model_id).model_type
+    sp = family in models.sequence_parallel_types()
     dp, spd, kind = (1, 2, "sp") if sp else (2, 1, "dp")
     rows = check.rows_for(ctx.model_id, kind, seed=ctx.seed)
     ref = check.reference(ctx.model_id, ctx.arch_id, tiny.build(ctx.model_id, seed=ctx.seed).state_dict(), rows)
@@ -507,7 +510,7 @@ def _sp_check(rec, ctx) -> None:
     c["mesh"] = {"dp": dp, "sp": spd}
     rec.figures["sp"] = c
     if not sp:
-        rec.figures["sp"]["not_applicable"] = f"Ulysses SP is implemented for {', '.join(SP_FAMILIES)}, not {family}; DP=2 checked instead"
+        rec.figures["sp"]["not_applicable"] = f"Ulysses SP is implemented for {', '.join(models.sequence_parallel_types())}, not {family}; DP=2 checked instead"
     what = (f"SP=2 over 1 row of {rows[0]['input_ids'].shape[1]} tokens cut at {c['cuts']['cuts']}" if sp
             else "DP=2 over 2 different rows vs one process on both") + f"; loss {c['loss']:.6f} vs {c['ref_loss']:.6f}, "
     rec.check("sp.loss_and_grads_equal_one_process" if sp else "sp.dp2_equals_union", c["ok"],

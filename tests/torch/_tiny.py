@@ -1,8 +1,8 @@
-"""Fixtures for the shims tests: ``portvlm.suites.tiny``'s models (the one tiny-model factory), keyed by transformers
+"""Fixtures for the shims tests: ``portvlm.models.tiny``'s models (the one tiny-model factory), keyed by transformers
 family, and the packed inputs these tests feed them.
 
-The same configs build on transformers 4.50 … 5.23; no weights are downloaded. The family ↔ model id map is
-matrix.yaml's (``Matrix.model_for_family``).
+The same configs build on transformers 4.50 … 5.24; no weights are downloaded. The family ↔ model id map is the
+family records' (``portvlm.models``).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import inspect
 import torch
 import transformers
 
-from portvlm.matrix import default_matrix
-from portvlm.suites import tiny
-from portvlm.suites._common import vision_features as _vision_features
+from portvlm import models
+from portvlm.models import tiny
+from portvlm.shims.model_io import vision_features as _vision_features
 
 IMG, VID, VSTART, VEND = tiny.IMG, tiny.VID, tiny.VSTART, tiny.VEND
-FAMILIES = default_matrix().families()
+FAMILIES = models.model_types()
 
 # Different sizes, a windowed-with-padding image, and a 2-frame video (t=2), packed into one vision call.
 GRIDS = [(1, 4, 4), (1, 12, 8), (2, 4, 8)]
@@ -27,7 +27,7 @@ _LLAVA_TOKENS = tiny.geometry("llava").image_tokens  # CLS dropped by the "defau
 
 
 def model_id(family: str) -> str:
-    return default_matrix().model_for_family(family).id
+    return models.by_type(family).model_id
 
 
 def available(family: str) -> list[str]:
@@ -43,7 +43,7 @@ def pixels(family: str, grids=GRIDS, seed: int = 1):
     """``(pixel_values, grid_thw)`` for Qwen families; ``[N, 3, S, S]`` images for LLaVA."""
     g = torch.Generator().manual_seed(seed)
     geo = tiny.geometry(model_id(family))
-    if family == "llava":
+    if geo.layout == "images":
         size = geo.image_size
         return torch.randn(len(grids), geo.channels, size, size, generator=g), None
     rows = [torch.randn(t * h * w, geo.pixel_dim, generator=g) for t, h, w in grids]
@@ -52,7 +52,7 @@ def pixels(family: str, grids=GRIDS, seed: int = 1):
 
 def vision_tokens(family: str, grids=GRIDS) -> list[int]:
     """LLM tokens each image/video becomes after the merger."""
-    if family == "llava":
+    if models.by_type(family).layout == "images":
         return [_LLAVA_TOKENS] * len(grids)
     merge = tiny.geometry(model_id(family)).merge
     return [t * h * w // merge**2 for t, h, w in grids]
@@ -61,7 +61,7 @@ def vision_tokens(family: str, grids=GRIDS) -> list[int]:
 def inputs(family: str, grids=IMAGE_GRIDS, seed: int = 1) -> dict:
     """Model inputs: a short prompt with every image of ``grids`` in one sequence (LLaVA: one image each row)."""
     pv, grid = pixels(family, grids, seed)
-    if family == "llava":
+    if models.by_type(family).layout == "images":
         ids = torch.tensor([[3, 4] + [tiny.LLAVA_IMG] * _LLAVA_TOKENS + [5, 6, 7]] * len(grids))
         return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv)
     ids = [3, 4]
@@ -76,8 +76,8 @@ def inputs(family: str, grids=IMAGE_GRIDS, seed: int = 1) -> dict:
 
 
 def vision_features(family: str, tower, pv, grid):
-    """Merged vision features ``[N_tokens, D]`` of the tower (``portvlm.suites._common.vision_features``)."""
-    features = _vision_features(model_id(family), tower, pv, grid)["features"]
+    """Merged vision features ``[N_tokens, D]`` of the tower (``portvlm.shims.model_io.vision_features``)."""
+    features = _vision_features(models.by_type(family).layout, tower, pv, grid)["features"]
     return features.reshape(-1, features.shape[-1])
 
 

@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 import portvlm  # noqa: E402
 from portvlm import checker  # noqa: E402
 from portvlm.errors import UnsupportedError  # noqa: E402
-from portvlm.suites import tiny  # noqa: E402
+from portvlm.models import tiny  # noqa: E402
 
 pytestmark = pytest.mark.skipif(bool(tiny.is_available("qwen2_5vl")), reason="needs Qwen2.5-VL")
 

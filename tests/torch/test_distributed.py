@@ -14,8 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from portvlm.models import tiny  # noqa: E402
 from portvlm.suites import distributed_checks as check  # noqa: E402
-from portvlm.suites import tiny  # noqa: E402
 
 ATOL, RTOL = 1e-5, 1e-4  # fp32, eager-grade sdpa_masked on the CPU; measured worst ratio ~0.004
 DEADLINE_S = 300

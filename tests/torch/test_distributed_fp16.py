@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from portvlm.distributed import vision  # noqa: E402
+from portvlm.models import tiny  # noqa: E402
 from portvlm.suites import distributed_checks as check  # noqa: E402
-from portvlm.suites import tiny  # noqa: E402
 
 FP16_MAX = 65504.0
 DEADLINE_S = 300

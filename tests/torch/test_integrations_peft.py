@@ -20,7 +20,7 @@ from test_shims_patch import _assert_restored, _snapshot  # noqa: E402
 import portvlm  # noqa: E402
 from portvlm import checker  # noqa: E402
 from portvlm.errors import UnsupportedError  # noqa: E402
-from portvlm.suites import tiny  # noqa: E402
+from portvlm.models import inputs as model_inputs  # noqa: E402
 
 peft = _integrations.need("peft")
 
@@ -36,7 +36,7 @@ def _lora(model, **kw):
 
 
 def _packed():
-    inp = tiny.inputs(_tiny.model_id(FAMILY), "packed")
+    inp = model_inputs.build(_tiny.model_id(FAMILY), "packed")
     return dict(inp, labels=inp["input_ids"])
 
 
@@ -111,7 +111,7 @@ def test_check_on_lora_models_base_model_builds_the_reference_with_the_adapters(
     inner = model.get_base_model()
     ref, notes, source = checker.reference_from(inner)
     assert not notes and "merged in fp32" in source
-    inp = tiny.inputs(_tiny.model_id(FAMILY), "image")
+    inp = model_inputs.build(_tiny.model_id(FAMILY), "image")
     with torch.no_grad():
         got = ref(**inp).logits
         want = model(**inp).logits  # unpatched: transformers' own attention, unmerged adapters
@@ -149,7 +149,7 @@ def test_torch_compile_and_ddp_are_looked_through(tmp_path):
     with handle:
         assert handle.report.wrappers == ["torch.compile OptimizedModule (._orig_mod)"]
         with torch.no_grad():
-            compiled(**tiny.inputs(_tiny.model_id(FAMILY), "text"))  # text only: dynamo traces the least
+            compiled(**model_inputs.build(_tiny.model_id(FAMILY), "text"))  # text only: dynamo traces the least
         assert handle.state.calls["text"] > 0
     torch._dynamo.reset()
 
@@ -175,7 +175,7 @@ def test_a_copy_of_a_patched_model_gets_its_own_patch_and_outlives_the_original(
     h_ref = portvlm.patch(ref, arch="cpu")
     assert any("inherited" in w for w in h_ref.report.warnings)
     h_policy.revert()
-    inp = tiny.inputs(_tiny.model_id(FAMILY), "packed")
+    inp = model_inputs.build(_tiny.model_id(FAMILY), "packed")
     with torch.no_grad():
         ref(**inp)  # still runs: its own name is registered
     assert h_ref.state.calls["vision"] > 0 and h_ref.state.calls["text"] > 0

@@ -10,11 +10,13 @@ transformers = pytest.importorskip("transformers")
 
 from portvlm.mla import conversion  # noqa: E402
 from portvlm.mla.conversion import Geometry, MLASpec, convert, full_rank  # noqa: E402
+from portvlm.models import inputs as model_inputs  # noqa: E402
+from portvlm.models import tiny  # noqa: E402
 from portvlm.shims.kv_cache import CacheView  # noqa: E402
-from portvlm.suites import SuiteContext, tiny  # noqa: E402
+from portvlm.suites import SuiteContext  # noqa: E402
 from portvlm.suites import mla_checks as checks  # noqa: E402
 
-FP32 = dict(atol=1e-5, rtol=1e-4)  # portvlm.suites.tolerances: ("cpu", "float32", *, "fwd")
+FP32 = dict(atol=1e-5, rtol=1e-4)  # portvlm.testing.tolerances: ("cpu", "float32", *, "fwd")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def _logits(model, inp):
 
 @pytest.fixture(scope="module")
 def inp():
-    return tiny.inputs("llava", "image")
+    return model_inputs.build("llava", "image")
 
 
 @pytest.mark.parametrize("name", ["all_rope", "uniform", "2-norm"])
@@ -86,7 +88,7 @@ def test_reduced_rank_cached_decoding_equals_full_forward():
 
     model = tiny.build("llava_mla", attn_implementation="sdpa")
     assert conversion.spec_of(model).rank < full_rank(Geometry.of(model.config), conversion.spec_of(model).rope_dims)
-    inp = tiny.inputs("llava_mla", "image")
+    inp = model_inputs.build("llava_mla", "image")
     inp.pop("position_ids")
     cache = LatentCache()
     tokens, logits = checks.greedy_cached(model, inp, 6, cache)
@@ -241,7 +243,7 @@ def test_patched_mla_reaches_portvlm_attention():
     import portvlm
 
     model = tiny.build("llava_mla", attn_implementation="sdpa")
-    inp = tiny.inputs("llava_mla", "text")
+    inp = model_inputs.build("llava_mla", "text")
     with portvlm.patch(model, arch="cpu"):
         _logits(model, inp)
     paths = {m.last_attention for m in model.modules() if type(m).__name__ == "MLAAttention"}

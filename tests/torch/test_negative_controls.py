@@ -13,7 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from portvlm.suites import SuiteContext, run_suite, tiny  # noqa: E402
+from portvlm.models import tiny  # noqa: E402
+from portvlm.suites import SuiteContext, run_suite  # noqa: E402
 
 QWEN = [pytest.param(m, marks=pytest.mark.skipif(bool(tiny.is_available(m)), reason="needs a newer transformers")) for m in ("qwen2_5vl", "qwen3vl")]
 

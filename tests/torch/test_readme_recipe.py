@@ -32,8 +32,9 @@ def recipe() -> str:
 
 def _worker(rank, world, port, out):
     from portvlm.distributed.parallel import pack  # noqa: F401 - the recipe imports it itself
+    from portvlm.models import inputs as model_inputs
+    from portvlm.models import tiny
     from portvlm.suites import distributed_checks as check
-    from portvlm.suites import tiny
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -41,7 +42,7 @@ def _worker(rank, world, port, out):
     torch.set_num_threads(1)
     model = tiny.build("qwen2_5vl", attn_implementation="sdpa").train()
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    samples = [check._labelled(tiny.inputs("qwen2_5vl", kind, seed=i)) for i, kind in enumerate(("image", "text"))]
+    samples = [check._labelled(model_inputs.build("qwen2_5vl", kind, seed=i)) for i, kind in enumerate(("image", "text"))]
     losses = []
 
     class Loader:  # the recipe's loop, observed: each step's loss

@@ -101,7 +101,7 @@ def test_vision_window_bound_inputs_exist():
     tower = layer_paths.resolve(model).vision_tower
     assert attention.window_bound(tower) == 64, drift(
         "vision_varlen", "Qwen2.5-VL tower no longer exposes window_size/patch_size/spatial_merge_size")
-    assert list(attention.full_block_indexes(tower)) == [1, 3], drift(  # suites.tiny: blocks 1 and 3 full
+    assert list(attention.full_block_indexes(tower)) == [1, 3], drift(  # models.qwen: blocks 1 and 3 full
         "vision_varlen", "Qwen2.5-VL tower no longer exposes fullatt_block_indexes")
 
 

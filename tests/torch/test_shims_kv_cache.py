@@ -196,7 +196,8 @@ def test_the_deprecation_guard_has_teeth(text_model, no_cache_deprecation):
 def test_streaming_passes_with_cache_deprecations_as_errors(model_id, no_cache_deprecation):
     """The streaming suite (SinkWindowCache; llava_mla: the latent cache through MLAAttention) never uses the
     deprecated name: on 5.24 any use raises inside the stream and fails `*.stream_completes`."""
-    from portvlm.suites import SuiteContext, run_suite, tiny
+    from portvlm.models import tiny
+    from portvlm.suites import SuiteContext, run_suite
 
     if tiny.is_available(model_id):
         pytest.skip("; ".join(tiny.is_available(model_id)))

@@ -44,12 +44,14 @@ def test_resolve(family):
     assert seen
 
 
-def test_unsupported_family_names_the_supported_ones():
+def test_a_model_without_vlm_parts_is_refused_naming_what_was_tried():
     class Cfg:
         model_type = "gpt2"
 
     class M:
         config = Cfg()
 
-    with pytest.raises(UnsupportedError, match="qwen2_5_vl, qwen3_vl, llava"):
+    with pytest.raises(UnsupportedError, match="text decoder layers of a gpt2 model.*tried model.language_model.layers"):
         layer_paths.resolve(M())
+    with pytest.raises(UnsupportedError, match="no config.model_type"):
+        layer_paths.resolve(object())

@@ -10,9 +10,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from portvlm.suites import SuiteContext, run_suite, run_suites, tiny, tolerances  # noqa: E402
+from portvlm.models import inputs as model_inputs  # noqa: E402
+from portvlm.models import tiny  # noqa: E402
+from portvlm.suites import SuiteContext, run_suite, run_suites  # noqa: E402
+from portvlm.testing import tolerances  # noqa: E402
 
-MODELS = [pytest.param(m, marks=pytest.mark.skipif(bool(tiny.is_available(m)), reason="; ".join(tiny.is_available(m)) or "-")) for m in tiny.MODEL_IDS]
+MODELS = [pytest.param(m, marks=pytest.mark.skipif(bool(tiny.is_available(m)), reason="; ".join(tiny.is_available(m)) or "-")) for m in tiny.model_ids()]
 
 
 @pytest.mark.parametrize("model_id", MODELS)
@@ -24,8 +27,8 @@ def test_tiny_builds_are_reproducible_and_shaped(model_id):
     assert any(not torch.equal(sa[k], v) for k, v in c.state_dict().items() if v.is_floating_point())
     text = a.config.get_text_config()
     assert text.num_attention_heads > text.num_key_value_heads  # GQA, as in the real models
-    for kind in tiny.KINDS:
-        inp = tiny.inputs(model_id, kind)
+    for kind in model_inputs.KINDS:
+        inp = model_inputs.build(model_id, kind)
         with torch.no_grad():
             out = a(**inp, use_cache=False)
         assert torch.isfinite(out.logits).all()
@@ -36,13 +39,22 @@ def test_tiny_builds_every_model_the_matrix_declares():
     """matrix.yaml's model ids are the one id space: tiny builds exactly those."""
     from portvlm.policy import packaged_matrix
 
-    assert tuple(m.id for m in packaged_matrix().models) == tiny.MODEL_IDS
+    assert tuple(m.id for m in packaged_matrix().models) == tiny.model_ids()
 
 
 @pytest.mark.parametrize("model_id", MODELS)
-def test_tiny_input_geometry_is_what_its_config_says(model_id):
-    """The inputs the suites build (``tiny.geometry``) and those portvlm.check builds from a config agree."""
-    assert tiny.InputGeometry.of(tiny.config(model_id)) == tiny.geometry(model_id)
+def test_tiny_input_geometry_keeps_the_shapes_that_matter(model_id):
+    """The tiny geometry (read from the tiny config, as portvlm.check reads a user's) keeps the real shapes' traits."""
+    geo = tiny.geometry(model_id)
+    assert geo == model_inputs.geometry(tiny.config(model_id))
+    assert max(geo.special()) < geo.vocab and geo.pad == tiny.PAD and geo.bos == tiny.BOS
+    if geo.layout == "images":
+        assert (geo.image, geo.image_tokens, geo.window) == (tiny.LLAVA_IMG, 16, None)
+    else:
+        assert (geo.image, geo.video, geo.vstart, geo.vend, geo.merge, geo.temporal) == (
+            tiny.IMG, tiny.VID, tiny.VSTART, tiny.VEND, 2, 2)
+        # Qwen2.5-VL: 8×8-patch windows, so the packed 16×16 image spans 4; Qwen3-VL: frames apart, no windows
+        assert (geo.window, geo.frames_apart) == ((8, False) if model_id == "qwen2_5vl" else (None, True))
 
 
 def test_qwen25_packed_input_spans_windows_and_full_blocks():
@@ -50,12 +62,12 @@ def test_qwen25_packed_input_spans_windows_and_full_blocks():
         pytest.skip("qwen2_5vl unavailable")
     cfg = tiny.config("qwen2_5vl").vision_config
     assert cfg.fullatt_block_indexes and len(cfg.fullatt_block_indexes) < cfg.depth
-    grids = [*tiny.PACKED_IMAGES, tiny.PACKED_VIDEO]
-    assert len(tiny.PACKED_IMAGES) >= 3 and len(set(tiny.PACKED_IMAGES)) == len(tiny.PACKED_IMAGES)
-    assert tiny.PACKED_VIDEO[0] >= 2
-    assert max(tiny.num_windows(g, cfg.window_size // cfg.patch_size) for g in grids) > 1
-    items = tiny.vision_items("qwen2_5vl")
-    assert len(items) == 4 and sum(i["pixel_values"].shape[0] for i in items) == tiny.vision_batch("qwen2_5vl")["pixel_values"].shape[0]
+    grids = [*model_inputs.PACKED_IMAGES, model_inputs.PACKED_VIDEO]
+    assert len(model_inputs.PACKED_IMAGES) >= 3 and len(set(model_inputs.PACKED_IMAGES)) == len(model_inputs.PACKED_IMAGES)
+    assert model_inputs.PACKED_VIDEO[0] >= 2
+    assert max(model_inputs.num_windows(g, cfg.window_size // cfg.patch_size) for g in grids) > 1
+    items = model_inputs.vision_items("qwen2_5vl")
+    assert len(items) == 4 and sum(i["pixel_values"].shape[0] for i in items) == model_inputs.vision_batch("qwen2_5vl")["pixel_values"].shape[0]
 
 
 def test_tolerance_table_lookup_and_fallbacks():

@@ -135,7 +135,7 @@ def test_scan_finds_imports_attribute_chains_and_module_aliases():
 def test_every_shim_declares_its_anchors_and_the_package_scan_sees_portvlms_uses():
     from portvlm.shims.patch import SHIMS
 
-    assert set(symbols.ANCHORS) == {s.name for s in SHIMS}
+    assert set(symbols.anchors()) == {s.name for s in SHIMS}
     names = {s.name: s.used_at for s in symbols.scan_package(ROOT / "portvlm")}
     assert "transformers.AttentionInterface.register" in names  # portvlm/shims/attention.py uses it
     assert any(u.startswith("portvlm/shims/attention.py:") for u in names["transformers.AttentionInterface.register"])

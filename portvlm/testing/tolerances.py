@@ -90,7 +90,7 @@ def tolerance(device_kind: str, dtype, backend: str | None, direction: str) -> t
     ):
         if key is not None and key in TABLE:
             return TABLE[key]
-    raise KeyError(f"no tolerance for ({device_kind}, {dt}, {backend}, {direction}); add it to portvlm.suites.tolerances.TABLE")
+    raise KeyError(f"no tolerance for ({device_kind}, {dt}, {backend}, {direction}); add it to portvlm.testing.tolerances.TABLE")
 
 
 def loss_tolerance(dtype) -> tuple[float, float]:

@@ -1,0 +1,123 @@
+"""Qwen2.5-VL and Qwen3-VL: tiny configs, the input geometry of any of their configs, and what portvlm supports.
+
+Tiny shapes keep what matters to attention ports real: GQA text heads, mrope sections, Qwen2.5-VL's windowed +
+full-attention ViT blocks (window 112 px / patch 14 / merge 2, so an image of more than 8×8 patches spans several
+windows), Qwen3-VL's deepstack indexes and learned position grid.
+"""
+
+from __future__ import annotations
+
+from portvlm.models.family import IMG, TINY_MROPE, TINY_TEXT, VEND, VID, VSTART, Family
+
+MERGE = 2
+TEMPORAL_PATCH = 2
+WINDOW_PX = 112  # Qwen2.5-VL: 112 px / 14 / merge 2 = 4 merged units = 8×8 patches per window
+
+QWEN25 = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
+QWEN3 = "transformers.models.qwen3_vl.modeling_qwen3_vl"
+
+
+def geometry(cfg, *, frames_apart: bool = False):
+    """The input geometry of a Qwen-VL config: token ids, patch / merge / temporal sizes, channels, window."""
+    from portvlm.models.inputs import InputGeometry, text_ids
+    from portvlm.shims import model_io
+
+    vc = cfg.vision_config
+    vocab, bos, pad = text_ids(cfg)
+    window = getattr(vc, "window_size", None)
+    return InputGeometry(
+        cfg.model_type, "patches", vocab, bos, pad, int(cfg.image_token_id), int(cfg.video_token_id),
+        int(cfg.vision_start_token_id), int(cfg.vision_end_token_id),
+        patch=vc.patch_size, merge=vc.spatial_merge_size, temporal=vc.temporal_patch_size,
+        channels=model_io.vision_channels(vc), window=window // vc.patch_size if window else None,
+        frames_apart=frames_apart,
+    )
+
+
+def _qwen3_geometry(cfg):
+    # Qwen3-VL separates video frames by timestamps: <vs> frame <ve> per temporal patch, each with grid t=1.
+    return geometry(cfg, frames_apart=True)
+
+
+def _build(cls_name: str, vision: dict, text: dict):
+    import transformers
+
+    from portvlm.shims import model_io
+
+    cls = getattr(transformers, cls_name)
+    ids = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+    if "text_config" in getattr(cls, "sub_configs", {}):
+        cfg = cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    else:  # ≤4.51: one flat config for the text model (transformers 4.52 added Qwen2_5_VLTextConfig)
+        cfg = cls(vision_config=vision, **text, **ids)
+    model_io.forward_vocab_size(cfg)
+    return cfg
+
+
+def qwen2_5_vl_config():
+    """Tiny Qwen2.5-VL: 4 ViT blocks (1 and 3 full attention, the others windowed), head_dim 16 in both towers."""
+    vision = dict(
+        depth=4, hidden_size=32, intermediate_size=64, num_heads=2,  # head_dim 16
+        in_chans=3, in_channels=3,  # the channel count's name changed (shims.model_io.vision_channels): give both
+        patch_size=14, temporal_patch_size=TEMPORAL_PATCH, spatial_merge_size=MERGE, window_size=WINDOW_PX,
+        fullatt_block_indexes=[1, 3], out_hidden_size=TINY_TEXT["hidden_size"], tokens_per_second=2,
+    )
+    text = dict(TINY_TEXT, rope_theta=10000.0, rope_scaling={"type": "mrope", "mrope_section": TINY_MROPE})
+    return _build("Qwen2_5_VLConfig", vision, text)
+
+
+def qwen3_vl_config():
+    """Tiny Qwen3-VL: 4 ViT blocks with deepstack taps at 1 and 2, an 8×8 learned position grid."""
+    import transformers
+
+    if not hasattr(transformers, "Qwen3VLConfig"):
+        from portvlm.models.tiny import unsupported
+
+        raise unsupported("qwen3vl")
+    vision = dict(
+        depth=4, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
+        patch_size=16, temporal_patch_size=TEMPORAL_PATCH, spatial_merge_size=MERGE,
+        out_hidden_size=TINY_TEXT["hidden_size"],
+        num_position_embeddings=64,  # an 8×8 learned grid, interpolated to each image
+        deepstack_visual_indexes=[1, 2],  # fed into text layers 0 and 1
+    )
+    text = dict(TINY_TEXT, head_dim=16, rope_theta=10000.0,
+                rope_scaling={"rope_type": "default", "mrope_section": TINY_MROPE, "mrope_interleaved": True})
+    return _build("Qwen3VLConfig", vision, text)
+
+
+QWEN2_5_VL = Family(
+    model_type="qwen2_5_vl",
+    model_id="qwen2_5vl",
+    model_class="Qwen2_5_VLForConditionalGeneration",
+    tiny_config=qwen2_5_vl_config,
+    geometry=geometry,
+    layout="patches",
+    head_dims=(80, 128),  # Qwen2.5-VL-7B: ViT 1280 / 16 heads; text 128
+    sequence_parallel=True,
+    anchors={
+        "kv_cache": ("transformers.Qwen2_5_VLForConditionalGeneration.forward",),
+        "layer_paths": ("transformers.Qwen2_5_VLForConditionalGeneration",),
+        "vision_varlen": (f"{QWEN25}.apply_rotary_pos_emb_vision", f"{QWEN25}.Qwen2_5_VLVisionAttention.forward"),
+        "vision_dense_mask": (f"{QWEN25}.Qwen2_5_VisionTransformerPretrainedModel._prepare_attention_mask",),
+        "text_classes": (f"{QWEN25}.QWEN2_5_VL_ATTENTION_CLASSES", f"{QWEN25}.apply_multimodal_rotary_pos_emb"),
+    },
+    description="Qwen2.5-VL",
+)
+
+QWEN3_VL = Family(
+    model_type="qwen3_vl",
+    model_id="qwen3vl",
+    model_class="Qwen3VLForConditionalGeneration",
+    tiny_config=qwen3_vl_config,
+    geometry=_qwen3_geometry,
+    layout="patches",
+    head_dims=(72, 128),  # Qwen3-VL-8B: ViT 1152 / 16 heads; text 128
+    sequence_parallel=True,
+    anchors={
+        "kv_cache": ("transformers.Qwen3VLForConditionalGeneration.forward",),
+        "layer_paths": ("transformers.Qwen3VLForConditionalGeneration",),
+        "vision_varlen": (f"{QWEN3}.apply_rotary_pos_emb_vision", f"{QWEN3}.Qwen3VLVisionAttention.forward"),
+    },
+    description="Qwen3-VL",
+)
