@@ -45,13 +45,7 @@ def test_resolve(family):
 
 
 def test_a_model_without_vlm_parts_is_refused_naming_what_was_tried():
-    class Cfg:
-        model_type = "gpt2"
-
-    class M:
-        config = Cfg()
-
-    with pytest.raises(UnsupportedError, match="text decoder layers of a gpt2 model.*tried model.language_model.layers"):
-        layer_paths.resolve(M())
-    with pytest.raises(UnsupportedError, match="no config.model_type"):
-        layer_paths.resolve(object())
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)
+    with pytest.raises(UnsupportedError, match="text decoder layers of a gpt2 model.*tried model.language_model.layers"
+                       ".*unlike the families portvlm declares"):
+        layer_paths.resolve(transformers.GPT2LMHeadModel(cfg))
