@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import portvlm  # noqa: E402
-from portvlm.suites.tolerances import device_kind, tolerance  # noqa: E402
+from portvlm.testing.tolerances import device_kind, tolerance  # noqa: E402
 
 GRIDS = [(1, 16, 16), (1, 24, 32), (1, 32, 16)]  # three images, patches (t, h, w): 256 + 768 + 512 rows
 TEXT_LENGTHS = [300, 77, 513]  # three samples in one packed row (longer and shorter than the 64-token chunks)
