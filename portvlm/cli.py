@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from portvlm.terminal import closed_pipe_exit, interruptible
+
 COMMANDS = {
     "matrix": ("portvlm.matrix.cli", "validate matrix.yaml and print the expanded cells"),
     "doctor": ("portvlm.doctor.cli", "diagnose this environment: verdicts with reasons and fixes"),
@@ -17,6 +19,20 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``portvlm COMMAND [ARGS]``: a closed pipe or Ctrl-C ends it quietly (exit 141 / 130), never a traceback."""
+    try:
+        with interruptible():  # Ctrl-C works even when the launcher started us with SIGINT ignored
+            code = _dispatch(argv)
+        sys.stdout.flush()  # a reader that went away (`| head`) is found here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return closed_pipe_exit()
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
+
+
+def _dispatch(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: portvlm COMMAND [ARGS]\n\ncommands:")

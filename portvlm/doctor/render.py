@@ -14,12 +14,12 @@ from portvlm.records import CheckStatus
 Segment = tuple[str, str | None]
 STYLE = {CheckStatus.OK: "green", CheckStatus.INFO: "cyan", CheckStatus.WARN: "yellow", CheckStatus.FAIL: "bold red",
          "OK": "bold green", "WARN": "bold yellow", "FAIL": "bold red"}
-MAX_REASON = 70
+MAX_REASON = 70  # kept for callers; lines are wrapped at print time, never cut mid-word
 
 
 def _short(text: str, limit: int = MAX_REASON) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """``text`` on one line. Never cut: a long line wraps at word boundaries when printed (``plain``, rich)."""
+    return " ".join(str(text).split())
 
 
 def _backend(choice: BackendChoice | None) -> list[Segment]:
@@ -102,8 +102,14 @@ def lines(report: Report) -> list[list[Segment]]:
     return out
 
 
-def plain(report: Report) -> str:
-    return "\n".join("".join(text for text, _ in line) for line in lines(report))
+def plain(report: Report, width: int | None = None) -> str:
+    """The report as plain text, each long line wrapped at word boundaries to ``width`` (the terminal's, else 100)."""
+    from portvlm.terminal import wrap
+
+    out = []
+    for line in lines(report):
+        out.extend(wrap("".join(text for text, _ in line), width, indent="      "))
+    return "\n".join(out)
 
 
 def use_colour(stream: TextIO, env) -> bool:
@@ -127,7 +133,7 @@ def write(report: Report, stream: TextIO | None = None, colour: bool | None = No
             from rich.console import Console
             from rich.text import Text
 
-            console = Console(file=stream, highlight=False, soft_wrap=True)
+            console = Console(file=stream, highlight=False)  # wraps at the terminal's width, on words
             for line in lines(report):
                 console.print(Text.assemble(*[(t, s) if s else t for t, s in line]))
             return

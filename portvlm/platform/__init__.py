@@ -240,7 +240,7 @@ def detect_all(probes: Probes | None = None, torch: Any = None) -> tuple[Platfor
         winners = [chosen]
     archs = torch_arch_list(torch)
     if not winners:
-        reasons = nvidia.reasons + amd.reasons
+        reasons = tuple(dict.fromkeys(nvidia.reasons + amd.reasons))  # both vendors probe torch: say it once
         name = _guard_value(lambda: cpu.cpu_name(probes), "CPU")
         return replace(CPU, name=name, torch_archs=archs, notes=tuple(notes) + reasons), Detection(
             driver=nvidia.driver or amd.driver, driver_cuda=nvidia.driver_cuda, reasons=reasons)

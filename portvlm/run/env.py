@@ -63,14 +63,25 @@ def env_python(path: Path) -> Path:
     return path / "bin" / "python"
 
 
+def _stamp(spec: EnvSpec) -> str:
+    # The recipe version is part of the stamp: bump it when how envs are built changes.
+    return hashlib.sha256("\n".join([ENV_RECIPE, *spec.requirements()]).encode()).hexdigest()
+
+
+def is_ready(spec: EnvSpec) -> bool:
+    """The venv for ``spec`` exists and was built from the same requirements (``ensure_env`` would reuse it)."""
+    path = envs_root() / spec.key
+    stamp = path / ".portvlm-spec"
+    return stamp.exists() and stamp.read_text().strip() == _stamp(spec) and env_python(path).exists()
+
+
 def ensure_env(spec: EnvSpec, *, quiet: bool = True) -> Path:
     """Return the python of a venv that satisfies ``spec``, creating it if missing. Idempotent."""
     root = envs_root()
     path = root / spec.key
     stamp = path / ".portvlm-spec"
-    # The recipe version is part of the stamp: bump it when how envs are built changes.
-    wanted = hashlib.sha256("\n".join([ENV_RECIPE, *spec.requirements()]).encode()).hexdigest()
-    if stamp.exists() and stamp.read_text().strip() == wanted and env_python(path).exists():
+    wanted = _stamp(spec)
+    if is_ready(spec):
         return env_python(path)
     root.mkdir(parents=True, exist_ok=True)
     uv = uv_bin()

@@ -26,6 +26,7 @@ from portvlm.records import EVIDENCE_RANK, OK_STATUSES, CellReport, CellResult, 
 from portvlm.run import env as envs
 from portvlm.run.cell import evidence_for, host_label
 from portvlm.run.results import overall_status, result_from_json, write_result
+from portvlm.terminal import PROGRESS_ENV
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,13 @@ def _base_result(cell: Cell, plan: Plan, started: str) -> CellResult:
 
 
 def run_cell(cell: Cell, plan: Plan, *, matrix_path: str | None, timeout: float, fast: bool,
-             suites: str, say=print) -> CellResult:
-    """Run one cell per ``plan``; always returns a result (crash/timeout included)."""
+             suites: str, say=print, note=None) -> CellResult:
+    """Run one cell per ``plan``; always returns a result (crash/timeout included).
+
+    ``note(text)`` hears where the cell is (its environment, each suite and check the child reports); by
+    default it goes to ``say``.
+    """
+    note = note or (lambda text, minor=False: None if minor else say(f"  {text}"))
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     result = _base_result(cell, plan, started)
     if plan.mode == Mode.EXCLUDED:
@@ -115,8 +121,9 @@ def run_cell(cell: Cell, plan: Plan, *, matrix_path: str | None, timeout: float,
     t0 = time.perf_counter()
     try:
         if plan.mode == Mode.VENV:
-            say("  building/reusing environment …")
-            python = str(envs.ensure_env(env_spec_for(cell, plan)))
+            spec = env_spec_for(cell, plan)
+            note(f"environment {spec.key}" + ("" if envs.is_ready(spec) else " (building with uv)"))
+            python = str(envs.ensure_env(spec))
         elif plan.mode == Mode.PYTHON:
             python = plan.python
         else:
@@ -142,15 +149,15 @@ def run_cell(cell: Cell, plan: Plan, *, matrix_path: str | None, timeout: float,
         else:
             cmd = envs.child_command(python, cell.id, out, matrix=matrix_path, evidence=plan.evidence, suites=suites,
                                      fast=fast)
-        say(f"  running suites ({suites}) …")
+        note(f"running suites ({suites})")
         t1 = time.perf_counter()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_ENV: "1"}  # the child reports where it is
         with open(log_path, "w") as log:
             # Its own process group: a timeout or Ctrl-C stops the cell and everything it started (FSDP workers).
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(envs.REPO_ROOT),
                                     start_new_session=True)
             try:
-                rc = proc.wait(timeout=timeout)
+                rc = wait_streaming(proc, log_path, timeout, note)
             except subprocess.TimeoutExpired:
                 stop_group(proc)
                 rc = None
@@ -189,6 +196,40 @@ def run_cell(cell: Cell, plan: Plan, *, matrix_path: str | None, timeout: float,
     result.timings.update(report.timings)
     result.status = overall_status(cell.expected, result.suites)
     return result
+
+
+def wait_streaming(proc: subprocess.Popen, log_path: Path, timeout: float, note, poll: float = 0.25) -> int:
+    """Wait for ``proc`` (raises TimeoutExpired after ``timeout`` s) while passing the progress lines it writes
+    to ``log_path`` (:func:`portvlm.terminal.child_progress`) to ``note``."""
+    from portvlm.terminal import progress_text
+
+    deadline = time.monotonic() + timeout
+    offset, pending = 0, b""
+
+    def drain() -> None:
+        nonlocal offset, pending
+        with contextlib.suppress(OSError), open(log_path, "rb") as fh:
+            fh.seek(offset)
+            chunk = fh.read()
+            offset += len(chunk)
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                found = progress_text(line.decode("utf-8", "replace"))
+                if found and not found[1]:
+                    note(found[0])
+                elif found:
+                    note(found[0], minor=True)
+
+    while True:
+        try:
+            rc = proc.wait(timeout=max(0.0, min(poll, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            drain()
+            if time.monotonic() >= deadline:
+                raise
+            continue
+        drain()
+        return rc
 
 
 def _strength(r: CellResult) -> tuple[int, int]:
@@ -232,41 +273,71 @@ def _summary_line(r: CellResult) -> str:
 def run_many(cells, *, results_dir: str | Path = "results", matrix_path: str | None = None,
              host_arch: str | None = None, require_hardware: bool = False, python: str | None = None,
              image: str | None = None, timeout: float = 900, fast: bool = False,
-             suites: str = "parity,training,streaming", say=print, archs: Sequence[Arch] = ()) -> list[CellResult]:
+             suites: str = "parity,training,streaming", say=None, archs: Sequence[Arch] = (),
+             progress=None) -> list[CellResult]:
+    """Run ``cells`` one after another, writing each result to ``results_dir``; raises :class:`Interrupted` on
+    Ctrl-C (however the process was launched). Progress goes to ``progress`` (a :class:`portvlm.terminal.Progress`;
+    default: one on stdout), or, when only ``say`` is given, as plain lines to ``say``."""
+    from portvlm.terminal import Progress, interruptible
+
     results_dir = Path(results_dir)
     if host_arch is None:
         from portvlm.platform import detect
 
         host_arch = detect().arch_id
     out: list[CellResult] = []
-    try:
-        _run_each(cells, out, results_dir=results_dir, matrix_path=matrix_path, host_arch=host_arch,
-                  require_hardware=require_hardware, python=python, image=image, timeout=timeout, fast=fast,
-                  suites=suites, say=say, archs=archs)
-    except KeyboardInterrupt:
-        say(f"\ninterrupted: {len(out)} of {len(cells)} cells ran; their results are kept in {results_dir}/ "
-            "(the running cell was stopped and not recorded)")
-        raise Interrupted(out, len(cells)) from None
+    if progress is None and say is not None:
+        progress = _SayProgress(say, len(cells))
+    with contextlib.ExitStack() as stack:
+        if progress is None:
+            progress = stack.enter_context(Progress("cells", len(cells), min_note_interval=0.0))
+        try:
+            with interruptible():
+                _run_each(cells, out, results_dir=results_dir, matrix_path=matrix_path, host_arch=host_arch,
+                          require_hardware=require_hardware, python=python, image=image, timeout=timeout, fast=fast,
+                          suites=suites, progress=progress, archs=archs)
+        except KeyboardInterrupt:
+            progress.say(f"\ninterrupted: {len(out)} of {len(cells)} cells ran; their results are kept in "
+                         f"{results_dir}/ (the running cell was stopped and not recorded)")
+            raise Interrupted(out, len(cells)) from None
     return out
 
 
+class _SayProgress:
+    """:class:`portvlm.terminal.Progress`'s interface over a plain ``say`` callable (tests, library callers)."""
+
+    def __init__(self, say, total: int):
+        self._say, self.total, self.index, self.t0 = say, total, 0, time.monotonic()
+
+    def start(self, name: str) -> None:
+        self.index += 1
+        self._say(f"[{self.index}/{self.total}] {name} (elapsed {time.monotonic() - self.t0:.0f}s)")
+
+    def note(self, text: str, minor: bool = False) -> None:
+        if not minor:
+            self._say(f"  {text}")
+
+    def say(self, text: str = "") -> None:
+        self._say(text)
+
+
 def _run_each(cells, out: list[CellResult], *, results_dir: Path, matrix_path, host_arch, require_hardware, python,
-              image, timeout, fast, suites, say, archs=()) -> None:
-    t_all = time.perf_counter()
-    for i, cell in enumerate(cells, 1):
+              image, timeout, fast, suites, progress, archs=()) -> None:
+    for cell in cells:
         plan = plan_cell(cell, host_arch, require_hardware=require_hardware, python=python, image=image, archs=archs)
-        say(f"[{i}/{len(cells)}] {cell.id}  ({plan.mode}, evidence {plan.evidence}; "
-            f"elapsed {time.perf_counter() - t_all:.0f}s)")
+        progress.start(f"{cell.id} ({plan.mode}, evidence {plan.evidence})")
         if plan.mode == Mode.REFUSE:
-            say(f"  error: {plan.reason}")
+            progress.say(f"  error: {plan.reason}")
             raise SystemExit(2)
-        result = run_cell(cell, plan, matrix_path=matrix_path, timeout=timeout, fast=fast, suites=suites, say=say)
+        result = run_cell(cell, plan, matrix_path=matrix_path, timeout=timeout, fast=fast, suites=suites,
+                          say=progress.say, note=progress.note)
         kept = keep_existing(results_dir, result)
         if kept is not None:
-            say(f"  kept the existing {kept.evidence} result (stronger evidence); this {result.evidence} run was not written")
+            progress.say(f"  kept the existing {kept.evidence} result for {cell.id} (stronger evidence); this "
+                         f"{result.evidence} run was not written")
         else:
             write_result(result, results_dir)
-        say(f"  → {_summary_line(result)}")
+        progress.say(f"{cell.id} → {_summary_line(result)}")
         out.append(result)
 
 

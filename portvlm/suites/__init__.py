@@ -76,7 +76,14 @@ def run_suites(ctx: SuiteContext, names=SUITES) -> dict:
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         raise KeyError(f"unknown suite(s) {unknown}; known: {', '.join(SUITES)}")
-    return {name: run_suite(ctx, name) for name in names}
+    from portvlm.terminal import child_progress
+
+    out = {}
+    for i, name in enumerate(names, 1):
+        child_progress(f"suite {name} ({i}/{len(names)})")  # the runner streams these to the person waiting
+        out[name] = run_suite(ctx, name)
+        child_progress(f"suite {name}: {out[name].status} in {out[name].wall_s:.1f}s")
+    return out
 
 
 __all__ = ["SUITES", "SuiteContext", "run_suite", "run_suites"]

@@ -137,11 +137,14 @@ class Recorder:
     figures: dict[str, Any] = field(default_factory=dict)
 
     def check(self, name: str, ok: bool, detail: str = "", value: float | None = None, bound: float | None = None) -> bool:
-        self.checks.append(Check(name=name, ok=bool(ok), detail=detail, value=None if value is None else float(value), bound=None if bound is None else float(bound)))
-        return bool(ok)
+        return self.add(Check(name=name, ok=bool(ok), detail=detail, value=None if value is None else float(value),
+                              bound=None if bound is None else float(bound)))
 
     def add(self, check: Check) -> bool:
+        from portvlm.terminal import child_progress
+
         self.checks.append(check)
+        child_progress(f"{self.name}: {check.name} {'ok' if check.ok else 'FAIL'}", minor=True)
         return check.ok
 
     def result(self) -> SuiteResult:

@@ -462,8 +462,25 @@ def test_text_output_fits_one_screen_and_is_plain_when_not_a_tty():
     main([], probes=machine(v100(), versions={"transformers": "5.23.0", "flash-attn": "2.8.3"}), stdout=out)
     text = out.getvalue()
     assert "\x1b[" not in text
-    assert len(text.splitlines()) <= 45
+    assert len(text.splitlines()) <= 60  # wrapped at 100 columns, never cut
     assert "verdict WARN" in text and "efficient_varlen" in text and "pip uninstall -y flash-attn" in text
+
+
+def test_plain_text_wraps_long_lines_at_word_boundaries_instead_of_cutting_them(monkeypatch):
+    """Every word of every reason is printed whole: no line over the width, no '…' cut (issue #28)."""
+    from portvlm.doctor.render import lines
+
+    monkeypatch.setenv("COLUMNS", "72")
+    probes = machine(v100(), versions={"transformers": "5.23.0", "flash-attn": "2.8.3"})
+    out = io.StringIO()
+    main(["--no-color", "--matrix", str(MATRIX.path)], probes=probes, stdout=out)
+    text = out.getvalue()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 72 or all(
+        " " not in line.strip() for line in text.splitlines() if len(line) > 72)  # only one unbreakable word
+    report = diagnose(collect(probes), MATRIX)
+    words = [w for line in lines(report) for w in "".join(t for t, _ in line).split()]
+    assert words == text.split()  # the same words in the same order: wrapped, none cut or lost
 
 
 # ----------------------------------------------------------------------------------------------------- never raises
