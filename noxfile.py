@@ -3,7 +3,7 @@
 # ///
 """portvlm's nox sessions: thin shells over portvlm's pure core (sessions hold no logic of their own).
 
-    nox                                          # the CPU cells of every model, then the support table
+    nox                                          # the CPU cells of every model into portvlm-results/, then a table of them
     nox -s "test(arch='sm70', model='qwen2_5vl')"  # one arch × model: every stack matrix.yaml lists for it
     nox -s tests                                 # the project's own tests (what CI runs)
     nox -l                                       # every session, generated from matrix.yaml
@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from portvlm.errors import MatrixError  # noqa: E402
 from portvlm.matrix import expand, load_matrix  # noqa: E402
+from portvlm.run.results import LOCAL_RESULTS  # noqa: E402
 from portvlm.wheels import REQUIRE_INTEGRATIONS_ENV, integration_requirements  # noqa: E402
 
 nox.options.default_venv_backend = "uv|virtualenv"
@@ -58,8 +59,14 @@ def test(session: nox.Session, arch: str, model: str) -> None:
 
 
 @nox.session(python=False)
+def report(session: nox.Session) -> None:
+    """A support table of your own run: portvlm-results/SUPPORT.md and site/ from portvlm-results/ (untracked)."""
+    _portvlm(session, "publish", "--results", LOCAL_RESULTS, "--out", LOCAL_RESULTS, *session.posargs)
+
+
+@nox.session(python=False, default=False)
 def publish(session: nox.Session) -> None:
-    """Render SUPPORT.md, site/index.html and the per-platform badges from results/."""
+    """Publishing: the tracked SUPPORT.md, site/index.html, badges and README numbers from the tracked results/."""
     _portvlm(session, "publish", *session.posargs)
 
 
@@ -124,5 +131,6 @@ def pull(session: nox.Session, image: str) -> None:
     _portvlm(session, "containers", "pull", image, *session.posargs)
 
 
-# `nox` alone: the CPU cells of every model, then the support table.
-nox.options.sessions = [f"test(arch='cpu', model='{m}')" for a, m in ARCH_MODEL if a == "cpu"] + ["publish"]
+# `nox` alone: the CPU cells of every model into portvlm-results/, then a table of them there (git status stays
+# clean; publishing the tracked results/ and SUPPORT.md is `-- --publish` / `nox -s publish`).
+nox.options.sessions = [f"test(arch='cpu', model='{m}')" for a, m in ARCH_MODEL if a == "cpu"] + ["report"]

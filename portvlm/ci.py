@@ -128,7 +128,7 @@ def cpu_job(cells) -> dict | None:
         ]}},
         "steps": [
             *_setup(),
-            {"name": "Run the CI-selected CPU cells", "run": 'nox -s "${{ matrix.session }}" -- --ci'},
+            {"name": "Run the CI-selected CPU cells", "run": 'nox -s "${{ matrix.session }}" -- --ci --publish'},
             _upload_results("results-cpu-${{ matrix.model }}"),
         ],
     }
@@ -148,8 +148,9 @@ def gpu_job(arch, cells, images: list[str]) -> dict | None:
         ]
     steps += [
         # --require-hardware: a mislabelled runner fails loudly instead of recording emulated results.
+        # --publish: the uploaded results/ is the project's evidence (a user's run writes portvlm-results/).
         {"name": f"Run the {arch.id} cells on {arch.id} hardware",
-         "run": 'nox -s "${{ matrix.session }}" -- --require-hardware'},
+         "run": 'nox -s "${{ matrix.session }}" -- --require-hardware --publish'},
         _upload_results(f"results-{arch.id}-${{{{ matrix.model }}}}"),
     ]
     return {

@@ -80,7 +80,8 @@ def run_cells(matrix_text: str, *, transformers: str, torch: str, python: str, i
         cells = select(expand(parse_matrix(text, str(path))), arch="cpu", model=list(models), stack=stack_id)
         with _allowed_unverified():
             return run_many(cells, results_dir=Path(tmp) / "results", matrix_path=str(path), host_arch="cpu",
-                            python=interpreter, timeout=timeout, fast=fast, say=say)
+                            python=interpreter, timeout=timeout, fast=fast,
+                            say=None if say is print else say)  # print: the runner's own progress display
 
 
 def run_drift(*, transformers: str | None = None, torch: str | None = None, python: str | None = None,

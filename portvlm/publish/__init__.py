@@ -25,6 +25,7 @@ from portvlm.publish.table import (
     format_kv,
     format_number,
     format_seconds,
+    format_step,
     read_results,
 )
 
@@ -89,6 +90,10 @@ def write_all(results_dir="results", matrix=None, out_dir=".") -> tuple[dict[str
     write("site/badges/families.json", json.dumps(_families.endpoint(sweep), indent=2, ensure_ascii=False) + "\n")
     write("site/badges/families.svg", env.get_template("badge.svg.j2").render(
         b=box_geometry(_families.BADGE_LABEL, sweep.message, sweep.color)))
+    from portvlm.publish import readme
+
+    if readme.update(out_dir / "README.md", matrix):  # the README's matrix numbers (only where it has the markers)
+        written["README.md"] = out_dir / "README.md"
     written.update(_copy_results(table, loaded.files, site / "results"))
     written.update(_copy_drift(drift_json, site / "drift"))
     return written, table
@@ -114,7 +119,7 @@ def _distributed(loaded, results_dir: Path) -> list:
     from portvlm.publish import distributed
 
     bench, _ = distributed.from_benchmarks(results_dir.resolve().parent / "benchmarks" / "results")
-    return distributed.from_cells(loaded.by_cell) + bench
+    return distributed.group_rows(distributed.from_cells(loaded.by_cell) + bench)
 
 
 def _copy_results(table: Table, files: dict[str, Path], target: Path) -> dict[str, Path]:
@@ -150,7 +155,7 @@ def _jinja_env():
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
     )
-    env.filters.update(md=md_escape, num=format_number, secs=format_seconds, kv=format_kv, slug=lambda s: s.replace(" ", "-"))
+    env.filters.update(md=md_escape, num=format_number, secs=format_seconds, step=format_step, kv=format_kv, slug=lambda s: s.replace(" ", "-"))
     return env
 
 
@@ -169,7 +174,7 @@ def md_slot(slot: Slot | None, link: str) -> str:
     head = f"[{icon} {slot.status}]({link}/{slot.cell_id}.json)" if slot.has_result else f"{icon} {slot.status}"
     parts = [f"{head} {ev['glyph']} {ev['short']}"]
     if slot.has_result:
-        parts.append(f"err {format_number(slot.parity_err)} · step {format_seconds(slot.step_s)}")
+        parts.append(f"err {format_number(slot.parity_err)} · step {format_step(slot)}")
         if slot.kv_bytes is not None:
             parts.append(format_kv(slot.kv_bytes))
     if slot.reason and slot.status != "pass":

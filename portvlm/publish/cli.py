@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from portvlm.publish import write_all
 
@@ -17,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from portvlm.errors import MatrixError
 
+    if is_tracked(a.out):
+        print(f"publishing: rewriting the tracked SUPPORT.md and site/ under {a.out} from {a.results}/ "
+              "(git shows them as changes; a local report: --results portvlm-results --out portvlm-results)")
     try:
         written, table = write_all(a.results, a.matrix, a.out)
     except MatrixError as exc:
@@ -30,3 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     for problem in table.problems:
         print(f"note: {problem}", file=sys.stderr)
     return 0
+
+
+def is_tracked(out: str) -> bool:
+    """``out`` is this checkout's root, whose SUPPORT.md and site/ git tracks."""
+    from portvlm.run.env import REPO_ROOT
+
+    return Path(out).resolve() == REPO_ROOT.resolve() and (REPO_ROOT / "SUPPORT.md").exists()

@@ -25,6 +25,48 @@ class DistRow:
     topology: str = "—"  # "2 ranks · 1 GPU (shared) · gloo"
 
 
+# The section's columns: (header, DistRow attribute).
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("arch policy", "arch_policy"), ("DP×SP", "mesh"), ("topology", "topology"), ("model", "model"), ("status", "status"),
+    ("evidence", "evidence"), ("tokens/s", "tokens_per_s"), ("peak GiB/rank", "peak_gib"), ("what", "what"),
+    ("source", "source"),
+)
+CELLS_GROUP = "the CPU cells' training suite (sp check, gloo)"
+
+
+@dataclass(frozen=True)
+class DistGroup:
+    """Rows from one source (a benchmark file, or the cells): what all of them share is said once, above a table
+    of the columns that differ (a sentence is never repeated on every row)."""
+
+    title: str
+    shared: tuple[tuple[str, str], ...]  # (header, value) true of every row
+    columns: tuple[str, ...]  # headers of the columns that differ between rows
+    rows: tuple[tuple[str, ...], ...]
+
+
+def _text(value) -> str:
+    return "—" if value is None else str(value)
+
+
+def group_rows(rows: list[DistRow]) -> list[DistGroup]:
+    """Pure: ``rows`` grouped by source in first-seen order; a column equal on every row of a group moves into
+    the group's ``shared`` line (for a group of one row, everything but the figures is shared)."""
+    groups: dict[str, list[DistRow]] = {}
+    for row in rows:
+        groups.setdefault(row.source if row.source.endswith(".json") else CELLS_GROUP, []).append(row)
+    out = []
+    for title, members in groups.items():
+        values = {header: [_text(getattr(r, attr)) for r in members] for header, attr in COLUMNS
+                  if not (header == "source" and title.endswith(".json"))}
+        figures = ("status", "tokens/s", "peak GiB/rank")  # always in the table, even when equal
+        shared = tuple((h, v[0]) for h, v in values.items() if h not in figures and len(set(v)) == 1)
+        columns = tuple(h for h in values if h not in dict(shared))
+        table = tuple(tuple(values[h][i] for h in columns) for i in range(len(members)))
+        out.append(DistGroup(title, shared, columns, table))
+    return out
+
+
 def _mesh(m: dict | None, world: int | None) -> str:
     if m:
         return f"{m.get('dp', 1)}×{m.get('sp', 1)}"

@@ -42,6 +42,9 @@ PARITY_FIGURES = ("max_abs_err", "max_parity_err", "max_err")
 STEP_FIGURES = ("step_time_s", "step_s", "train_step_s")
 # Families with a compressed KV cache (llava_mla) report KV bytes per token, MHA vs theirs, in every suite.
 KV_FIGURE = "kv_bytes_per_token"
+# A run whose machine had more runnable work than CPUs (1-minute load average / CPU count) times nothing useful: its
+# step time is left out of the table (the result file keeps it, with the load).
+BUSY_LOAD_PER_CPU = 1.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,12 @@ class Slot:
     kv_bytes: tuple[int, int, int] | None = None  # (MHA, MLA, rank): KV cache bytes per token, where reported
     has_result: bool = False
     evidence_notes: tuple[str, ...] = ()
+    host_load: tuple[float, int] | None = None  # (1-minute load average, CPU count) while the cell ran
+
+    @property
+    def busy(self) -> bool:
+        """The machine was loaded beyond its CPU count while the cell ran: its timings are noise."""
+        return self.host_load is not None and self.host_load[0] > BUSY_LOAD_PER_CPU * max(1, self.host_load[1])
 
     @property
     def explained(self) -> bool:
@@ -92,7 +101,7 @@ class PlatformSummary:
         if self.counts.get(NOT_RUN, 0) == self.total:
             return f"not run ({self.total} cells)"
         parts = [f"{self.passed}/{self.total} pass"]
-        for status in ("fail", "error", "timeout", "xpass", "xfail"):
+        for status in ("fail", "error", "timeout", "xpass", "xfail", "skipped", NOT_RUN):  # every cell accounted for
             if self.counts.get(status):
                 parts.append(f"{self.counts[status]} {status}")
         for level in ("emulated", "built"):
@@ -236,7 +245,26 @@ def make_slot(cell, result: CellResult | None) -> Slot:
         kv_bytes=kv_bytes(result),
         has_result=True,
         evidence_notes=tuple(str(n) for n in result.evidence_notes),
+        host_load=host_load(result),
     )
+
+
+def host_load(result: CellResult) -> tuple[float, int] | None:
+    """``(load average, CPUs)`` the runner recorded beside the timings, or None (results from before it did)."""
+    load, cpus = _finite(result.timings.get("host_load_1m")), _finite(result.timings.get("host_cpus"))
+    return (load, int(cpus)) if load is not None and cpus else None
+
+
+def format_step(slot: Slot) -> str:
+    """The step time as the table shows it: left out when the machine was busy, marked when its load is unknown."""
+    if slot.step_s is None:
+        return "—"
+    if slot.host_load is None:
+        return f"{format_seconds(slot.step_s)} (load not recorded)"
+    if slot.busy:
+        load, cpus = slot.host_load
+        return f"— (busy machine: load {load:.1f} on {cpus} CPUs)"
+    return format_seconds(slot.step_s)
 
 
 def result_reason(result: CellResult, cell) -> str | None:

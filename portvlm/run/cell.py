@@ -85,13 +85,23 @@ def _installed_versions() -> dict[str, Any]:
     return out
 
 
-def _host() -> tuple[Platform, dict[str, Any]]:
-    """(the host platform, doctor record) — each probe degrades to a reason, never raises."""
+def _host(cell: Cell | None = None, matrix=None) -> tuple[Platform, dict[str, Any]]:
+    """(the host platform, doctor record) — each probe degrades to a reason, never raises.
+
+    The record is about ``cell``: its verdict weighs the cell's model only (as ``portvlm doctor --model ID``), so
+    a passing cell never carries FAIL because another family cannot run on this transformers.
+    """
     env: dict[str, Any] = {}
     try:
-        from portvlm import doctor
+        from dataclasses import replace
 
-        env = doctor.record()
+        from portvlm import doctor
+        from portvlm.policy import packaged_matrix
+
+        scope = matrix if matrix is not None else packaged_matrix()
+        if cell is not None:
+            scope = replace(scope, models=tuple(m for m in scope.models if m.id == cell.model.id) or (cell.model,))
+        env = doctor.record(matrix=scope)
     except Exception as exc:  # noqa: BLE001 - the record says why it is missing
         env = {"error": f"doctor unavailable: {type(exc).__name__}: {exc}"}
     from portvlm.platform import CPU, detect
@@ -135,7 +145,7 @@ def run(cell: Cell, suites: tuple[str, ...], fast: bool, in_container: bool, evi
     from portvlm.suites import SuiteContext, run_suites
 
     t0 = time.perf_counter()
-    host, env = _host()
+    host, env = _host(cell, matrix)
     policy = resolve_policy(cell.arch.id, matrix=matrix, host=host)
     actual = _installed_versions()
     evidence = Evidence(evidence) if evidence else evidence_for(cell, host.arch_id)

@@ -25,6 +25,10 @@ from portvlm.records import (  # noqa: E402,F401 - re-exported: results are read
     suite_from_json,
 )
 
+# Where a user's run writes (untracked, .gitignore'd); the tracked results/ only when publishing is asked for.
+LOCAL_RESULTS = "portvlm-results"
+PUBLISHED_RESULTS = "results"
+
 
 def write_result(result: CellResult, directory: str | os.PathLike) -> Path:
     """Write results/<cell>.json atomically (temp file + rename); other cells' files are never touched.

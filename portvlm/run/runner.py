@@ -150,6 +150,7 @@ def run_cell(cell: Cell, plan: Plan, *, matrix_path: str | None, timeout: float,
             cmd = envs.child_command(python, cell.id, out, matrix=matrix_path, evidence=plan.evidence, suites=suites,
                                      fast=fast)
         note(f"running suites ({suites})")
+        load_before = _loadavg()
         t1 = time.perf_counter()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_ENV: "1"}  # the child reports where it is
         with open(log_path, "w") as log:
@@ -166,7 +167,7 @@ def run_cell(cell: Cell, plan: Plan, *, matrix_path: str | None, timeout: float,
                 raise
         run_s = time.perf_counter() - t1
         result.timings = {"env_s": round(env_s, 2), "run_s": round(run_s, 2),
-                          "total_s": round(time.perf_counter() - t0, 2)}
+                          "total_s": round(time.perf_counter() - t0, 2), **host_load(load_before)}
         if rc is None:
             result.status = Status.TIMEOUT
             result.error = f"cell exceeded {timeout:.0f}s; log: {log_path}"
@@ -196,6 +197,24 @@ def run_cell(cell: Cell, plan: Plan, *, matrix_path: str | None, timeout: float,
     result.timings.update(report.timings)
     result.status = overall_status(cell.expected, result.suites)
     return result
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on this OS
+        return None
+
+
+def host_load(before: float | None) -> dict[str, float]:
+    """The machine's 1-minute load average while the cell ran (the larger of start and end) and its CPU count:
+    what a reader needs to judge the timings beside them (``portvlm.publish`` hides step times of busy runs)."""
+    after = _loadavg()
+    loads = [x for x in (before, after) if x is not None]
+    out: dict[str, float] = {"host_cpus": os.cpu_count() or 0}
+    if loads:
+        out["host_load_1m"] = round(max(loads), 2)
+    return out
 
 
 def wait_streaming(proc: subprocess.Popen, log_path: Path, timeout: float, note, poll: float = 0.25) -> int:

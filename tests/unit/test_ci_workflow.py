@@ -93,7 +93,7 @@ def test_cpu_job_covers_exactly_the_ci_selected_cpu_cells(matrix, generated):
     assert [e["session"] for e in include] == [f"test(arch='cpu', model='{m}')" for m in wanted]
     assert doc["jobs"]["cpu"]["runs-on"] == "ubuntu-latest"
     runs = [s.get("run", "") for s in doc["jobs"]["cpu"]["steps"]]
-    assert 'nox -s "${{ matrix.session }}" -- --ci' in runs
+    assert 'nox -s "${{ matrix.session }}" -- --ci --publish' in runs  # results/ is uploaded: publish it
 
 
 def test_gpu_jobs_run_on_self_hosted_runners_labelled_by_arch(matrix, generated):

@@ -457,7 +457,8 @@ def test_strict_exit_codes():
     assert main(["--model", "nope"], probes=ok, stdout=io.StringIO()) == 2
 
 
-def test_text_output_fits_one_screen_and_is_plain_when_not_a_tty():
+def test_text_output_fits_one_screen_and_is_plain_when_not_a_tty(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
     out = io.StringIO()
     main([], probes=machine(v100(), versions={"transformers": "5.23.0", "flash-attn": "2.8.3"}), stdout=out)
     text = out.getvalue()

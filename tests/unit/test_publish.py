@@ -222,7 +222,7 @@ def test_badges_follow_the_shields_endpoint_schema(published):
     assert "1 emulated" in badges["cpu"]["message"] and "1 built" in badges["cpu"]["message"]
     assert badges["cpu"]["color"] == "red"
     # sm80+ folds sm80 and sm90: 3 passes (2 hardware, 1 emulated) of 8 cells, the rest not run.
-    assert badges["sm80+"]["message"] == "3/8 pass · 1 emulated" and badges["sm80+"]["color"] == "yellow"
+    assert badges["sm80+"]["message"] == "3/8 pass · 5 not run · 1 emulated" and badges["sm80+"]["color"] == "yellow"
     # gfx942: every cell passed on hardware.
     assert badges["gfx942"]["message"] == "4/4 pass" and badges["gfx942"]["color"] == "brightgreen"
     # sm70: the excluded cell does not count; nothing ran.
@@ -418,3 +418,81 @@ def test_upstream_row_shows_the_latest_report_green_then_red(tmp_path, matrix):
     assert sorted(p.name for p in (tmp_path / "site" / "drift").iterdir()) == [
         "2026-12-08-tf9.1.0-torch2.13.0+cpu.json", "2026-12-08-tf9.1.0-torch2.13.0+cpu.md"]  # only the latest copy
     assert len(list((results / "drift").glob("*.json"))) == 2  # the earlier report is kept
+
+
+# -- issue #28: what a newcomer reads ------------------------------------------------------------------------------
+def test_readme_numbers_come_from_the_matrix(monkeypatch):
+    """The README's counts are generated from matrix.yaml (`portvlm publish`); PORTVLM_UPDATE_GOLDEN=1 rewrites them."""
+    import os
+
+    from portvlm.publish import readme
+
+    matrix = load_matrix(ROOT / "matrix.yaml")
+    if os.environ.get("PORTVLM_UPDATE_GOLDEN"):
+        readme.update(ROOT / "README.md", matrix)
+    text = (ROOT / "README.md").read_text()
+    assert readme.BEGIN in text and readme.END in text
+    assert readme.render(text, matrix) == text, (
+        "README.md's matrix numbers are stale: run `portvlm publish` (or PORTVLM_UPDATE_GOLDEN=1) and review the diff")
+    cells = expand(matrix)
+    block = text[text.index(readme.BEGIN):text.index(readme.END)]
+    assert f"= {len(cells)} cells" in block and f"{len(matrix.models)} models" in block
+    assert f"runs the {sum(c.arch.id == 'cpu' for c in cells)} CPU cells" in block
+
+
+def test_every_badge_accounts_for_every_cell_it_counts(tmp_path, matrix):
+    """`6/8 pass` alone hides two cells: the message names what the others are (not run, failed, skipped …)."""
+    from portvlm.publish import write_all
+
+    every_status_by_evidence(matrix, tmp_path / "results")
+    _, table = write_all(tmp_path / "results", matrix, tmp_path)
+    for summary in table.platforms:
+        message = summary.message
+        if message.startswith("not run") or summary.total == 0:
+            continue
+        statuses = ("pass", "fail", "error", "timeout", "xpass", "xfail", "skipped", NOT_RUN)
+        named = sum(int(n) for n, what in re.findall(r"(\d+) ([a-z ]+?)(?: ·|$)", message.split(" pass", 1)[1])
+                    if what.strip() in statuses)
+        assert summary.passed + named == summary.total, (summary.platform, message)
+        if summary.counts.get(NOT_RUN):
+            assert f"{summary.counts[NOT_RUN]} not run" in message
+
+
+def test_step_times_of_a_busy_machine_are_left_out_and_unknown_load_is_marked(matrix):
+    from portvlm.publish.table import format_step, make_slot
+
+    cell = expand(matrix)[0]
+
+    def slot(timings):
+        r = fake_result(cell, "pass", "hardware", step=0.25)
+        r.timings.update(timings)
+        return make_slot(cell, r)
+
+    assert format_step(slot({"host_load_1m": 0.7, "host_cpus": 2})) == "250 ms"
+    assert format_step(slot({"host_load_1m": 12.9, "host_cpus": 2})) == "— (busy machine: load 12.9 on 2 CPUs)"
+    assert format_step(slot({})) == "250 ms (load not recorded)"
+
+
+def test_distributed_rows_say_a_shared_sentence_once():
+    from portvlm.publish.distributed import DistRow, group_rows
+
+    what = "NVIDIA H200; world size 1 (FSDP2 plumbing on one GPU): loss + parameters after a step"
+    rows = [DistRow(p, "1×1", m, "pass", "hardware", None, g, what, "distributed_dp_1gpu.json")
+            for p, m, g in (("sm90", "qwen2_5vl", 5.75), ("sm70", "qwen2_5vl", 7.3), ("sm90", "qwen3vl", 9.1))]
+    (group,) = group_rows(rows)
+    assert dict(group.shared)["what"] == what and "what" not in group.columns
+    assert dict(group.shared)["evidence"] == "hardware"
+    assert group.columns == ("arch policy", "model", "status", "tokens/s", "peak GiB/rank")
+    assert [r[-1] for r in group.rows] == ["5.75", "7.3", "9.1"]
+    md = _render_md_with(rows)
+    assert md.count(what) == 1
+
+
+def _render_md_with(rows) -> str:
+    from portvlm.publish import _jinja_env
+    from portvlm.publish.distributed import group_rows
+
+    env = _jinja_env()
+    src = env.loader.get_source(env, "support.md.j2")[0]
+    section = src[src.index("{% if distributed %}"):src.index("## Legend")]
+    return env.from_string(section).render(distributed=group_rows(rows))

@@ -311,3 +311,42 @@ def test_plain_progress_is_one_line_per_event_with_counts_and_elapsed():
     assert lines == ["[1/2 0s] cells: cpu--a", "  [1/2 0s] cpu--a · suite parity (1/3)", "cpu--a → pass",
                      "[2/2 0s] cells: cpu--b"]
     assert "\x1b[" not in out.getvalue()
+
+
+def test_a_user_s_run_writes_portvlm_results_and_only_publish_writes_the_tracked_results(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """`portvlm run` (what `nox` calls) writes ./portvlm-results/; `--publish` writes ./results/ and says so."""
+    from portvlm.run.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PORTVLM_LOGS", str(tmp_path / "logs"))
+    partial = {"evidence": "hardware", "suites": {"parity": {"name": "parity", "status": "pass"}}}
+    py = _fake_child(tmp_path, f"{_argv_out()}\njson.dump({partial!r}, open(out, 'w'))")
+    args = ["--arch", "cpu", "--model", "llava", "--stack", "cpu-tf5.24.0", "--python", py, "--host-arch", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    written = json.loads((tmp_path / "portvlm-results" / "cpu--llava--cpu-tf5.24.0.json").read_text())
+    assert not (tmp_path / "results").exists() and "publishing" not in out
+    assert written["timings"]["host_cpus"] >= 1 and written["timings"]["host_load_1m"] >= 0  # judged by publish
+    assert main([*args, "--publish"]) == 0
+    assert "publishing: results go to the tracked results/" in capsys.readouterr().out
+    assert (tmp_path / "results" / "cpu--llava--cpu-tf5.24.0.json").is_file()
+    with pytest.raises(SystemExit):
+        main([*args, "--publish", "--results", "elsewhere"])
+
+
+def test_the_main_job_runs_into_portvlm_results_and_ends_with_a_local_report_not_publish():
+    """`nox` alone = the CPU cells + `report` (into portvlm-results/); `publish` is asked for by name."""
+    import subprocess
+
+    pytest.importorskip("nox")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "nox", "--script-mode", "none", "-l", "--json"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    sessions = [s["session"] for s in json.loads(proc.stdout)]
+    assert sessions[-1] == "report" and "publish" not in sessions
+    assert all(s.startswith("test(arch='cpu'") for s in sessions[:-1]) and len(sessions) > 1
+    noxfile = (root / "noxfile.py").read_text()
+    assert '"--results", LOCAL_RESULTS, "--out", LOCAL_RESULTS' in noxfile
+    assert "/portvlm-results/" in (root / ".gitignore").read_text().splitlines()
