@@ -350,3 +350,15 @@ def test_the_main_job_runs_into_portvlm_results_and_ends_with_a_local_report_not
     noxfile = (root / "noxfile.py").read_text()
     assert '"--results", LOCAL_RESULTS, "--out", LOCAL_RESULTS' in noxfile
     assert "/portvlm-results/" in (root / ".gitignore").read_text().splitlines()
+
+
+def test_a_cell_s_embedded_doctor_record_is_about_that_cell_s_model_only():
+    """A passing llava cell never carries FAIL because another family cannot run on its transformers."""
+    from portvlm.matrix import expand, load_matrix
+    from portvlm.run.cell import _host
+
+    root = Path(__file__).resolve().parents[2]
+    matrix = load_matrix(root / "matrix.yaml")
+    cell = next(c for c in expand(matrix) if c.arch.id == "cpu" and c.model.id == "llava")
+    _, record = _host(cell, matrix)
+    assert [f["model"] for f in record["families"]] == ["llava"], record.get("families")
