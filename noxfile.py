@@ -90,17 +90,25 @@ def tests(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "tests/container", "-q", *session.posargs)
     stacks = [s for s in CI_STACKS if not os.environ.get("PORTVLM_TEST_STACKS")
               or s.id in os.environ["PORTVLM_TEST_STACKS"].split(",")]
-    for stack in stacks:
-        session.log(f"torch tests on {stack.id} (torch {stack.torch}+{stack.torch_variant}, transformers {stack.transformers})")
-        # The trainer libraries (PEFT, TRL, accelerate) go into the newest CI stack's venv only, and are required there.
-        extras = integration_requirements(stack, CI_STACKS)
-        python = session.run(
-            "python", "-m", "portvlm.run.env", "--transformers", stack.transformers,
-            "--torch", f"{stack.torch}+{stack.torch_variant}", "--python", stack.python,
-            *[f"--extra={e}" for e in extras], silent=True,
-        ).strip().splitlines()[-1]
-        session.run(python, "-m", "pytest", "tests/torch", "-n", "2", "-q", "-p", "no:cacheprovider",
-                    *session.posargs, external=True, env={REQUIRE_INTEGRATIONS_ENV: "1"} if extras else None)
+    # Every stack's venv first, three at a time (a fresh machine downloads torch once; uv links the rest).
+    # The trainer libraries (PEFT, TRL, accelerate) go into the newest CI stack's venv only, and are required there.
+    from portvlm.run.env import EnvSpec, ensure_envs
+
+    extras = {s.id: integration_requirements(s, CI_STACKS) for s in stacks}
+    specs = [EnvSpec(s.python, f"{s.torch}+{s.torch_variant}", s.transformers, tuple(extras[s.id])) for s in stacks]
+    from portvlm.errors import EnvironmentBuildError
+
+    try:
+        pythons = ensure_envs(specs, say=session.log)
+    except EnvironmentBuildError as exc:
+        session.error(str(exc))
+    for i, (stack, python) in enumerate(zip(stacks, pythons, strict=True), 1):
+        session.log(f"[{i}/{len(stacks)}] torch tests on {stack.id} (torch {stack.torch}+{stack.torch_variant}, "
+                    f"transformers {stack.transformers})")
+        # --durations: the CI log names the slowest tests of each stack (the 45-minute budget, README "CI time").
+        session.run(str(python), "-m", "pytest", "tests/torch", "-n", "2", "-q", "-p", "no:cacheprovider",
+                    "--durations=5", *session.posargs, external=True,
+                    env={REQUIRE_INTEGRATIONS_ENV: "1"} if extras[stack.id] else None)
 
 
 @nox.session

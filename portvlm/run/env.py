@@ -111,6 +111,27 @@ def ensure_env(spec: EnvSpec, *, quiet: bool = True) -> Path:
     return env_python(path)
 
 
+def ensure_envs(specs: list[EnvSpec], jobs: int = 3, say=print) -> list[Path]:
+    """:func:`ensure_env` for each spec, ``jobs`` at a time (uv downloads and links in parallel; its cache locks);
+    the pythons in ``specs`` order. Says which it builds and how long each took; the first failure raises."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.monotonic()
+    todo = [s for s in specs if not is_ready(s)]
+    if todo:
+        say(f"building {len(todo)} of {len(specs)} environments, {jobs} at a time: {', '.join(s.key for s in todo)}")
+
+    def one(spec: EnvSpec) -> Path:
+        path = ensure_env(spec)
+        if spec in todo:
+            say(f"  built {spec.key} ({time.monotonic() - t0:.0f}s since start)")
+        return path
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, specs))
+
+
 def child_command(python: str, cell_id: str, out: str, *, matrix: str | None = None, evidence: str | None = None,
                   suites: str = "parity,training,streaming", fast: bool = False, in_container: bool = False) -> list[str]:
     """The one command that runs a cell's suites in a child process (``portvlm.run.cell``), venv or container."""

@@ -362,3 +362,30 @@ def test_a_cell_s_embedded_doctor_record_is_about_that_cell_s_model_only():
     cell = next(c for c in expand(matrix) if c.arch.id == "cpu" and c.model.id == "llava")
     _, record = _host(cell, matrix)
     assert [f["model"] for f in record["families"]] == ["llava"], record.get("families")
+
+
+def test_ensure_envs_builds_in_parallel_keeps_order_and_says_what_it_builds(monkeypatch):
+    import threading
+    import time
+
+    from portvlm.run import env as envs
+
+    specs = [envs.EnvSpec("3.11", "2.13.0+cpu", v) for v in ("4.50.3", "4.52.4", "5.24.0")]
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def fake_build(spec):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        return Path(f"/envs/{spec.transformers}/bin/python")
+
+    monkeypatch.setattr(envs, "ensure_env", fake_build)
+    monkeypatch.setattr(envs, "is_ready", lambda spec: spec.transformers == "4.50.3")
+    said = []
+    pythons = envs.ensure_envs(specs, jobs=3, say=said.append)
+    assert [p.parts[2] for p in pythons] == ["4.50.3", "4.52.4", "5.24.0"]
+    assert peak[0] >= 2  # concurrently, not one after another
+    assert said[0].startswith("building 2 of 3 environments") and len(said) == 3
