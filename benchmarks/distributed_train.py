@@ -64,6 +64,7 @@ import portvlm  # noqa: E402
 from portvlm.distributed import enable_activation_checkpointing, make_mesh, pack, parallelize  # noqa: E402
 from portvlm.models import inputs as model_inputs  # noqa: E402
 from portvlm.models import qwen, tiny  # noqa: E402
+from portvlm.shims import model_io  # noqa: E402
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "V100": 125.0}  # dense bf16/fp16 tensor-core peaks
 QWEN25_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
@@ -1009,9 +1010,7 @@ def part_size(args, rank, world, device, kind):
 
             def step():
                 for p in padded:
-                    for m in (model, getattr(model, "model", None)):
-                        if m is not None and hasattr(m, "rope_deltas"):
-                            m.rope_deltas = None
+                    model_io.reset_rope_state(model)
                     loss = model(**p, use_cache=False).loss
                     sdpa_losses.append(float(loss))
                     loss.backward()

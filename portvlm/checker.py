@@ -271,11 +271,10 @@ def runs(model) -> dict[str, str]:
 
 
 def _forward(model, inp):
+    from portvlm.shims.model_io import reset_rope_state
     from portvlm.testing import logits_of
 
-    for holder in (model, getattr(model, "model", None)):
-        if holder is not None and hasattr(holder, "rope_deltas"):
-            holder.rope_deltas = None  # Qwen keeps rope deltas between calls on some versions; start clean
+    reset_rope_state(model)
     return logits_of(model(**inp, use_cache=False))
 
 

@@ -29,6 +29,7 @@ from portvlm.distributed import loss as loss_mod
 from portvlm.distributed import ulysses, vision
 from portvlm.distributed.mesh import Layout, layout_of
 from portvlm.errors import UnsupportedError
+from portvlm.shims import model_io
 
 TEXT_SHIMS = ("text_registry", "text_registry_legacy", "text_classes")
 FAULTS = (None, "local_cu", "local_positions", "unordered_vision", "average_gradients")  # negative controls (tests)
@@ -168,16 +169,7 @@ class ParallelModel(torch.nn.Module):
                                             ordered=self.fault != "unordered_vision")
         embeds = self._text_model.get_input_embeddings()(ids)
         embeds = embeds + feats["anchor"].to(embeds.dtype)
-        masks = {}
-        for kind, token in (("image", cfg.image_token_id), ("video", cfg.video_token_id)):
-            mask = ids == token
-            n = int(mask.sum())
-            if n != feats[kind].shape[0]:
-                raise ValueError(f"the row has {n} {kind} tokens but its {kind} grids give {feats[kind].shape[0]} "
-                                 "merged features")
-            if n:
-                embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), feats[kind].to(embeds.dtype))
-            masks[kind] = mask
+        embeds, masks = model_io.merge_vision_embeds(embeds, ids, cfg, feats)
         pos = row["position_ids"][..., lo:hi]
         if self.fault == "local_positions":
             pos = _restart_positions(row["position_ids"], cu, lo, hi)
@@ -192,7 +184,7 @@ class ParallelModel(torch.nn.Module):
                     if part.shape[0]:
                         full = full.masked_scatter(masks[kind][0, :, None].expand_as(full), part.to(full.dtype))
                 deep.append(full[lo:hi][visual[0, lo:hi]])
-            kwargs.update(visual_pos_masks=visual[:, lo:hi], deepstack_visual_embeds=deep)
+            kwargs.update(model_io.deepstack_kwargs(visual[:, lo:hi], deep))
         if not self._class_path:
             kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen)
         from portvlm.shims.attention import packed_rows

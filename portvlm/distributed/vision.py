@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from portvlm.shims.model_io import tower_outputs, vision_channels
+
 
 @dataclass(frozen=True)
 class Item:
@@ -61,21 +63,6 @@ def assign(items: list[Item], ranks: int) -> list[list[int]]:
         plan[r].append(pos)
         load[r] += items[pos].patches
     return [sorted(p) for p in plan]
-
-
-def tower_outputs(out):
-    """``(merged features, [deepstack features])`` from any version's tower return value."""
-    import torch
-
-    if isinstance(out, torch.Tensor):  # Qwen2.5-VL <5.0
-        return out, []
-    if isinstance(out, tuple):  # Qwen3-VL 4.57: (merged, deepstack list)
-        deep = out[1] if len(out) > 1 and isinstance(out[1], (list, tuple)) else []
-        return out[0], list(deep)
-    merged = getattr(out, "pooler_output", None)  # 5.x: merged features are the pooler output
-    if merged is None:
-        raise TypeError(f"vision tower returned {type(out).__name__} without pooler_output (upstream changed it)")
-    return merged, list(getattr(out, "deepstack_features", None) or [])
 
 
 def zero_anchor(x):
@@ -166,5 +153,5 @@ def distributed_features(tower, row: dict, rank: int, ranks: int, group, *, orde
 
 def _pixel_dim(tower) -> int:
     cfg = tower.config
-    channels = getattr(cfg, "in_channels", None) or getattr(cfg, "in_chans", 3)
+    channels = vision_channels(cfg)
     return int(channels * cfg.temporal_patch_size * cfg.patch_size**2)

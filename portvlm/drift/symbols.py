@@ -33,6 +33,8 @@ ANCHORS: dict[str, tuple[str, ...]] = {
     "text_registry_legacy": ("transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS",
                              "transformers.models.llama.modeling_llama.LlamaModel._update_causal_mask"),
     "text_classes": (),
+    # shims.model_io: the accessors of what a VLM's config and forward look like (no shim record; family anchors)
+    "model_io": (),
     # the DeltaNet forward looks the two functions up in its modeling module at call time: a rename or a new
     # signature (cu_seqlens read at last, a kernel that keeps samples apart) is what the lane must report
     "linear_attention_packed": (f"{QWEN35}.causal_conv1d_fn", f"{QWEN35}.torch_chunk_gated_delta_rule",

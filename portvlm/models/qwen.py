@@ -101,6 +101,8 @@ QWEN2_5_VL = Family(
         "vision_varlen": (f"{QWEN25}.apply_rotary_pos_emb_vision", f"{QWEN25}.Qwen2_5_VLVisionAttention.forward"),
         "vision_dense_mask": (f"{QWEN25}.Qwen2_5_VisionTransformerPretrainedModel._prepare_attention_mask",),
         "text_classes": (f"{QWEN25}.QWEN2_5_VL_ATTENTION_CLASSES", f"{QWEN25}.apply_multimodal_rotary_pos_emb"),
+        # shims.model_io: the text model portvlm.distributed feeds inputs_embeds + positions by keyword
+        "model_io": (f"{QWEN25}.Qwen2_5_VLTextModel.forward",),
     },
     description="Qwen2.5-VL",
 )
@@ -118,6 +120,8 @@ QWEN3_VL = Family(
         "kv_cache": ("transformers.Qwen3VLForConditionalGeneration.forward",),
         "layer_paths": ("transformers.Qwen3VLForConditionalGeneration",),
         "vision_varlen": (f"{QWEN3}.apply_rotary_pos_emb_vision", f"{QWEN3}.Qwen3VLVisionAttention.forward"),
+        # shims.model_io.deepstack_kwargs: visual_pos_masks / deepstack_visual_embeds are taken by keyword
+        "model_io": (f"{QWEN3}.Qwen3VLTextModel.forward",),
     },
     description="Qwen3-VL",
 )

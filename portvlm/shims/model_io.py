@@ -84,3 +84,48 @@ def vision_features(layout: str, tower, pixel_values, grid_thw=None) -> dict:
     feats = {"features": merged}
     feats.update({f"deepstack{i}": d for i, d in enumerate(deep)})
     return feats
+
+
+def reset_rope_state(model) -> None:
+    """Forget the mrope ``rope_deltas`` a Qwen-VL model cached from its previous call, so the next call starts clean.
+
+    Upstream: Qwen2-VL-family models keep ``self.rope_deltas`` between calls (on ``*ForConditionalGeneration`` to
+    4.51, on the inner ``*Model`` since the 4.52.0 split) and reuse it for a call that continues a cache or passes
+    ``inputs_embeds`` (5.24.0: ``cache_length > 0 or input_ids is None``): a forward after another prompt, a
+    training step after generation, an SP rank's text-only slice would get stale positions. Present in every version
+    read (4.50.3 … 5.24.0), not fixed upstream. A no-op for models without the attribute (LLaVA).
+    """
+    for holder in (model, getattr(model, "model", None)):
+        if holder is not None and hasattr(holder, "rope_deltas"):
+            holder.rope_deltas = None
+
+
+def merge_vision_embeds(embeds, input_ids, config, features: dict):
+    """Put merged vision features into the text embeddings at their placeholder tokens (Qwen-VL): ``(embeds, masks)``.
+
+    ``features``: ``{"image": [N_img, D], "video": [N_vid, D]}`` in sequence order; ``masks``: the bool ``[B, S]``
+    positions of each kind. What ``Qwen*VLModel.forward`` does inside itself (``masked_scatter`` at
+    ``config.image_token_id`` / ``video_token_id``; 5.x names it ``get_placeholder_mask``), for callers that feed the
+    text model ``inputs_embeds`` themselves (``portvlm.distributed`` runs the tower once per rank, then its slice).
+    A count mismatch raises, naming both counts (never a partial scatter).
+    """
+    masks = {}
+    for kind, token in (("image", config.image_token_id), ("video", config.video_token_id)):
+        mask = input_ids == token
+        n = int(mask.sum())
+        if n != features[kind].shape[0]:
+            raise ValueError(f"the row has {n} {kind} tokens but its {kind} grids give {features[kind].shape[0]} "
+                             "merged features")
+        if n:
+            embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), features[kind].to(embeds.dtype))
+        masks[kind] = mask
+    return embeds, masks
+
+
+def deepstack_kwargs(visual_pos_masks, deepstack_visual_embeds) -> dict:
+    """The keyword arguments Qwen3-VL's text model takes its deepstack features by.
+
+    Upstream: ``Qwen3VLTextModel.forward(visual_pos_masks=, deepstack_visual_embeds=)`` (4.57.1+; the names are a
+    drift anchor, ``Family.anchors["model_io"]`` of qwen3_vl, so a rename shows in the drift lane's signature diff).
+    """
+    return {"visual_pos_masks": visual_pos_masks, "deepstack_visual_embeds": deepstack_visual_embeds}

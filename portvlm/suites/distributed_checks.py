@@ -21,6 +21,8 @@ import traceback
 
 import torch
 
+from portvlm.shims import model_io
+
 PG_TIMEOUT_S = 60
 LR = 0.5  # plain SGD: parameters after the step differ by LR × the gradient difference
 
@@ -100,9 +102,7 @@ def reference(model_id: str, arch: str, state: dict, rows: list[dict]) -> dict:
     with patch(model, arch=arch):
         sums, count = [], 0
         for row in rows:
-            for m in (model, getattr(model, "model", None)):
-                if m is not None and hasattr(m, "rope_deltas"):
-                    m.rope_deltas = None
+            model_io.reset_rope_state(model)
             logits = model(**_model_kwargs(row)).logits[0].float()
             bounds = row["cu_seqlens"].tolist()
             for a, b in zip(bounds[:-1], bounds[1:], strict=True):  # per sample: token t predicts t+1 inside the sample

@@ -14,6 +14,7 @@ import torch
 
 from portvlm.models import inputs as model_inputs
 from portvlm.models import tiny
+from portvlm.shims import model_io
 from portvlm.suites._common import (
     PATCHED_BUILD_ATTN,
     Recorder,
@@ -37,11 +38,7 @@ def _inputs(ctx, kind, side, dtype):
 
 
 def _forward(model, inp):
-    if hasattr(model, "rope_deltas"):
-        model.rope_deltas = None  # Qwen keeps rope deltas between calls on some versions; start clean
-    for sub in (getattr(model, "model", None),):
-        if sub is not None and hasattr(sub, "rope_deltas"):
-            sub.rope_deltas = None
+    model_io.reset_rope_state(model)
     return logits_of(model(**inp, use_cache=False))
 
 

@@ -20,6 +20,7 @@ import torch
 
 from portvlm.models import inputs as model_inputs
 from portvlm.models import tiny
+from portvlm.shims import model_io
 from portvlm.suites import precision
 from portvlm.suites._common import (
     PATCHED_BUILD_ATTN,
@@ -53,9 +54,7 @@ def batch(model_id: str, dtype, seed: int = 0) -> dict:
 
 
 def _reset_rope(model):
-    for m in (model, getattr(model, "model", None)):
-        if m is not None and hasattr(m, "rope_deltas"):
-            m.rope_deltas = None
+    model_io.reset_rope_state(model)
 
 
 def loss_of(model, inp) -> torch.Tensor:

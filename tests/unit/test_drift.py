@@ -135,7 +135,8 @@ def test_scan_finds_imports_attribute_chains_and_module_aliases():
 def test_every_shim_declares_its_anchors_and_the_package_scan_sees_portvlms_uses():
     from portvlm.shims.patch import SHIMS
 
-    assert set(symbols.anchors()) == {s.name for s in SHIMS}
+    assert set(symbols.anchors()) == {s.name for s in SHIMS} | {"model_io"}
+    assert "transformers.models.qwen3_vl.modeling_qwen3_vl.Qwen3VLTextModel.forward" in symbols.anchors()["model_io"]
     names = {s.name: s.used_at for s in symbols.scan_package(ROOT / "portvlm")}
     assert "transformers.AttentionInterface.register" in names  # portvlm/shims/attention.py uses it
     assert any(u.startswith("portvlm/shims/attention.py:") for u in names["transformers.AttentionInterface.register"])
