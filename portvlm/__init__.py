@@ -7,6 +7,9 @@ Importing portvlm does nothing else: no torch import, no CUDA initialisation, no
         out = model(**inputs)
     print(handle.report)
 
+    with portvlm.patch_trainer(trainer, arch="sm70"):   # every model a (TRL) trainer holds, its reference included
+        trainer.train()
+
     report = portvlm.check(model)          # any model as it is (your own port included) vs portvlm's fp32 reference
     assert report.ok, report
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 from portvlm.errors import MatrixError, PortvlmError, UnsupportedError
 
 __version__ = "0.1.0"
-__all__ = ["patch", "PatchHandle", "check", "CheckReport", "resolve_policy", "Policy", "UnsupportedError", "PortvlmError", "MatrixError", "__version__"]
+__all__ = ["patch", "PatchHandle", "patch_trainer", "check", "CheckReport", "resolve_policy", "Policy", "UnsupportedError", "PortvlmError", "MatrixError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -25,6 +28,10 @@ def __getattr__(name: str):
         from portvlm.shims import patch as _patch
 
         return getattr(_patch, name)
+    if name == "patch_trainer":
+        from portvlm.integrations import patch_trainer
+
+        return patch_trainer
     if name in ("check", "CheckReport"):
         from portvlm import checker as _check
 
