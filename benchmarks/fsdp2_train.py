@@ -2,6 +2,9 @@
 
     torchrun --nproc_per_node 2 benchmarks/fsdp2_train.py      # the multi-GPU run (NCCL)
     torchrun --nproc_per_node 1 benchmarks/fsdp2_train.py      # the same code path on one GPU
+    PORTVLM_SHARED_DEVICE=1 torchrun --nproc_per_node 2 benchmarks/fsdp2_train.py   # 2 ranks on one GPU (gloo)
+
+Superseded by ``benchmarks/distributed_train.py dp`` (different rows per rank, gradients and the step checked).
 
 Each rank builds the same seeded model (Qwen2.5-VL / Qwen3-VL, a few real-sized layers: text hidden 2048, 16 heads,
 2 KV heads; vision hidden 1280/1024, 16 heads; random weights), patches it with ``portvlm.patch(model, arch=…)``
@@ -129,11 +132,13 @@ def one(model_id: str, arch: str, rank: int, world: int, device) -> dict:
 
 
 def main() -> int:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local)
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+    from portvlm.distributed.launch import init_ranks
+
+    # NCCL, one GPU per rank; PORTVLM_SHARED_DEVICE=1: every rank on cuda:0 over gloo (or refused, with the reason)
+    ranks = init_ranks()
+    rank, world, device, topology = ranks.rank, ranks.world, ranks.device, ranks.topology
+    if device.type != "cuda":
+        raise SystemExit("fsdp2_train.py runs on GPUs; on the CPU use benchmarks/distributed_train.py --smoke")
     rows = []
     for model_id in ("qwen2_5vl", "qwen3vl"):
         for arch in ("sm90", "sm70"):
@@ -154,8 +159,8 @@ def main() -> int:
     dist.destroy_process_group()
     if rank == 0:
         doc = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(device), "world_size": world,
-               "evidence": "hardware", "rows": rows}
-        name = f"fsdp2_{world}gpu.json"
+               "topology": topology.as_dict(), "evidence": "hardware", "rows": rows}
+        name = f"fsdp2_{'shared1gpu' if topology.shared_device else f'{world}gpu'}.json"
         for d in filter(None, (os.environ.get("OUT"), os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))):
             os.makedirs(d, exist_ok=True)
             with open(os.path.join(d, name), "w") as fh:
