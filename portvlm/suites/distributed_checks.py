@@ -201,54 +201,20 @@ def scaler_worker(rank: int, world: int, port: int, spec: dict) -> None:
     steps; in the first, rank ``plant_rank`` puts an inf into one of its gradient shards. Every rank's record saved."""
     import torch.distributed as dist
 
-    from portvlm.distributed import make_mesh, parallelize
-    from portvlm.models import tiny
-    from portvlm.shims.patch import patch
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
     try:
         state = torch.load(spec["state"], weights_only=True)
-        rows = torch.load(spec["rows"], weights_only=False)
-        model = tiny.build(spec["model_id"], attn_implementation="sdpa")
-        model.load_state_dict(state)
-        model.train()
-        with patch(model, arch=spec["arch"]) as handle:
-            model.to(handle.dtype)  # what a user does with the policy's dtype; parallelize keeps fp32 shards
-            pmodel = parallelize(model, handle, make_mesh(spec["dp"], spec["sp"], "cpu"))
-            seen: list[str] = []  # the dtype a decoder layer actually computes in (FSDP casts the fp32 shards)
-            hook = pmodel._paths.text_layers[0].register_forward_hook(
-                lambda m, a, o: seen.append(str((o[0] if isinstance(o, tuple) else o).dtype)))
-            record = {"rank": rank, "sharded_dtypes": sorted({str(p.dtype) for p in pmodel.parameters()}), "steps": []}
-            with pmodel:
-                opt = torch.optim.SGD(pmodel.parameters(), lr=LR)
-                scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-                row = rows[pmodel.layout.dp_rank]
-                for step in range(2):
-                    out = pmodel(**row)
-                    scaler.scale(out.loss).backward()
-                    planted = None
-                    if step == 0 and spec.get("plant_rank") == rank:
-                        planted = _plant_inf(pmodel)
-                    before = [p.detach().to_local().clone() if hasattr(p, "to_local") else p.detach().clone()
-                              for p in pmodel.parameters()]
-                    scale = float(scaler.get_scale())
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
-                    after = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in pmodel.parameters()]
-                    moved = sum(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
-                    record["steps"].append({"planted": planted is not None, "planted_in": planted,
-                                            "loss": float(out.loss_value), "loss_finite": bool(torch.isfinite(out.loss_value)),
-                                            "scale_before": scale, "scale_after": float(scaler.get_scale()),
-                                            "params_moved": moved, "skipped": moved == 0})
-            hook.remove()
-            record["compute_dtype"] = sorted(set(seen))
-        records = [None] * world
-        dist.all_gather_object(records, record)
+        all_rows = torch.load(spec["rows"], weights_only=False)
+        out = {}
+        for dp, sp in spec["meshes"]:
+            record = _scaler_case(spec, state, all_rows[f"{dp}x{sp}"], dp, sp, rank)
+            records = [None] * world
+            dist.all_gather_object(records, record)
+            out[(dp, sp)] = records
         if rank == 0:
-            torch.save(records, spec["out"])
+            torch.save(out, spec["out"])
     except BaseException:
         traceback.print_exc()
         raise
@@ -256,19 +222,66 @@ def scaler_worker(rank: int, world: int, port: int, spec: dict) -> None:
         dist.destroy_process_group()
 
 
-def run_scaler(model_id: str, arch: str, *, dp: int, sp: int, rows: list[dict], plant_rank: int | None,
-               seed: int = 0, timeout_s: float = 240.0) -> list[dict]:
-    """``scaler_worker`` on ``dp × sp`` gloo ranks; every rank's record (steps: skipped, scale before/after)."""
+def _scaler_case(spec, state, rows, dp, sp, rank) -> dict:
+    """One mesh of ``scaler_worker``: this rank's record."""
+    from portvlm.distributed import make_mesh, parallelize
+    from portvlm.shims.patch import patch
     from portvlm.models import tiny
 
+    model = tiny.build(spec["model_id"], attn_implementation="sdpa")
+    model.load_state_dict(state)
+    model.train()
+    with patch(model, arch=spec["arch"]) as handle:
+        model.to(handle.dtype)  # what a user does with the policy's dtype; parallelize keeps fp32 shards
+        pmodel = parallelize(model, handle, make_mesh(dp, sp, "cpu"))
+        seen: list[str] = []  # the dtype a decoder layer actually computes in (FSDP casts the fp32 shards)
+        hook = pmodel._paths.text_layers[0].register_forward_hook(
+            lambda m, a, o: seen.append(str((o[0] if isinstance(o, tuple) else o).dtype)))
+        record = {"rank": rank, "sharded_dtypes": sorted({str(p.dtype) for p in pmodel.parameters()}), "steps": []}
+        with pmodel:
+            opt = torch.optim.SGD(pmodel.parameters(), lr=LR)
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+            row = rows[pmodel.layout.dp_rank]
+            for step in range(2):
+                out = pmodel(**row)
+                scaler.scale(out.loss).backward()
+                planted = None
+                if step == 0 and spec.get("plant_rank") == rank:
+                    planted = _plant_inf(pmodel)
+                before = [p.detach().to_local().clone() if hasattr(p, "to_local") else p.detach().clone()
+                          for p in pmodel.parameters()]
+                scale = float(scaler.get_scale())
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                after = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in pmodel.parameters()]
+                moved = sum(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+                record["steps"].append({"planted": planted is not None, "planted_in": planted,
+                                        "loss": float(out.loss_value), "loss_finite": bool(torch.isfinite(out.loss_value)),
+                                        "scale_before": scale, "scale_after": float(scaler.get_scale()),
+                                        "params_moved": moved, "skipped": moved == 0})
+        hook.remove()
+        record["compute_dtype"] = sorted(set(seen))
+    return record
+
+
+def run_scaler(model_id: str, arch: str, *, meshes: dict, plant_rank: int | None, seed: int = 0,
+               timeout_s: float = 240.0) -> dict:
+    """``scaler_worker`` on one gloo world for every ``(dp, sp): rows`` of ``meshes`` (equal world sizes); every
+    rank's record per mesh (steps: skipped, scale before/after)."""
+    from portvlm.models import tiny
+
+    worlds = {dp * sp for dp, sp in meshes}
+    if len(worlds) != 1:
+        raise ValueError(f"meshes {list(meshes)} need one world size, got {sorted(worlds)}")
     state = tiny.build(model_id, seed=seed).state_dict()
     with tempfile.TemporaryDirectory(prefix="portvlm-scaler-") as tmp:
-        spec = {"model_id": model_id, "arch": arch, "dp": dp, "sp": sp, "plant_rank": plant_rank,
+        spec = {"model_id": model_id, "arch": arch, "meshes": list(meshes), "plant_rank": plant_rank,
                 "state": os.path.join(tmp, "state.pt"), "rows": os.path.join(tmp, "rows.pt"),
                 "out": os.path.join(tmp, "out.pt")}
         torch.save(state, spec["state"])
-        torch.save(rows, spec["rows"])
-        return spawn(spec, dp * sp, timeout_s, fn=scaler_worker)
+        torch.save({f"{dp}x{sp}": rows for (dp, sp), rows in meshes.items()}, spec["rows"])
+        return spawn(spec, worlds.pop(), timeout_s, fn=scaler_worker)
 
 
 def spawn(spec: dict, world: int, timeout_s: float = 240.0, *, fn=worker) -> dict:
