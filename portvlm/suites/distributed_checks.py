@@ -225,8 +225,8 @@ def scaler_worker(rank: int, world: int, port: int, spec: dict) -> None:
 def _scaler_case(spec, state, rows, dp, sp, rank) -> dict:
     """One mesh of ``scaler_worker``: this rank's record."""
     from portvlm.distributed import make_mesh, parallelize
-    from portvlm.shims.patch import patch
     from portvlm.models import tiny
+    from portvlm.shims.patch import patch
 
     model = tiny.build(spec["model_id"], attn_implementation="sdpa")
     model.load_state_dict(state)
