@@ -1,7 +1,7 @@
 """A tiny random-init Qwen2.5-VL with its own tokenizer and processor, saved to a directory: the examples' ``--tiny``.
 
 The examples train a real checkpoint (``--model Qwen/Qwen2.5-VL-3B-Instruct``); their tests and a machine without the
-hub use this instead. The model is ``portvlm.suites.tiny``'s (the one tiny-model factory; its token ids: image 250,
+hub use this instead. The model is ``portvlm.models.tiny``'s (the one tiny-model factory; its token ids: image 250,
 video 251, vision start/end 252/253); the tokenizer is a word-level ``tokenizers`` model over the same 256 ids with
 Qwen's chat markers; the processor is transformers' own Qwen2.5-VL processor over a PIL image processor whose patch,
 merge and temporal sizes are the model's. Nothing is downloaded.
@@ -29,7 +29,7 @@ def tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from portvlm.suites import tiny
+    from portvlm.models import tiny
 
     special = {"<pad>": tiny.PAD, "<s>": tiny.BOS, "<|im_end|>": tiny.EOS, "<|im_start|>": 3, "<unk>": 4,
                "<|image_pad|>": tiny.IMG, "<|video_pad|>": tiny.VID, "<|vision_start|>": tiny.VSTART,
@@ -52,11 +52,13 @@ def processor():
     """transformers' Qwen2.5-VL processor over the tiny tokenizer and a PIL image processor of the model's geometry."""
     import transformers
 
-    from portvlm.suites import tiny
+    from portvlm.models import tiny
 
+    vision = tiny.config("qwen2_5vl").vision_config  # the processor's geometry is the model's
     image_cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
-    images = image_cls(patch_size=tiny.PATCH["qwen2_5vl"], merge_size=tiny.MERGE,
-                       temporal_patch_size=tiny.TEMPORAL_PATCH, min_pixels=IMAGE_SIDE**2, max_pixels=(2 * IMAGE_SIDE)**2)
+    images = image_cls(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                       temporal_patch_size=vision.temporal_patch_size, min_pixels=IMAGE_SIDE**2,
+                       max_pixels=(2 * IMAGE_SIDE)**2)
     if transformers.utils.is_torchvision_available():
         return transformers.Qwen2_5_VLProcessor(image_processor=images, tokenizer=tokenizer(),
                                                 chat_template=CHAT_TEMPLATE)
@@ -84,7 +86,7 @@ def save_tiny(path) -> str:
 
     A saved directory, not an object: TRL builds its reference model from the policy's ``config._name_or_path``.
     """
-    from portvlm.suites import tiny
+    from portvlm.models import tiny
 
     path = Path(path)
     tiny.build("qwen2_5vl").save_pretrained(path)

@@ -29,7 +29,7 @@ import grpo_qwen2_5_vl  # noqa: E402
 import sft_qwen2_5_vl  # noqa: E402
 import trainer_qwen2_5_vl  # noqa: E402
 
-from portvlm.suites import tiny  # noqa: E402
+from portvlm.models import tiny  # noqa: E402
 
 TEXT_LAYERS = tiny.config("qwen2_5vl").get_text_config().num_hidden_layers
 VISION_BLOCKS = tiny.config("qwen2_5vl").vision_config.depth
