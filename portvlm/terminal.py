@@ -74,14 +74,16 @@ class Progress:
     """
 
     def __init__(self, title: str, total: int | None = None, *, stream: TextIO | None = None,
-                 live: bool | None = None, min_note_interval: float = 0.0):
+                 live: bool | None = None, min_note_interval: float = 0.0, heartbeat: float = 30.0):
         self.title, self.total = title, total
         self.stream = stream or sys.stdout
         self.live = is_terminal(self.stream) if live is None else live
         self.index, self.current, self.detail = 0, "", ""
         self.t0 = time.monotonic()
         self.min_note_interval = min_note_interval
+        self.heartbeat = heartbeat  # plain mode: a minor note prints when nothing was printed for this long
         self._last_note = 0.0
+        self._last_line = time.monotonic()
         self._rich = None
         self._task = None
 
@@ -129,14 +131,14 @@ class Progress:
 
     def note(self, text: str, minor: bool = False) -> None:
         """Where the current step is (``parity 1/3``). Plain lines are rate-limited by ``min_note_interval``;
-        a ``minor`` note (one check) shows on the live line only."""
+        a ``minor`` note (one check) shows on the live line, and in plain mode only after ``heartbeat`` s of quiet."""
         self.detail = text
         if self._rich is not None:
             self._rich.update(self._task, description=f"{self.current} · {text}" if self.current else text)
             return
-        if minor:
-            return
         now = time.monotonic()
+        if minor and now - self._last_line < self.heartbeat:
+            return  # a CI log gets at most one such line per heartbeat: it shows the run is alive, and where
         if now - self._last_note < self.min_note_interval:
             return
         self._last_note = now
@@ -151,6 +153,7 @@ class Progress:
             self._line(text)
 
     def _line(self, text: str) -> None:
+        self._last_line = time.monotonic()
         self.stream.write(text + "\n")
         with contextlib.suppress(OSError, ValueError):
             self.stream.flush()

@@ -169,7 +169,10 @@ def container_command(cell, image: str, tmp: str, *, matrix_path: str | None, ev
     gpu = () if cell.arch.vendor == "cpu" else containers.gpu_run_flags(engine, cell.arch.vendor)
     child = child_command("python", cell.id, "/results/partial.json", matrix=inner, evidence=evidence, suites=suites,
                           fast=fast, in_container=True)
-    return engine.cmd("run", "--rm", "-v", f"{tmp}:/results", *gpu, spec.tag, *child)
+    from portvlm.terminal import PROGRESS_ENV
+
+    # The child inside reports its suites as the venv child does (the runner reads the engine's output).
+    return engine.cmd("run", "--rm", "-v", f"{tmp}:/results", "-e", f"{PROGRESS_ENV}=1", *gpu, spec.tag, *child)
 
 
 def host_torch_spec() -> str:

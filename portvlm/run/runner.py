@@ -224,9 +224,10 @@ def wait_streaming(proc: subprocess.Popen, log_path: Path, timeout: float, note,
 
     deadline = time.monotonic() + timeout
     offset, pending = 0, b""
+    started = quiet_since = time.monotonic()
 
     def drain() -> None:
-        nonlocal offset, pending
+        nonlocal offset, pending, quiet_since
         with contextlib.suppress(OSError), open(log_path, "rb") as fh:
             fh.seek(offset)
             chunk = fh.read()
@@ -234,6 +235,8 @@ def wait_streaming(proc: subprocess.Popen, log_path: Path, timeout: float, note,
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
                 found = progress_text(line.decode("utf-8", "replace"))
+                if found:
+                    quiet_since = time.monotonic()
                 if found and not found[1]:
                     note(found[0])
                 elif found:
@@ -246,6 +249,9 @@ def wait_streaming(proc: subprocess.Popen, log_path: Path, timeout: float, note,
             drain()
             if time.monotonic() >= deadline:
                 raise
+            if time.monotonic() - quiet_since >= 60:  # a long check says nothing: say the cell is alive
+                note(f"still running ({time.monotonic() - started:.0f}s in the child)", minor=True)
+                quiet_since = time.monotonic()
             continue
         drain()
         return rc
@@ -344,7 +350,8 @@ def _run_each(cells, out: list[CellResult], *, results_dir: Path, matrix_path, h
               image, timeout, fast, suites, progress, archs=()) -> None:
     for cell in cells:
         plan = plan_cell(cell, host_arch, require_hardware=require_hardware, python=python, image=image, archs=archs)
-        progress.start(f"{cell.id} ({plan.mode}, evidence {plan.evidence})")
+        progress.start(cell.id)
+        progress.note(f"{plan.mode}, evidence {plan.evidence}")
         if plan.mode == Mode.REFUSE:
             progress.say(f"  error: {plan.reason}")
             raise SystemExit(2)

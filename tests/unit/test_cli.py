@@ -61,8 +61,13 @@ def test_ctrl_c_reaches_a_command_started_with_sigint_ignored(tmp_path):
 def test_doctor_names_each_gpu_probe_reason_once():
     """Without torch, `torch: not importable` is one reason, not one per vendor probe (NVIDIA, AMD)."""
     from portvlm.platform import detect_all
+    from portvlm.platform.probes import Probes
 
-    platform, found = detect_all(torch=False)
+    def no_module(name):
+        raise ImportError(f"No module named {name!r}")
+
+    bare = Probes(import_module=no_module, run=lambda cmd: None, env={})  # no GPU, no torch, no vendor tools
+    platform, found = detect_all(bare, torch=False)
     assert list(found.reasons).count("torch: not importable") == 1, found.reasons
     assert list(platform.notes).count("torch: not importable") == 1, platform.notes
 

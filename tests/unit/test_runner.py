@@ -389,3 +389,19 @@ def test_ensure_envs_builds_in_parallel_keeps_order_and_says_what_it_builds(monk
     assert [p.parts[2] for p in pythons] == ["4.50.3", "4.52.4", "5.24.0"]
     assert peak[0] >= 2  # concurrently, not one after another
     assert said[0].startswith("building 2 of 3 environments") and len(said) == 3
+
+
+def test_plain_progress_shows_a_minor_note_after_a_quiet_heartbeat():
+    """A long suite whose checks are minor notes still shows, in a CI log, that it is alive and where."""
+    import io
+    import time
+
+    from portvlm.terminal import Progress
+
+    out = io.StringIO()
+    with Progress("cells", 1, stream=out, heartbeat=0.2) as p:
+        p.start("cpu--a")
+        p.note("training: first ok", minor=True)  # within the heartbeat of the start line: not printed
+        time.sleep(0.25)
+        p.note("training: fsdp ok", minor=True)
+    assert out.getvalue().splitlines()[1:] == ["  [1/1 0s] cpu--a · training: fsdp ok"]
