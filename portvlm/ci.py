@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from portvlm.errors import MatrixError
-    from portvlm.matrix import load_matrix
+    from portvlm.matrix import cli_matrix
 
     p = argparse.ArgumentParser(prog="ci/workflow.py", description="generate the GitHub Actions workflow")
     p.add_argument("--matrix", default=None)
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if the file differs from the generator output")
     a = p.parse_args(argv)
     try:
-        text = render(load_matrix(a.matrix))
+        text = render(cli_matrix(a.matrix))
     except MatrixError as exc:
         print(f"error: {exc}")
         return 2

@@ -38,9 +38,9 @@ REQUIRE_INTEGRATIONS_ENV = "PORTVLM_REQUIRE_INTEGRATIONS"
 
 def integration_requirements(stack, ci_stacks) -> tuple[str, ...]:
     """``INTEGRATION_REQUIREMENTS`` for the newest CI stack (by transformers version), ``()`` for the others."""
-    from packaging.version import Version
+    from portvlm.versions import parse
 
-    newest = max(ci_stacks, key=lambda s: Version(s.transformers), default=None)
+    newest = max(ci_stacks, key=lambda s: parse(s.transformers), default=None)
     return INTEGRATION_REQUIREMENTS if newest is not None and stack.id == newest.id else ()
 
 

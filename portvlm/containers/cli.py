@@ -16,7 +16,7 @@ from portvlm.containers.spec import OUT_DIR, find_spec, image_specs
 
 def main(argv: list[str] | None = None) -> int:
     """`portvlm containers list|render|lock|lint|build|pull|run`."""
-    from portvlm.matrix import load_matrix
+    from portvlm.matrix import cli_matrix
 
     parser = argparse.ArgumentParser(prog="portvlm containers", description="render, lint and build the stack images")
     parser.add_argument("--matrix", help="matrix.yaml (default: $PORTVLM_MATRIX, else the packaged one)")
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
 
-    matrix = load_matrix(args.matrix)
+    matrix = cli_matrix(args.matrix)
     out = Path(args.out)
     if args.verb == "list":
         for spec in image_specs(matrix):

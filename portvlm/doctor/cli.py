@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None, probes: Probes | None = None, stdout=Non
     except SystemExit as exc:
         return int(exc.code or 0)
     stdout = stdout or sys.stdout
-    matrix, matrix_error = load_matrix_or_reason(args.matrix)
+    from portvlm.matrix import cli_matrix_path
+
+    matrix, matrix_error = load_matrix_or_reason(cli_matrix_path(args.matrix))
     if matrix is not None and args.model:
         from dataclasses import replace
 

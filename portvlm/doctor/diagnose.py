@@ -39,7 +39,7 @@ from portvlm.doctor.report import (  # noqa: F401
 )
 from portvlm.doctor.shims import shims_for
 from portvlm.records import CheckStatus, Evidence
-from portvlm.shims.versions import family_reasons, parse_or_none
+from portvlm.shims.versions import family_minimums, family_reasons, parse_or_none
 
 
 def _family_reasons(matrix, model_type: str, version: str | None) -> list[str]:
@@ -47,8 +47,7 @@ def _family_reasons(matrix, model_type: str, version: str | None) -> list[str]:
     v = parse_or_none(version)
     if v is None:
         return []
-    minimums = {m.family: m.min_transformers for m in reversed(matrix.models)}  # the first declared wins
-    return list(family_reasons(model_type, v, minimums))
+    return list(family_reasons(model_type, v, minimums=family_minimums(matrix)))
 
 
 def _family(info: EnvInfo, matrix, policy, policy_error: str | None, model, checks: list[Check]) -> FamilyReport:

@@ -98,7 +98,7 @@ def run_drift(*, transformers: str | None = None, torch: str | None = None, pyth
 
     ensure_env = ensure_env or envs.ensure_env
     matrix = load_matrix(matrix_path)
-    matrix_text = Path(matrix_path or os.environ.get("PORTVLM_MATRIX") or packaged_path()).read_text()
+    matrix_text = Path(matrix_path or packaged_path()).read_text()
     ci_cpu = matrix.ci_cpu_stacks()
     python = python or (max(ci_cpu, key=lambda s: parse_version(s.transformers)).python if ci_cpu else "3.11")
     known = [m.id for m in matrix.models]
@@ -180,10 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fast", action="store_true", help="skip the slowest checks (recorded as skipped)")
     p.add_argument("--no-cells", action="store_true", help="probes and symbols only")
     a = p.parse_args(argv)
+    from portvlm.matrix import cli_matrix_path
+
     models = [m for m in (a.models or "").split(",") if m] or None
     try:
         record, path = run_drift(transformers=a.transformers, torch=a.torch, python=a.python, models=models,
-                                 results_dir=a.results, matrix_path=a.matrix, timeout=a.timeout, fast=a.fast,
+                                 results_dir=a.results, matrix_path=cli_matrix_path(a.matrix), timeout=a.timeout, fast=a.fast,
                                  skip_cells=a.no_cells)
     except (LookupError, EnvironmentBuildError, MatrixError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from packaging import tags as _tags
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import InvalidSdistFilename, InvalidWheelFilename, parse_sdist_filename, parse_wheel_filename
-from packaging.version import Version
 
+from portvlm import versions
 from portvlm.wheels import configured_index, find_links_dirs, torch_index, uv_bin
 
 JSON_ACCEPT = "application/vnd.pypi.simple.v1+json, text/html;q=0.1"
@@ -62,7 +61,7 @@ class Resolved:
 # -- pure core ---------------------------------------------------------------------------------------------------
 
 
-def file_version(project: str, filename: str) -> tuple[Version, frozenset | None] | None:
+def file_version(project: str, filename: str) -> tuple[versions.Version, frozenset | None] | None:
     """``(version, wheel tags or None for an sdist)`` of a distribution file of ``project``; ``None`` otherwise."""
     want = project.lower().replace("_", "-")
     try:
@@ -83,14 +82,14 @@ def target_tags(python: str, platforms: Iterable[str] | None = None) -> frozense
 
 
 def newest(project: str, listings: Iterable[Listing], *, python: str, wheel_tags: frozenset | None = None,
-           local: str | None = None, sdists: bool = True) -> tuple[Version, str] | None:
+           local: str | None = None, sdists: bool = True) -> tuple[versions.Version, str] | None:
     """The newest final release of ``project`` across ``listings``: ``(version, source)``, or ``None``.
 
     Skips pre/dev releases, yanked files, files whose ``Requires-Python`` excludes ``python``, wheels whose tags
     ``wheel_tags`` does not accept (when given), sdists unless ``sdists``; ``local`` keeps only versions with that
     local tag ("cpu": ``2.13.0+cpu``), otherwise local versions are skipped.
     """
-    best: tuple[Version, str] | None = None
+    best: tuple[versions.Version, str] | None = None
     for listing in listings:
         for f in listing.files:
             parsed = file_version(project, f.filename)
@@ -112,8 +111,8 @@ def newest(project: str, listings: Iterable[Listing], *, python: str, wheel_tags
 
 def _python_ok(requires: str, python: str) -> bool:
     try:
-        return SpecifierSet(requires).contains(python + ".0" if python.count(".") == 1 else python, prereleases=True)
-    except InvalidSpecifier:
+        return versions.contains(requires, python + ".0" if python.count(".") == 1 else python)
+    except versions.InvalidSpecifier:
         return True  # an unreadable Requires-Python does not hide a release; the install will say
 
 

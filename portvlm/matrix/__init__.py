@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from portvlm.matrix.expand import cells_to_json, expand, select
-from portvlm.matrix.load import default_matrix, load_matrix, packaged_path, parse_matrix
+from portvlm.matrix.load import cli_matrix, cli_matrix_path, load_matrix, packaged_path, parse_matrix
 from portvlm.matrix.schema import Arch, Cell, Expectation, Matrix, Model, Stack, cell_id
 
 __all__ = [
@@ -15,7 +15,8 @@ __all__ = [
     "Stack",
     "cell_id",
     "cells_to_json",
-    "default_matrix",
+    "cli_matrix",
+    "cli_matrix_path",
     "expand",
     "load_matrix",
     "packaged_path",

@@ -9,7 +9,7 @@ from collections import Counter
 
 from portvlm.errors import MatrixError
 from portvlm.matrix.expand import cells_to_json, expand, select
-from portvlm.matrix.load import load_matrix
+from portvlm.matrix.load import cli_matrix
 from portvlm.matrix.schema import OUTCOMES, Cell, Matrix
 
 COLUMNS = ("cell", "runtime", "torch", "transformers", "expected", "reason")
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `portvlm matrix`; 0 when the matrix is valid, 2 on bad input."""
     args = _parser().parse_args(argv)
     try:
-        matrix = load_matrix(args.file)
+        matrix = cli_matrix(args.file)
     except MatrixError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -9,9 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from functools import lru_cache
 
-from packaging.specifiers import SpecifierSet
-from packaging.version import Version
-
+from portvlm import versions
 from portvlm.matrix.schema import Arch, Cell, Expectation, Matrix, Model, Stack
 
 
@@ -44,7 +42,7 @@ def expectation_matches(expectation: Expectation, arch: Arch, model: Model, stac
         return False
     if expectation.transformers is not None:
         # prereleases=True: "<5" must also match a stack pinned to 5.0.0rc1.
-        return _specifier(expectation.transformers).contains(_version(stack.transformers), prereleases=True)
+        return versions.contains(_specifier(expectation.transformers), _version(stack.transformers))
     return True
 
 
@@ -122,10 +120,10 @@ def _ids(value: str | Iterable[str] | None) -> frozenset[str] | None:
 
 
 @lru_cache(maxsize=256)
-def _specifier(text: str) -> SpecifierSet:
-    return SpecifierSet(text)
+def _specifier(text: str) -> versions.SpecifierSet:
+    return versions.specifier(text)
 
 
 @lru_cache(maxsize=256)
-def _version(text: str) -> Version:
-    return Version(text)
+def _version(text: str) -> versions.Version:
+    return versions.parse(text)

@@ -17,9 +17,8 @@ from importlib import resources
 from typing import Any
 
 import yaml
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from packaging.version import InvalidVersion, Version
 
+from portvlm import versions
 from portvlm.errors import MatrixError
 from portvlm.matrix.expand import first_expectation
 from portvlm.matrix.schema import Arch, Expectation, Matrix, Model, Stack, cell_id
@@ -49,8 +48,28 @@ JsonPath = tuple  # a JSON path into the document: ("archs", 1, "stacks", 0)
 
 
 def load_matrix(path: str | os.PathLike[str] | None = None) -> Matrix:
-    """Read and validate a matrix: `path`, else `$PORTVLM_MATRIX`, else the packaged one (never the cwd's)."""
-    shown, hint = _resolve(path)
+    """Read and validate a matrix: ``path``, else the packaged one (never the cwd's, never ``$PORTVLM_MATRIX``)."""
+    return _load(*_resolve(path))
+
+
+def cli_matrix_path(path: str | os.PathLike[str] | None = None, environ=None) -> str | None:
+    """The matrix a command line reads: its option, else ``$PORTVLM_MATRIX``, else ``None`` (the packaged one).
+
+    Only the command lines call this: the library reads the matrix it is handed or the packaged one.
+    """
+    environ = os.environ if environ is None else environ
+    return os.fspath(path) if path is not None else (environ.get(ENV_VAR) or None)
+
+
+def cli_matrix(path: str | os.PathLike[str] | None = None, environ=None) -> Matrix:
+    """``load_matrix(cli_matrix_path(path))``; a missing ``$PORTVLM_MATRIX`` file is named as the env var's."""
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get(ENV_VAR):
+        return _load(environ[ENV_VAR], f"${ENV_VAR} names it; point ${ENV_VAR} at an existing file or unset it")
+    return load_matrix(path)
+
+
+def _load(shown: str, hint: str) -> Matrix:
     try:
         data = _read_bytes(shown)
     except FileNotFoundError:
@@ -92,27 +111,11 @@ def _resolve(path) -> tuple[str, str]:
     """(the path to read and show in errors, how to fix a missing file)."""
     if path is not None:
         return os.fspath(path), "pass an existing matrix file (--file PATH)"
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return env, f"${ENV_VAR} names it; point ${ENV_VAR} at an existing file or unset it"
-    # Never the current directory: a library call must not depend on where the process was started. The
-    # checkout's ./matrix.yaml is a link to this packaged file, so both name one matrix.
+    # Never the current directory nor the environment: a library call must not depend on where or how the process
+    # was started. The checkout's ./matrix.yaml is a link to this packaged file, so both name one matrix.
     return packaged_path(), "reinstall portvlm (its packaged matrix is missing)"
 
 
-def default_matrix() -> Matrix:
-    """``load_matrix()`` (``$PORTVLM_MATRIX``, else the packaged one), parsed once per file version."""
-    path, _ = _resolve(None)
-    try:
-        stamp = os.stat(path).st_mtime_ns
-    except OSError:
-        stamp = None  # load_matrix says what is wrong with it
-    return _load_cached(path, stamp)
-
-
-@lru_cache(maxsize=8)
-def _load_cached(path: str, stamp: int | None) -> Matrix:
-    return load_matrix(path)
 
 
 def packaged_path() -> str:
@@ -578,8 +581,8 @@ def _check_versions(doc: _Doc):
                 if name not in item:
                     continue
                 try:
-                    Version(item[name])
-                except InvalidVersion:
+                    versions.parse(item[name])
+                except versions.InvalidVersion:
                     yield doc.error(
                         (section, index, name),
                         f"{kind} {item['id']!r}: {name} {_show(item[name])} is not a valid version; write an exact release such as 4.57.6 (ranges belong in expectations:)",
@@ -588,8 +591,8 @@ def _check_versions(doc: _Doc):
         if "transformers" not in item:
             continue
         try:
-            SpecifierSet(item["transformers"])
-        except InvalidSpecifier:
+            versions.specifier(item["transformers"])
+        except versions.InvalidSpecifier:
             yield doc.error(
                 ("expectations", index, "transformers"),
                 f'expectation transformers {_show(item["transformers"])} is not a valid version specifier; write a PEP 440 range such as "<4.57.1" or ">=4.50,<5"',
@@ -664,10 +667,10 @@ def _check_coverage(doc: _Doc):
     reported: set[tuple[str, str]] = set()
     for arch in matrix.archs:
         for model in matrix.models:
-            needed = Version(model.min_transformers)
+            needed = versions.parse(model.min_transformers)
             for stack_id in arch.stacks:
                 stack = stacks[stack_id]
-                if Version(stack.transformers) >= needed or (model.id, stack.id) in reported:
+                if versions.parse(stack.transformers) >= needed or (model.id, stack.id) in reported:
                     continue
                 expectation = first_expectation(matrix.expectations, arch, model, stack)
                 if expectation is not None and expectation.outcome == "excluded":

@@ -89,9 +89,9 @@ def cu_seqlens_model_types() -> list[str]:
 
 def declared_model_types() -> set[str]:
     """The model_types the packaged matrix declares (matrix.yaml's ``models:`` mirror the family records)."""
-    from portvlm.matrix import default_matrix
+    from portvlm.policy import packaged_matrix
 
-    return {m.family for m in default_matrix().models}
+    return {m.family for m in packaged_matrix().models}
 
 
 # -- tiny configs from the family's own config class --------------------------------------------------------------

@@ -138,7 +138,7 @@ def _copy_results(table: Table, files: dict[str, Path], target: Path) -> dict[st
 
 
 def _matrix(matrix):
-    """A Matrix as given, or loaded from a path (None: the usual lookup)."""
+    """A Matrix as given, or loaded from a path (None: the packaged one)."""
     if matrix is not None and not isinstance(matrix, (str, os.PathLike)):
         return matrix
     from portvlm.matrix import load_matrix

@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"publishing: rewriting the tracked SUPPORT.md and site/ under {a.out} from {a.results}/ "
               "(git shows them as changes; a local report: --results portvlm-results --out portvlm-results)")
     try:
-        written, table = write_all(a.results, a.matrix, a.out)
+        from portvlm.matrix import cli_matrix_path
+
+        written, table = write_all(a.results, cli_matrix_path(a.matrix), a.out)
     except MatrixError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -41,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.publish and a.results not in (None, PUBLISHED_RESULTS):
         p.error(f"--publish writes {PUBLISHED_RESULTS}/; drop --results {a.results} (or --publish)")
     a.results = PUBLISHED_RESULTS if a.publish else (a.results or LOCAL_RESULTS)
-    from portvlm.matrix import expand, load_matrix, select
+    from portvlm.matrix import cli_matrix, cli_matrix_path, expand, select
 
+    matrix_path = cli_matrix_path(a.matrix)  # --matrix, else $PORTVLM_MATRIX: children get it by --matrix
     try:
-        matrix = load_matrix(a.matrix)
+        matrix = cli_matrix(a.matrix)
     except MatrixError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"publishing: results go to the tracked {PUBLISHED_RESULTS}/ (git shows them as changes; "
               "`nox -s publish` renders SUPPORT.md and site/ from them)")
     try:
-        results = run_many(cells, results_dir=a.results, matrix_path=a.matrix, host_arch=a.host_arch, archs=matrix.archs,
+        results = run_many(cells, results_dir=a.results, matrix_path=matrix_path, host_arch=a.host_arch, archs=matrix.archs,
                            require_hardware=a.require_hardware, python=a.python, image=a.image,
                            timeout=a.timeout, fast=a.fast, suites=a.suites)
     except Interrupted as stop:

@@ -412,3 +412,21 @@ def test_patch_reads_no_matrix_from_the_current_directory(tmp_path, monkeypatch)
 
     with pytest.raises(MatrixError):  # a matrix passed explicitly is read, and its errors are not hidden
         portvlm.patch(None, arch="sm70", matrix=tmp_path / "matrix.yaml")
+
+
+def test_patch_of_a_model_ignores_a_broken_portvlm_matrix_and_honours_its_own_matrix(tmp_path, monkeypatch):
+    """The family minimums come from the matrix patch is handed, else the packaged one: never $PORTVLM_MATRIX."""
+    import dataclasses
+
+    from portvlm.policy import packaged_matrix
+
+    (tmp_path / "broken.yaml").write_text("archs: [this is not a matrix\n")
+    monkeypatch.setenv("PORTVLM_MATRIX", str(tmp_path / "broken.yaml"))
+    model = _tiny.build("llava")
+    with portvlm.patch(model, arch="cpu") as handle:
+        assert handle.report.family == "llava" and "layer_paths" in handle.report.shim_names()
+    m = packaged_matrix()
+    newer = dataclasses.replace(m, models=tuple(dataclasses.replace(x, min_transformers="99.0") if x.family == "llava"
+                                                else x for x in m.models))
+    with pytest.raises(UnsupportedError, match="llava needs transformers >=99.0"):
+        portvlm.patch(model, arch="cpu", matrix=newer)

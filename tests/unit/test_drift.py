@@ -32,8 +32,8 @@ def test_newest_skips_prereleases_yanked_and_python_it_cannot_run():
                         + files("transformers-5.25.0-py3-none-any.whl", yanked=True)
                         + files("transformers-6.0.0-py3-none-any.whl", requires_python=">=3.12")),
     ]
-    assert resolve.newest("transformers", listings, python="3.11") == (resolve.Version("5.24.0"), "idx")
-    assert resolve.newest("transformers", listings, python="3.12")[0] == resolve.Version("6.0.0")
+    assert resolve.newest("transformers", listings, python="3.11") == (versions.parse("5.24.0"), "idx")
+    assert resolve.newest("transformers", listings, python="3.12")[0] == versions.parse("6.0.0")
     assert resolve.newest("transformers", [resolve.Listing("x", error="down")], python="3.11") is None
 
 
@@ -49,7 +49,7 @@ def test_newest_torch_cpu_is_the_newest_plus_cpu_wheel_this_python_and_platform_
             "torch-2.12.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")),
     ]
     got = resolve.newest("torch", listings, python="3.11", wheel_tags=tags, local="cpu", sdists=False)
-    assert got == (resolve.Version("2.13.0+cpu"), "/wheels")
+    assert got == (versions.parse("2.13.0+cpu"), "/wheels")
     listings[1] = resolve.Listing("pytorch-cpu", files("torch-2.14.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"))
     assert str(resolve.newest("torch", listings, python="3.11", wheel_tags=tags, local="cpu")[0]) == "2.14.0+cpu"
 

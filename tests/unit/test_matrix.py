@@ -119,23 +119,28 @@ def test_cells_to_json_is_flat_and_json_ready():
 # ----------------------------------------------------------------------------------------------------- load_matrix(None)
 
 
-def test_default_path_is_env_then_packaged_never_the_cwd(tmp_path, monkeypatch):
-    monkeypatch.delenv("PORTVLM_MATRIX", raising=False)
+def test_the_library_reads_the_packaged_matrix_never_the_cwd_nor_the_env(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "matrix.yaml").write_text("archs: [broken", encoding="utf-8")  # a cwd file is never read
+    monkeypatch.setenv("PORTVLM_MATRIX", str(tmp_path / "matrix.yaml"))  # nor the env var: that is the CLIs' business
     packaged = load_matrix()
     assert Path(packaged.path).parts[-3:] == ("portvlm", "data", "matrix.yaml")
 
-    (tmp_path / "matrix.yaml").write_text("archs: [broken", encoding="utf-8")  # a cwd file is never read
-    assert load_matrix().path == packaged.path
 
+def test_the_command_lines_read_their_option_then_the_env_then_the_packaged_one(tmp_path, monkeypatch):
+    from portvlm.matrix import cli_matrix, cli_matrix_path
+
+    monkeypatch.delenv("PORTVLM_MATRIX", raising=False)
+    assert cli_matrix_path(None) is None and cli_matrix().path == load_matrix().path
     other = tmp_path / "other.yaml"
     other.write_text(TEXT, encoding="utf-8")
     monkeypatch.setenv("PORTVLM_MATRIX", str(other))
-    assert load_matrix().path == str(other)
+    assert cli_matrix_path(None) == str(other) and cli_matrix().path == str(other)
+    assert cli_matrix_path("given.yaml") == "given.yaml"
 
     monkeypatch.setenv("PORTVLM_MATRIX", str(tmp_path / "missing.yaml"))
     with pytest.raises(MatrixError, match=r"no such file; \$PORTVLM_MATRIX names it"):
-        load_matrix()
+        cli_matrix()
 
 
 def test_missing_file_and_directory_are_matrix_errors(tmp_path):
