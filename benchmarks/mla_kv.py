@@ -141,12 +141,12 @@ def run_case(model, inp: dict, cache, decode: int, device: str) -> dict:
 
 @torch.no_grad()
 def smoke_checks(model, inp: dict, steps: int) -> dict:
-    """Smoke only: the MLA model's cached greedy decode equals a no-cache forward per step (portvlm.suites.mla_checks)."""
-    from portvlm.suites import mla_checks as checks
+    """Smoke only: the MLA model's cached greedy decode equals a no-cache forward per step (portvlm.testing.decode)."""
     from portvlm.mla.cache import LatentCache
+    from portvlm.testing.decode import greedy_cached, greedy_full
 
-    cached, _ = checks.greedy_cached(model, inp, steps, LatentCache())
-    full, _ = checks.greedy_full(model, inp, steps)
+    cached, _ = greedy_cached(model, inp, steps, LatentCache())
+    full, _ = greedy_full(model, inp, steps)
     return {"cached_equals_no_cache": cached == full, "cached": cached, "no_cache": full}
 
 

@@ -20,7 +20,7 @@ import contextlib
 import torch
 
 from portvlm.mla.conversion import Geometry, MLASpec, convert, full_rank, spec_of
-from portvlm.shims.kv_cache import cache_kwargs
+from portvlm.testing.decode import greedy_cached, greedy_full
 
 DECODE_TOKENS = 8
 
@@ -81,41 +81,6 @@ def oracle_logits(base, spec: MLASpec, name: str, inputs: dict, clone) -> torch.
             return base(**inputs, use_cache=False).logits
     oracle = convert(clone(base), spec, latent=False)
     return oracle(**inputs, use_cache=False).logits
-
-
-@torch.no_grad()
-def greedy_cached(model, inputs: dict, steps: int, cache) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy decoding through ``cache``: the prompt once, then one token per step with explicit positions."""
-    out = model(**inputs, use_cache=True, **cache_kwargs(model, cache))
-    logits = [out.logits[:, -1].float()]
-    tokens = []
-    n = inputs["input_ids"].shape[1]
-    for step in range(steps):
-        tok = logits[-1].argmax(-1, keepdim=True)
-        tokens.append(int(tok[0, 0]))
-        if step == steps - 1:
-            break
-        pos = torch.tensor([[n + step]], device=tok.device)
-        out = model(input_ids=tok, position_ids=pos, use_cache=True, **cache_kwargs(model, cache),
-                    attention_mask=torch.ones(1, n + step + 1, dtype=torch.long, device=tok.device))
-        logits.append(out.logits[:, -1].float())
-    return tokens, logits
-
-
-@torch.no_grad()
-def greedy_full(model, inputs: dict, steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy decoding with no cache: every step is one full forward over prompt + tokens so far."""
-    ids = inputs["input_ids"]
-    tokens, logits = [], []
-    for _ in range(steps):
-        n = ids.shape[1]
-        kw = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(n)[None].to(ids.device))
-        last = model(**kw, use_cache=False).logits[:, -1].float()
-        logits.append(last)
-        tok = last.argmax(-1, keepdim=True)
-        tokens.append(int(tok[0, 0]))
-        ids = torch.cat((ids, tok), 1)
-    return tokens, logits
 
 
 def figures_of(model, dtype) -> dict:

@@ -15,6 +15,7 @@ from portvlm.models import tiny  # noqa: E402
 from portvlm.shims.kv_cache import CacheView  # noqa: E402
 from portvlm.suites import SuiteContext  # noqa: E402
 from portvlm.suites import mla_checks as checks  # noqa: E402
+from portvlm.testing.decode import greedy_cached, greedy_full  # noqa: E402
 
 FP32 = dict(atol=1e-5, rtol=1e-4)  # portvlm.testing.tolerances: ("cpu", "float32", *, "fwd")
 
@@ -91,8 +92,8 @@ def test_reduced_rank_cached_decoding_equals_full_forward():
     inp = model_inputs.build("llava_mla", "image")
     inp.pop("position_ids")
     cache = LatentCache()
-    tokens, logits = checks.greedy_cached(model, inp, 6, cache)
-    ref_tokens, ref_logits = checks.greedy_full(model, inp, 6)
+    tokens, logits = greedy_cached(model, inp, 6, cache)
+    ref_tokens, ref_logits = greedy_full(model, inp, 6)
     assert tokens == ref_tokens
     torch.testing.assert_close(torch.cat(logits), torch.cat(ref_logits), **FP32)
     assert cache.get_seq_length() == inp["input_ids"].shape[1] + 5
