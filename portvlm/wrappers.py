@@ -37,6 +37,15 @@ def _fsdp1_reasons(obj) -> list[str]:
             "of one process — run it on the model before wrapping (or a copy loaded from a full state dict)"]
 
 
+def _prompt_learning_reasons(obj) -> list[str]:
+    cfg = getattr(obj, "active_peft_config", None)
+    if getattr(cfg, "is_prompt_learning", False):
+        return [f"the PeftModel's active adapter is {getattr(cfg, 'peft_type', 'prompt learning')} (prompt learning): its "
+                "virtual tokens are added in the PeftModel's own forward, outside the transformers model portvlm "
+                "checks — check the base model (model.get_base_model()) or use a LoRA-style adapter"]
+    return []
+
+
 def _zero3_reasons(obj) -> list[str]:
     config = getattr(obj, "zero_optimization_stage", None)
     stage = config() if callable(config) else None
@@ -50,7 +59,7 @@ WRAPPERS: tuple[Wrapper, ...] = (
     # peft.PeftModel (and its task subclasses) -> LoraModel/BaseTuner -> the transformers model; get_base_model()
     # returns the latter directly. LoRA layers stay inside the model (q_proj -> lora.Linear around base_layer).
     Wrapper("PEFT PeftModel", "peft", ("PeftModel", "PeftMixedModel"), lambda m: m.get_base_model(),
-            "get_base_model()"),
+            "get_base_model()", _prompt_learning_reasons),
     Wrapper("PEFT tuner (LoraModel / BaseTuner)", "peft", ("BaseTuner",), lambda m: m.model, ".model"),
     Wrapper("torch.compile OptimizedModule", "torch", ("OptimizedModule",), lambda m: m._orig_mod, "._orig_mod",
             note="torch.compile: a graph compiled before the patch keeps the attention it traced; patch before the "

@@ -75,6 +75,14 @@ def test_check_refuses_zero3_and_fsdp1_with_the_reason(stage, refused):
     assert "flattens and shards the parameters" in wrappers.unwrap(fsdp).check_reasons()[0]
 
 
+def test_check_refuses_prompt_learning_adapters_it_would_not_see():
+    peft = _peft(Model())
+    peft.active_peft_config = type("Cfg", (), {"is_prompt_learning": True, "peft_type": "PREFIX_TUNING"})()
+    assert "PREFIX_TUNING (prompt learning)" in wrappers.unwrap(peft).check_reasons()[0]
+    peft.active_peft_config.is_prompt_learning = False  # LoRA-style: the adapters sit inside the model
+    assert wrappers.unwrap(peft).check_reasons() == []
+
+
 def test_an_unknown_holder_is_named_with_where_the_model_sits():
     holder = _cls("Engine", "lmms_engine.train")()
     child = Model()
