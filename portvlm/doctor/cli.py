@@ -42,5 +42,7 @@ def main(argv: list[str] | None = None, probes: Probes | None = None, stdout=Non
         from portvlm.doctor.render import write
 
         write(report, stdout, colour=False if args.no_color else None)
+        if report.verdict == "FAIL" and not args.strict:  # a newcomer reads FAIL and expects a failing exit code
+            print("note: exit 0 (a diagnosis, not a test); --strict exits 1 when anything FAILs", file=sys.stderr)
     return report.exit_code(args.strict)
 

@@ -457,6 +457,15 @@ def test_strict_exit_codes():
     assert main(["--model", "nope"], probes=ok, stdout=io.StringIO()) == 2
 
 
+def test_a_fail_verdict_says_why_the_exit_code_is_0(capsys):
+    broken = machine({}, versions={"transformers": "5.23.0"})
+    out = io.StringIO()
+    assert main([], probes=broken, stdout=out) == 0 and "verdict FAIL" in out.getvalue()
+    assert "--strict exits 1" in capsys.readouterr().err
+    assert main(["--strict"], probes=broken, stdout=io.StringIO()) == 1
+    assert "--strict exits 1" not in capsys.readouterr().err
+
+
 def test_text_output_fits_one_screen_and_is_plain_when_not_a_tty(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     out = io.StringIO()
