@@ -61,7 +61,8 @@ def test(session: nox.Session, arch: str, model: str) -> None:
 @nox.session(python=False)
 def report(session: nox.Session) -> None:
     """A support table of your own run: portvlm-results/SUPPORT.md and site/ from portvlm-results/ (untracked)."""
-    _portvlm(session, "publish", "--results", LOCAL_RESULTS, "--out", LOCAL_RESULTS, *session.posargs)
+    # No posargs: `nox -- --fast` means the cells' arguments, which `nox` alone passes to every session.
+    _portvlm(session, "publish", "--results", LOCAL_RESULTS, "--out", LOCAL_RESULTS)
 
 
 @nox.session(python=False, default=False)

@@ -348,7 +348,7 @@ def test_the_main_job_runs_into_portvlm_results_and_ends_with_a_local_report_not
     assert sessions[-1] == "report" and "publish" not in sessions
     assert all(s.startswith("test(arch='cpu'") for s in sessions[:-1]) and len(sessions) > 1
     noxfile = (root / "noxfile.py").read_text()
-    assert '"--results", LOCAL_RESULTS, "--out", LOCAL_RESULTS' in noxfile
+    assert '"--results", LOCAL_RESULTS, "--out", LOCAL_RESULTS)' in noxfile  # `nox -- --fast`: not publish's args
     assert "/portvlm-results/" in (root / ".gitignore").read_text().splitlines()
 
 
