@@ -55,10 +55,13 @@ def test_grpo_policy_and_trl_reference_model_both_patched_generation_through_por
 
         model.generate = counted
         hook.ref = trainer.ref_model
+        hook.model, hook.before = model, {n: p.detach().clone() for n, p in model.named_parameters()}
 
     summary = grpo_qwen2_5_vl.main(["--tiny", "--arch", "cpu", "--out", str(tmp_path), "--steps", "2"], hook=hook)
 
     assert len(summary["losses"]) == 2 and all(math.isfinite(v) for v in summary["losses"])
+    # GRPO's logged loss is ~0 at the start (on-policy ratio 1, zero-mean advantages, KL 0); the policy still moved
+    assert any(not torch.equal(p, hook.before[n]) for n, p in hook.model.named_parameters()), "no weight moved"
     assert generations, "GRPOTrainer never called generate"
     for delta, new_tokens in generations:
         # the prompts' images through every vision block once (prefill), then one forward per new token (the prefill
