@@ -269,10 +269,10 @@ def free(device):
 
 
 def policy_evidence(arch: str, device) -> str:
-    if device.type != "cuda":
-        return "cpu-smoke"
-    cap = torch.cuda.get_device_capability(device)
-    return "hardware" if f"sm{cap[0]}{cap[1]}" == arch else "emulated"
+    """``hardware`` when this host is ``arch`` (the matrix's match), else ``emulated`` (a CPU smoke included)."""
+    from portvlm.policy import resolve_policy
+
+    return str(resolve_policy(arch).host.evidence_for(arch))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,9 +293,6 @@ def tolerances_for(arch, device, dtype):
 def one_process(model_id, cfg, arch, rows, device, *, dtype=None, ckpt=False, grads=True, seed=0):
     """The reference: one process, no FSDP, no SP (``ParallelModel`` at world 1) on all ``rows``: the mean token loss
     over every row, and the gradients by parameter name (in the compute dtype) with the parameters before the step."""
-    from portvlm.distributed.mesh import Layout
-    from portvlm.distributed.parallel import ParallelModel
-
     model = build(model_id, cfg, device, torch.float32, seed=seed)
     with portvlm.patch(model, arch=arch, dtype=dtype) as handle:
         model.to(handle.dtype)
@@ -303,7 +300,7 @@ def one_process(model_id, cfg, arch, rows, device, *, dtype=None, ckpt=False, gr
             use_text_backend(handle, arch, device)
         if ckpt:
             enable_activation_checkpointing(model)
-        with ParallelModel(model, handle, Layout(1, 1, 0, 0, None, None, None)) as single, \
+        with parallelize(model, handle) as single, \
                 torch.set_grad_enabled(grads):
             sums, n = [], 0
             for r in rows:
@@ -793,24 +790,30 @@ def fp16_row_one(args, model_id, what, world, device):
 
 
 class Recorder:
-    """Wraps ``kernels.varlen_attention`` to record every call's shapes, cu_seqlens and backend (one forward)."""
+    """Records every attention kernel call's shapes, cu_seqlens and backend while ``on`` (one forward), through the
+    opt-in ``portvlm.backends.kernels.trace``."""
 
     def __init__(self):
+        self._trace, self.calls = None, []
+
+    @property
+    def on(self) -> bool:
+        return self._trace is not None
+
+    @on.setter
+    def on(self, value: bool) -> None:
         from portvlm.backends import kernels
 
-        self.kernels, self.calls, self.on = kernels, [], False
-        self.original = kernels.varlen_attention
-
-        def wrapped(q, k, v, cu, max_seqlen, *, backend, scale=None, causal=False):
-            if self.on:
-                self.calls.append((tuple(q.shape), tuple(k.shape), tuple(int(x) for x in cu.tolist()), int(max_seqlen),
-                                   bool(causal), q.dtype))
-            return self.original(q, k, v, cu, max_seqlen, backend=backend, scale=scale, causal=causal)
-
-        kernels.varlen_attention = wrapped
+        if value and self._trace is None:
+            self._trace = kernels.trace()
+            self._seen = self._trace.__enter__()
+        elif not value and self._trace is not None:
+            self.calls = [(c.q_shape, c.k_shape, c.cu_seqlens, c.max_seqlen, c.causal, c.dtype) for c in self._seen]
+            self._trace.__exit__(None, None, None)
+            self._trace = None
 
     def close(self):
-        self.kernels.varlen_attention = self.original
+        self.on = False
 
 
 def kernel_seconds(calls, backend, device, dtype, recompute: bool, reps=3) -> float:
@@ -948,8 +951,8 @@ def part_size(args, rank, world, device, kind):
                         o = pmodel(**r)
                         losses.append(float(o.loss_value))
                         if rec is not None and rec.on:  # the forward's calls; recompute is added when timing
-                            recorded[label] = (list(rec.calls), dtype)
                             rec.on = False
+                            recorded[label] = (list(rec.calls), dtype)
                         o.loss.backward()
                     with torch.no_grad():
                         for p in pmodel.parameters():

@@ -60,6 +60,9 @@ def rel(a, b):
 
 
 def main() -> int:
+    if not torch.cuda.is_available():
+        print("gpu_backend_check: needs a CUDA GPU (it checks the GPU kernels of every declared backend)", file=sys.stderr)
+        return 2
     platform = detect()
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name(0)} ({platform.arch_id})", flush=True)
     rows, bad = [], 0

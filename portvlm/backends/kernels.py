@@ -7,9 +7,11 @@ the same arguments and returns ``[S, H, D]``; the declarations that say where ea
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -295,9 +297,46 @@ BUILTIN_IMPLS: dict[str, Callable] = {
 }
 
 
+@dataclass(frozen=True)
+class KernelCall:
+    """One ``varlen_attention`` call as ``trace`` records it: shapes, segments, causality, dtype and backend."""
+
+    q_shape: tuple[int, ...]
+    k_shape: tuple[int, ...]
+    cu_seqlens: tuple[int, ...]
+    max_seqlen: int
+    causal: bool
+    dtype: torch.dtype
+    backend: str
+
+
+_TRACES: list[list[KernelCall]] = []  # open traces; empty: varlen_attention records nothing (no host sync)
+
+
+@contextlib.contextmanager
+def trace() -> Iterator[list[KernelCall]]:
+    """Record every ``varlen_attention`` call made inside the block (opt-in: reading ``cu_seqlens`` syncs the host).
+
+        with kernels.trace() as calls:
+            pmodel(**row)
+        [c.cu_seqlens for c in calls]       # what each packed attention call saw
+    """
+    calls: list[KernelCall] = []
+    _TRACES.append(calls)
+    try:
+        yield calls
+    finally:
+        _TRACES.remove(calls)
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, backend, scale=None, causal=False):
     """Block-diagonal attention of packed ``[S, H, D]`` q/k/v over ``cu_seqlens`` in one kernel call; ``[S, H, D]``."""
     _check(q, k, v)
+    if _TRACES:
+        call = KernelCall(tuple(q.shape), tuple(k.shape), tuple(int(x) for x in cu_seqlens.tolist()), int(max_seqlen),
+                          bool(causal), q.dtype, backend)
+        for calls in _TRACES:
+            calls.append(call)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     from portvlm.backends import get_backend

@@ -31,6 +31,11 @@ class Layout:
     def world(self) -> int:
         return self.dp * self.sp
 
+    @classmethod
+    def single(cls) -> Layout:
+        """One process, no FSDP, no process group: the reference a sharded run is compared to."""
+        return cls(dp=1, sp=1, dp_rank=0, sp_rank=0, dp_group=None, sp_group=None, fsdp_mesh=None)
+
 
 def mesh_reasons(mesh) -> list[str]:
     """Why ``mesh`` is not a ``(dp, sp)`` mesh portvlm can use (empty: it is)."""

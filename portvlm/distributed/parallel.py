@@ -254,13 +254,15 @@ def _upcast(module, *, recurse: bool) -> None:
     module._apply(lambda t: t.float() if t.is_floating_point() else t, recurse=recurse)
 
 
-def parallelize(model, handle, mesh, *, activation_checkpointing: bool = False, mp_policy=AUTO,
+def parallelize(model, handle, mesh=None, *, activation_checkpointing: bool = False, mp_policy=AUTO,
                 reshard_after_forward: bool = True, loss_chunk: int = 8192, fault: str | None = None) -> ParallelModel:
     """Shard a ``portvlm.patch``-ed model with FSDP2 over ``mesh`` (dims "dp", "sp") and run Ulysses SP over "sp".
 
     ``fully_shard`` wraps every vision block and decoder layer (the classes ``portvlm.shims.layer_paths`` finds) and
     the returned root; gradients are summed (divide factor 1) because the loss is already the batch mean.
     ``activation_checkpointing`` turns on the model's own non-reentrant gradient checkpointing.
+    ``mesh=None``: one process, nothing sharded (``Layout.single()``): the same packed-row forward and loss as the
+    sharded runs, their single-process reference; ``mp_policy`` does not apply (the model runs in its own dtype).
     ``mp_policy``: ``"auto"`` (default) is ``mixed_precision_for(handle.dtype)`` — for an fp16 policy (sm70) the
     sharded weights become fp32 master weights, each block computes in fp16 and gradients are reduced in fp32, so
     ``torch.amp.GradScaler`` works; ``None`` shards the parameters as they are; a ``MixedPrecisionPolicy`` is used
@@ -269,10 +271,14 @@ def parallelize(model, handle, mesh, *, activation_checkpointing: bool = False, 
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     model = _model_inside(model)
-    layout = layout_of(mesh)
+    layout = Layout.single() if mesh is None else layout_of(mesh)
     reasons = parallel_reasons(model, handle, layout)
     if reasons:
         raise UnsupportedError("portvlm.distributed.parallelize: " + "; ".join(reasons))
+    if mesh is None:
+        if activation_checkpointing:
+            enable_activation_checkpointing(model)
+        return ParallelModel(model, handle, layout, loss_chunk=loss_chunk, fault=fault)
     upcast = False
     if isinstance(mp_policy, str):
         if mp_policy != AUTO:
