@@ -11,8 +11,7 @@ from __future__ import annotations
 import importlib
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 SUITES = ("parity", "training", "streaming")
@@ -33,7 +32,6 @@ class SuiteContext:
     seed: int = 0
     real_arch_id: str | None = None  # arch of the device actually used; tolerance kind follows it when emulated
     matrix: Any = None  # the Matrix (or its path) whose arch policies portvlm.patch applies; None: the packaged one
-    patcher: Callable | None = field(default=None, repr=False)  # tests only: replaces portvlm.patch
 
     @property
     def device_kind(self) -> str:

@@ -4,7 +4,6 @@ calls that read every version's return type, and the suite's record builder."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,65 +34,26 @@ def dtype_name(dtype) -> str:
 
 @contextlib.contextmanager
 def patched(model, ctx):
-    """``portvlm.patch(model, arch=ctx.arch_id, dtype=ctx.dtype)`` with the context's forced backends, if any.
+    """``portvlm.patch(model, arch=ctx.arch_id, dtype=ctx.dtype, matrix=ctx.matrix)``, with the context's forced backends.
 
-    Integration point with ``portvlm.shims.patch`` (owner: shims engineer). Backends forced by the context
-    (negative controls, explicit cells) are passed as ``vision_backend=`` / ``text_backend=`` when ``patch``
-    accepts them; a forced backend that ``patch`` cannot take is an error, never silently dropped.
+    A forced backend (negative controls, explicit cells) replaces the policy's choice on the handle's
+    ``AttentionState``, which the installed attention reads at call time; an undeclared name raises ``KeyError``.
     """
-    if ctx.patcher is not None:  # tests inject a patcher (e.g. to exercise the harness itself)
-        with ctx.patcher(model, ctx) as handle:
-            yield handle
-        return
-    # A broken install (portvlm.patch not importable) is the suite's error, never a skip: let it raise.
-    import portvlm.shims.patch as patch_module
+    import portvlm
+    from portvlm.backends import get_backend
 
-    patch = patch_module.patch
-    params = inspect.signature(patch).parameters
-    kwargs: dict[str, Any] = {}
-    if "dtype" in params:
-        kwargs["dtype"] = torch_dtype(ctx.dtype)
-    if ctx.matrix is not None:  # the cell's own matrix: the policy the cell declares is the one patched in
-        kwargs["matrix"] = ctx.matrix
-    forced = {n: getattr(ctx, n) for n in ("vision_backend", "text_backend") if getattr(ctx, n) is not None}
-    late = {}
-    for name, value in forced.items():
-        if name in params:
-            kwargs[name] = value
-        else:
-            late[name] = value
-    with patch(model, arch=ctx.arch_id, **kwargs) as handle:
-        # patch() (as of this writing) selects backends from the arch's policy and keeps the choice on
-        # handle.state, which the installed attention reads at call time: forcing a backend sets it there.
-        state = getattr(handle, "state", None)
-        for name, value in late.items():
-            if state is None or not hasattr(state, name):
-                raise TypeError(f"portvlm.patch() takes no {name}= and its handle has no state.{name}; cannot force {value!r}")
-            setattr(state, name, value)
+    with portvlm.patch(model, arch=ctx.arch_id, dtype=torch_dtype(ctx.dtype), matrix=ctx.matrix) as handle:
+        for name in ("vision_backend", "text_backend"):
+            forced = getattr(ctx, name)
+            if forced is not None:
+                get_backend(forced)  # declared (built in or registered), else KeyError naming the known ones
+                setattr(handle.state, name, forced)
         yield handle
 
 
-def report_summary(handle) -> Any:
-    """A JSON-able view of a PatchHandle's report (whatever shape the shims give it)."""
-    rep = getattr(handle, "report", None)
-    if rep is None:
-        return None
-    for attr in ("to_json", "as_dict", "to_dict"):
-        if hasattr(rep, attr):
-            try:
-                return getattr(rep, attr)()
-            except Exception:  # noqa: BLE001
-                break
-    if isinstance(rep, (dict, list, str)):
-        return rep
-    try:
-        import dataclasses
-
-        if dataclasses.is_dataclass(rep):
-            return dataclasses.asdict(rep)
-    except Exception:  # noqa: BLE001
-        pass
-    return str(rep)
+def report_summary(handle) -> dict:
+    """The patch report as JSON-able data (``Report.to_dict``)."""
+    return handle.report.to_dict()
 
 
 def tol(ctx, direction: str, backend: str | None = None) -> tuple[float, float]:

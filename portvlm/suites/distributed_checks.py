@@ -89,8 +89,10 @@ def _model_kwargs(row: dict) -> dict:
     return kw
 
 
-def reference(model_id: str, arch: str, state: dict, rows: list[dict]) -> dict:
-    """Loss, gradients and post-SGD-step parameters of one process on all ``rows`` (mean over all target tokens)."""
+def reference(model_id: str, arch: str, state: dict, rows: list[dict], *, matrix=None) -> dict:
+    """Loss, gradients and post-SGD-step parameters of one process on all ``rows`` (mean over all target tokens).
+
+    ``matrix``: the cell's (a ``Matrix`` or a path; None: the packaged one), whose ``arch`` policy is patched in."""
     import torch.nn.functional as F
 
     from portvlm.models import tiny
@@ -99,7 +101,7 @@ def reference(model_id: str, arch: str, state: dict, rows: list[dict]) -> dict:
     model = tiny.build(model_id, attn_implementation="sdpa")
     model.load_state_dict(state)
     model.train()
-    with patch(model, arch=arch):
+    with patch(model, arch=arch, matrix=matrix):
         sums, count = [], 0
         for row in rows:
             model_io.reset_rope_state(model)
@@ -157,7 +159,7 @@ def worker(rank: int, world: int, port: int, spec: dict) -> None:
             model = tiny.build(spec["model_id"], attn_implementation="sdpa")
             model.load_state_dict(state)
             model.train()
-            with patch(model, arch=spec["arch"]) as handle:
+            with patch(model, arch=spec["arch"], matrix=spec.get("matrix")) as handle:
                 pmodel = parallelize(model, handle, mesh, fault=case.get("fault"))
                 with pmodel:
                     dp_rank = pmodel.layout.dp_rank
@@ -300,13 +302,16 @@ def spawn(spec: dict, world: int, timeout_s: float = 240.0, *, fn=worker) -> dic
 
 
 def run(model_id: str, arch: str, *, dp: int, sp: int, rows: list[dict], cases: list[dict], seed: int = 0,
-        fail_rank: int | None = None, timeout_s: float = 240.0) -> dict:
-    """Spawn ``dp × sp`` workers on ``rows`` (one per dp rank) for each case; rank 0's results per case name."""
+        fail_rank: int | None = None, timeout_s: float = 240.0, matrix=None) -> dict:
+    """Spawn ``dp × sp`` workers on ``rows`` (one per dp rank) for each case; rank 0's results per case name.
+
+    ``matrix``: the cell's (a ``Matrix`` or a path; None: the packaged one): every worker patches under its policy."""
     from portvlm.models import tiny
 
     state = tiny.build(model_id, seed=seed).state_dict()
     with tempfile.TemporaryDirectory(prefix="portvlm-dist-") as tmp:
         spec = {"model_id": model_id, "arch": arch, "dp": dp, "sp": sp, "cases": cases, "fail_rank": fail_rank,
+                "matrix": matrix,
                 "state": os.path.join(tmp, "state.pt"), "rows": os.path.join(tmp, "rows.pt"),
                 "out": os.path.join(tmp, "out.pt")}
         torch.save(state, spec["state"])

@@ -167,12 +167,6 @@ def _sync(model) -> None:
         torch.cuda.synchronize(p.device)
 
 
-def _vision_backend(rec, ctx) -> str:
-    """The vision backend the patch chose (the report's), else the context's."""
-    chosen = ((rec.figures.get("patch_report") or {}).get("vision_backend") or {})
-    return (chosen.get("name") if isinstance(chosen, dict) else None) or ctx.vision_backend or "sdpa_masked"
-
-
 def _vision_rotary(model):
     """The rotary function portvlm's vision forward applies for this model, if its tower has one."""
     from portvlm.shims.attention import rotary_of
@@ -252,12 +246,10 @@ TEXT_SHIMS = ("text_registry", "text_registry_legacy", "text_classes")
 
 def _packing_reasons(handle) -> list[str]:
     """Why the patched model cannot take a packed row here (empty: it can) — read from the patch report."""
-    rep = getattr(handle, "report", None)
-    if rep is None or not hasattr(rep, "shim_names"):
-        return []
+    rep = handle.report
     if rep.shim_names() & set(TEXT_SHIMS):
         return []
-    why = [f"{n.shim}: {'; '.join(n.reasons)}" for n in getattr(rep, "not_applied", []) if n.shim in TEXT_SHIMS]
+    why = [f"{n.shim}: {'; '.join(n.reasons)}" for n in rep.not_applied if n.shim in TEXT_SHIMS]
     return why or ["portvlm's text attention is not installed, so a packed row has no block-diagonal causal path"]
 
 
@@ -423,9 +415,7 @@ def run(ctx):
                 errs.append(c)
                 rec.add(check_from(f"packing.sample{i}_matches_alone", c, what=f"sample {i} ({n} tokens) in a packed row of {sum(lengths)}; "))
             rec.figures["packing_max_abs_err"] = max(c.max_abs_err for c in errs)
-            calls = getattr(getattr(handle, "state", None), "calls", None)
-            if isinstance(calls, dict):
-                rec.figures["packing_text_packed_calls"] = calls.get("text_packed")
+            rec.figures["packing_text_packed_calls"] = handle.state.calls["text_packed"]
 
         # 3. several optimizer steps (after packing: the steps change the weights) on the fixed batch: finite, falling
         with timer("steps"):
@@ -440,7 +430,7 @@ def run(ctx):
             rec.add(check_from("steps.match_reference_trajectory", lc))
         if dtype == torch.float16:
             rec.check("fp16.no_skipped_steps_at_end", extra["skipped_steps"] < STEPS, detail=f"{extra['skipped_summary']} (loss scaler); scales {extra['loss_scales']}")
-            rec.add(precision.softmax_check(_vision_backend(rec, ctx), device=ctx.device))
+            rec.add(precision.softmax_check(handle.state.vision_backend, device=ctx.device))  # the one that runs
             rope = _vision_rotary(model)
             if rope is not None:
                 rec.add(precision.rotary_check(rope, device=ctx.device))
@@ -500,9 +490,10 @@ def _sp_check(rec, ctx) -> None:
     sp = family in models.sequence_parallel_types()
     dp, spd, kind = (1, 2, "sp") if sp else (2, 1, "dp")
     rows = check.rows_for(ctx.model_id, kind, seed=ctx.seed)
-    ref = check.reference(ctx.model_id, ctx.arch_id, tiny.build(ctx.model_id, seed=ctx.seed).state_dict(), rows)
+    ref = check.reference(ctx.model_id, ctx.arch_id, tiny.build(ctx.model_id, seed=ctx.seed).state_dict(), rows,
+                          matrix=ctx.matrix)  # the cell's policy, in the reference and in every worker
     got = check.run(ctx.model_id, ctx.arch_id, dp=dp, sp=spd, rows=rows, cases=[{"name": "ok"}], seed=ctx.seed,
-                    timeout_s=240)["ok"]
+                    timeout_s=240, matrix=ctx.matrix)["ok"]
     atol, rtol = 1e-5, 1e-4
     c = check.compare(got, ref, atol, rtol)
     c["cuts"] = check.straddles(rows[0], spd) if sp else None
