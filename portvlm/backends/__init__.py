@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from portvlm.errors import UnsupportedError
-from portvlm.platform import Platform, bf16_reasons
+from portvlm.platform import Platform, bf16_reasons, sm_name
 
 __all__ = [
     "Backend",
@@ -158,7 +158,7 @@ def normalize_dtype(dtype) -> str:
 
 def _describe(platform: Platform) -> str:
     if platform.vendor == "nvidia" and platform.capability is not None:
-        arch = f"sm{platform.capability[0]}{platform.capability[1]}"
+        arch = sm_name(platform.capability)
     elif platform.gfx:
         arch = platform.gfx
     else:

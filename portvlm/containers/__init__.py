@@ -44,13 +44,11 @@ from portvlm.containers.lock import index_reachable, lock_header, lock_inputs_di
 from portvlm.containers.render import (
     base_distro,
     base_image_reasons,
-    drift,
     index_pins,
     inputs_digest,
     labels,
     python_source,
     render,
-    render_all,
     render_spec,
     rendered_files,
     requirements_in,
@@ -73,5 +71,6 @@ from portvlm.containers.spec import (
     find_spec,
     image_specs,
 )
+from portvlm.containers.tree import drift, render_all
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in ("annotations", "shutil", "subprocess")]

@@ -10,8 +10,8 @@ from portvlm.containers.context import build
 from portvlm.containers.engine import GPU_RUN_FLAGS, NO_ENGINE, find_engine, pull, run_in
 from portvlm.containers.lint import lint
 from portvlm.containers.lock import write_lock
-from portvlm.containers.render import drift, render_all
 from portvlm.containers.spec import OUT_DIR, find_spec, image_specs
+from portvlm.containers.tree import drift, render_all
 
 
 def main(argv: list[str] | None = None) -> int:

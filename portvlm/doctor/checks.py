@@ -7,13 +7,15 @@ from portvlm.doctor import facts
 from portvlm.doctor.collect import EnvInfo
 from portvlm.doctor.report import Check
 from portvlm.platform import Platform, bf16_reasons, kernel_image_reasons
+from portvlm.platform import sm_name as platform_sm_name
 from portvlm.records import CheckStatus
 from portvlm.shims.versions import ALLOW_UNVERIFIED_ENV, base_version, parse, parse_or_none
 from portvlm.wheels import torch_index
 
 
 def sm_name(capability: tuple[int, int] | None) -> str:
-    return f"sm{capability[0]}{capability[1]}" if capability else "unknown"
+    """``platform.sm_name``, with ``"unknown"`` for a capability that could not be read (the doctor's wording)."""
+    return platform_sm_name(capability) or "unknown"
 
 
 def device_arch(platform: Platform) -> str:

@@ -9,6 +9,7 @@ import sys
 from typing import TextIO
 
 from portvlm.doctor.report import BackendChoice, Report
+from portvlm.platform import sm_name
 from portvlm.records import CheckStatus
 
 Segment = tuple[str, str | None]
@@ -45,7 +46,7 @@ def lines(report: Report) -> list[list[Segment]]:
     out.append([("system  ", "bold"), (f"{s.os or '?'} · Python {s.python or '?'} · {s.cpu or '?'}"
                                        f" ×{s.cpu_count or '?'}", None)])
     if p.is_gpu:
-        cap = f"sm{p.capability[0]}{p.capability[1]}" if p.capability else (p.gfx or "?")
+        cap = sm_name(p.capability) if p.capability else (p.gfx or "?")
         mem = f" · {p.memory_mib / 1024:.0f} GiB" if p.memory_mib else ""
         more = f" ×{p.count}" if p.count > 1 else ""
         runtime = f"driver {env.driver or '?'}" + (f" (CUDA {env.driver_cuda})" if env.driver_cuda else "") + (

@@ -9,6 +9,7 @@ The suites, ``portvlm.check`` and the benchmarks build their inputs here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,13 +69,19 @@ def geometry(model) -> InputGeometry:
     """The input geometry of ``model``: a tiny model id, any registered family's config, or a geometry as it is."""
     if isinstance(model, InputGeometry):
         return model
+    from portvlm import models
+
     if isinstance(model, str):
-        from portvlm.models import tiny
+        return _tiny_geometry(model, models.by_id(model).model_type)
+    return models.by_type(model.model_type).geometry(model)
 
-        return tiny.geometry(model)
-    from portvlm.models import by_type
 
-    return by_type(model.model_type).geometry(model)
+@functools.cache
+def _tiny_geometry(model_id: str, model_type: str) -> InputGeometry:
+    """A tiny model's geometry, read from its family's tiny config as from any config (cached per registered type)."""
+    from portvlm import models
+
+    return models.by_type(model_type).geometry(models.by_id(model_id).tiny_config())
 
 
 # Grids in patches (t, h, w). Window = 8×8 patches, so 16×16 spans 4 windows, 8×12 and 12×8 span 2 (one partial).

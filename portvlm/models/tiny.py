@@ -9,11 +9,10 @@ noise (with transformers' std 0.02 attention is almost uniform and such bugs hid
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from portvlm import models
+from portvlm.models import inputs as model_inputs
 from portvlm.models.family import BOS, EOS, IMG, LLAVA_IMG, PAD, VEND, VID, VOCAB, VSTART  # noqa: F401 - the tiny ids
 from portvlm.models.inputs import InputGeometry
 
@@ -52,14 +51,9 @@ def model_class(model_id: str):
     return family.load_class()
 
 
-@functools.cache
-def _geometry(model_id: str, model_type: str) -> InputGeometry:
-    return models.by_type(model_type).geometry(config(model_id))
-
-
 def geometry(model_id: str) -> InputGeometry:
     """The input geometry of tiny model ``model_id``, read from its tiny config as from any config."""
-    return _geometry(model_id, models.by_id(model_id).model_type)
+    return model_inputs.geometry(model_id)
 
 
 def is_available(model_id: str) -> list[str]:

@@ -81,6 +81,11 @@ class Detection:
     reasons: tuple[str, ...] = ()
 
 
+def sm_name(capability: tuple[int, int] | None) -> str | None:
+    """``(7, 0)`` → ``"sm70"`` (the one spelling of a CUDA capability as an arch id); ``None`` → ``None``."""
+    return None if capability is None else f"sm{capability[0]}{capability[1]}"
+
+
 def arch_id_for(capability: tuple[int, int] | None = None, gfx: str | None = None) -> str | None:
     """The device's own arch id: ``(10, 0)`` → ``"sm100"``, ``"gfx942:sramecc+"`` → ``"gfx942"``, neither → ``"cpu"``.
 
@@ -91,8 +96,7 @@ def arch_id_for(capability: tuple[int, int] | None = None, gfx: str | None = Non
         return gfx.split(":")[0].lower()
     if capability is None:
         return "cpu"
-    major, minor = capability
-    return f"sm{major}{minor}"
+    return sm_name(capability)
 
 
 _ARCH_ID = re.compile(r"^(?:sm(\d+)(\d)|(gfx[0-9a-f]{3,4})|(cpu))$")

@@ -176,7 +176,37 @@ def run(cell: Cell, suites: tuple[str, ...], fast: bool, in_container: bool, evi
     )
 
 
-if __name__ == "__main__":  # the runner's child / nox start this module as a process
-    from portvlm.run.cli import cell_main
+def cell_main(argv: list[str] | None = None) -> int:
+    """``python -m portvlm.run.cell``: run one cell's suites and write its ``CellReport`` JSON to ``--out``."""
+    import argparse
+    import json
+    import traceback
 
+    p = argparse.ArgumentParser(prog="python -m portvlm.run.cell")
+    p.add_argument("--cell", required=True)
+    p.add_argument("--matrix", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--suites", default="parity,training,streaming")
+    p.add_argument("--fast", action="store_true", help="skip the slowest checks (FSDP2 processes); recorded")
+    p.add_argument("--in-container", action="store_true")
+    p.add_argument("--evidence", choices=[e.value for e in Evidence], help="decided by the runner (plan_cell)")
+    a = p.parse_args(argv)
+    from portvlm.matrix import expand, load_matrix
+
+    matrix = load_matrix(a.matrix)
+    cells = {c.id: c for c in expand(matrix)}
+    if a.cell not in cells:
+        print(f"error: unknown cell {a.cell!r}; `portvlm matrix` lists them", file=sys.stderr)
+        return 2
+    try:
+        report = run(cells[a.cell], tuple(s for s in a.suites.split(",") if s), a.fast, a.in_container, a.evidence,
+                     matrix=matrix)
+    except Exception:  # noqa: BLE001 - reported to the parent as the cell's error
+        report = CellReport(error=traceback.format_exc()[-4000:])
+    with open(a.out, "w") as fh:
+        json.dump(report.to_json(), fh, default=str)
+    return 0
+
+
+if __name__ == "__main__":  # the runner's child starts this module as a process
     sys.exit(cell_main())

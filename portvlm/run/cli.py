@@ -5,14 +5,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import traceback
 
-from portvlm.errors import EnvironmentBuildError, MatrixError
-from portvlm.records import CellReport, Evidence
-from portvlm.run.cell import run
-from portvlm.run.env import EnvSpec, ensure_env, host_torch_spec
+from portvlm.errors import MatrixError
 from portvlm.run.results import LOCAL_RESULTS, PUBLISHED_RESULTS
 from portvlm.run.runner import Interrupted, print_summary, run_many
 
@@ -69,49 +64,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"({LOCAL_RESULTS}/ is yours and untracked: `portvlm publish --results {LOCAL_RESULTS} --out "
               f"{LOCAL_RESULTS}` renders a table of it; `--publish` writes the project's {PUBLISHED_RESULTS}/)")
     return code
-
-
-
-
-def cell_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m portvlm.run.cell")
-    p.add_argument("--cell", required=True)
-    p.add_argument("--matrix", default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--suites", default="parity,training,streaming")
-    p.add_argument("--fast", action="store_true", help="skip the slowest checks (FSDP2 processes); recorded")
-    p.add_argument("--in-container", action="store_true")
-    p.add_argument("--evidence", choices=[e.value for e in Evidence], help="decided by the runner (plan_cell)")
-    a = p.parse_args(argv)
-    from portvlm.matrix import expand, load_matrix
-
-    matrix = load_matrix(a.matrix)
-    cells = {c.id: c for c in expand(matrix)}
-    if a.cell not in cells:
-        print(f"error: unknown cell {a.cell!r}; `portvlm matrix` lists them", file=sys.stderr)
-        return 2
-    try:
-        report = run(cells[a.cell], tuple(s for s in a.suites.split(",") if s), a.fast, a.in_container, a.evidence,
-                     matrix=matrix)
-    except Exception:  # noqa: BLE001 - reported to the parent as the cell's error
-        report = CellReport(error=traceback.format_exc()[-4000:])
-    with open(a.out, "w") as fh:
-        json.dump(report.to_json(), fh, default=str)
-    return 0
-
-
-
-def env_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m portvlm.run.env", description="build/reuse a cell venv; prints its python")
-    p.add_argument("--transformers", required=True)
-    p.add_argument("--torch", default=host_torch_spec())
-    p.add_argument("--python", default=f"{sys.version_info.major}.{sys.version_info.minor}")
-    p.add_argument("--extra", action="append", default=[])
-    a = p.parse_args(argv)
-    try:
-        print(ensure_env(EnvSpec(a.python, a.torch, a.transformers, tuple(a.extra))))
-    except EnvironmentBuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
 

@@ -180,7 +180,23 @@ def host_torch_spec() -> str:
     return os.environ.get("PORTVLM_HOST_TORCH", "2.13.0+cpu")
 
 
-if __name__ == "__main__":  # the runner's child / nox start this module as a process
-    from portvlm.run.cli import env_main
+def env_main(argv: list[str] | None = None) -> int:
+    """``python -m portvlm.run.env``: build or reuse a cell venv and print its python."""
+    import argparse
 
+    p = argparse.ArgumentParser(prog="python -m portvlm.run.env", description="build/reuse a cell venv; prints its python")
+    p.add_argument("--transformers", required=True)
+    p.add_argument("--torch", default=host_torch_spec())
+    p.add_argument("--python", default=f"{sys.version_info.major}.{sys.version_info.minor}")
+    p.add_argument("--extra", action="append", default=[])
+    a = p.parse_args(argv)
+    try:
+        print(ensure_env(EnvSpec(a.python, a.torch, a.transformers, tuple(a.extra))))
+    except EnvironmentBuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # nox starts this module as a process
     sys.exit(env_main())

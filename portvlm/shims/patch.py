@@ -520,10 +520,9 @@ SHIMS: tuple[Shim, ...] = (
 
 
 def _describe_platform(platform) -> str:
-    if platform.capability is not None:
-        arch = f"sm{platform.capability[0]}{platform.capability[1]}"
-    else:
-        arch = platform.gfx or platform.arch_id or platform.device
+    from portvlm.platform import sm_name
+
+    arch = sm_name(platform.capability) or platform.gfx or platform.arch_id or platform.device
     return f"{arch} policy on {platform.device}: {platform.name}"
 
 
