@@ -12,9 +12,6 @@ build installs them offline), ``dist/`` (portvlm's wheel), ``extra-ca/`` (option
 
 from __future__ import annotations
 
-import shutil  # noqa: F401 - tests fake the host through these modules
-import subprocess  # noqa: F401
-
 from portvlm.containers.cli import main
 from portvlm.containers.context import (
     BuildRecord,
@@ -73,4 +70,4 @@ from portvlm.containers.spec import (
 )
 from portvlm.containers.tree import drift, render_all
 
-__all__ = [name for name in dir() if not name.startswith("_") and name not in ("annotations", "shutil", "subprocess")]
+__all__ = [name for name in dir() if not name.startswith("_") and name != "annotations"]

@@ -74,17 +74,20 @@ def _host_podman_flags() -> tuple[str, ...]:
     )
 
 
-def find_engine(prefer: str | None = None) -> Engine | None:
-    """docker with a reachable daemon, else podman; ``prefer`` (or $PORTVLM_ENGINE) picks one. None if neither."""
+def find_engine(prefer: str | None = None, *, which=shutil.which, run=subprocess.run) -> Engine | None:
+    """docker with a reachable daemon, else podman; ``prefer`` (or $PORTVLM_ENGINE) picks one. None if neither.
+
+    ``which`` / ``run``: how the host is asked (``shutil.which``, ``subprocess.run``); tests pass fakes.
+    """
     prefer = prefer or os.environ.get("PORTVLM_ENGINE") or None
     order = [prefer] if prefer else ["docker", "podman"]
     for name in order:
-        exe = shutil.which(name)
+        exe = which(name)
         if exe is None:
             continue
         if name == "docker":
             try:
-                ok = subprocess.run([exe, "info"], capture_output=True, timeout=15).returncode == 0
+                ok = run([exe, "info"], capture_output=True, timeout=15).returncode == 0
             except (OSError, subprocess.TimeoutExpired):
                 ok = False
             if ok:

@@ -200,17 +200,18 @@ def test_pip_platforms_cover_older_manylinux():
 def test_find_engine_needs_a_reachable_docker_daemon(monkeypatch):
     import subprocess
 
-    monkeypatch.setattr(C.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "docker" else None)
-    monkeypatch.setattr(C.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1))
-    assert C.find_engine() is None
-    monkeypatch.setattr(C.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0))
-    assert C.find_engine().name == "docker"
+    monkeypatch.delenv("PORTVLM_ENGINE", raising=False)
+
+    def which(name):
+        return f"/usr/bin/{name}" if name == "docker" else None
+
+    assert C.find_engine(which=which, run=lambda *a, **k: subprocess.CompletedProcess(a, 1)) is None
+    assert C.find_engine(which=which, run=lambda *a, **k: subprocess.CompletedProcess(a, 0)).name == "docker"
 
 
 def test_no_engine_says_so_and_records_nothing(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(C.shutil, "which", lambda name: None)
     monkeypatch.setenv("PORTVLM_STATE", str(tmp_path))
-    monkeypatch.delenv("PORTVLM_ENGINE", raising=False)
+    monkeypatch.setenv("PORTVLM_ENGINE", "portvlm-no-such-engine")  # the one engine asked for is not on PATH
     monkeypatch.chdir(ROOT)
     for argv in (["build", "cpu"], ["pull", "portvlm/sm70-cu118-torch2.3.1"], ["run", "cpu", "--", "true"]):
         assert C.main(argv) == 3
