@@ -27,3 +27,16 @@ class MatrixError(PortvlmError):
 
 class EnvironmentBuildError(PortvlmError):
     """A cell's environment (venv or container image) could not be built."""
+
+
+class FP16OverflowError(PortvlmError, FloatingPointError):
+    """An activation left fp16's range (|x| > 65504, or non-finite) under an fp16 policy.
+
+    ``module``: the path of the first module whose output was not finite; ``peak``: its |output| recomputed in fp32
+    (None when that was not finite either). The message says what to do: calibrate, or run in fp32.
+    """
+
+    def __init__(self, message: str, module: str | None = None, peak: float | None = None):
+        super().__init__(message)
+        self.module = module
+        self.peak = peak

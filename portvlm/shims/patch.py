@@ -57,6 +57,10 @@ class Patcher:
         self.record_attr(obj, name)
         setattr(obj, name, value)
 
+    def on_restore(self, undo: Callable[[], None]) -> None:
+        """Call ``undo()`` on restore, in its turn (newest first) with the recorded attributes and items."""
+        self._undo.append(("call", undo, None, None))
+
     def record_item(self, mapping, key) -> None:
         """Remember ``mapping[key]`` as it is now (or that the key was absent)."""
         self._undo.append(("item", mapping, key, mapping.get(key, _ABSENT)))
@@ -72,7 +76,9 @@ class Patcher:
         while self._undo:
             kind, target, key, old = self._undo.pop()
             try:
-                if kind == "attr":
+                if kind == "call":
+                    target()
+                elif kind == "attr":
                     if old is _ABSENT:
                         if key in vars(target):
                             delattr(target, key)
@@ -165,6 +171,7 @@ class Report:
     replaced: list[Replaced] = field(default_factory=list)  # foreign forwards portvlm runs in place of, for this model
     attn_name: str | None = None  # this handle's registered attention name
     wrappers: list[str] = field(default_factory=list)  # what the model was found inside (portvlm.wrappers), outermost first
+    fp16: list = field(default_factory=list)  # portvlm.fp16.protect.Change: rescaled modules, islands, the guard
 
     def shim_names(self) -> set[str]:
         return {a.shim for a in self.applied}
@@ -189,6 +196,7 @@ class Report:
             "replaced": [{"target": r.target, "origin": r.origin} for r in self.replaced],
             "attn_name": self.attn_name,
             "wrappers": list(self.wrappers),
+            "fp16": [c.__dict__ for c in self.fp16],
         }
 
     def __str__(self) -> str:
@@ -215,6 +223,9 @@ class Report:
             lines.append("    (none)")
         lines.append("  not applied:")
         lines += [f"    {n.shim}: {'; '.join(n.reasons)}" for n in self.not_applied] or ["    (none)"]
+        if self.fp16:
+            lines.append("  fp16 (the policy's dtype is float16):")
+            lines += [f"    {c.kind} {c.target}: {c.why}" for c in self.fp16]
         lines += [f"  replaced (not transformers' own): {r.target} <- {r.origin}" for r in self.replaced]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -545,6 +556,13 @@ _NAMES = itertools.count(1)  # per-handle attention names: portvlm_1, portvlm_2,
 # id(config) -> (weakref to it, attention name of the live handle that set it); configs are unhashable (they
 # define __eq__), so they are keyed by id and checked by identity.
 _LIVE_CONFIGS: dict[int, tuple[weakref.ref, str]] = {}
+_LIVE_HANDLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its live PatchHandle
+
+
+def handle_of(model) -> PatchHandle | None:
+    """The live ``PatchHandle`` that patched ``model`` (None: not patched by portvlm now)."""
+    handle = _LIVE_HANDLES.get(model)
+    return None if handle is None or handle.reverted else handle
 
 
 # attention name of a handle -> the implementation its model had before the patch. A model built from a patched
@@ -584,6 +602,7 @@ class PatchHandle:
         self._hooks: list = []  # dispatch.Hook this handle holds
         self._owned: list = []  # weakrefs to the modules this handle owns (dispatch.OWNERS)
         self._configs: list[int] = []  # ids in _LIVE_CONFIGS
+        self.fp16 = None  # portvlm.fp16.protect.Protection under an fp16 policy (its scans, α, islands, guard)
 
     @property
     def dtype(self):
@@ -689,12 +708,18 @@ def _instance_overrides(handle: PatchHandle, model, patcher: Patcher) -> None:
             handle._replaced(where, origin)
 
 
-def patch(model=None, arch: str | None = None, *, dtype=None, matrix=None, foreign: str = "warn") -> PatchHandle:
+def patch(model=None, arch: str | None = None, *, dtype=None, matrix=None, foreign: str = "warn",
+          calibration=None, guard: bool = True) -> PatchHandle:
     """Apply portvlm's shims for ``arch``'s policy (``None``: the host) to ``model``; returns a ``PatchHandle``.
 
     ``matrix``: a ``Matrix`` or a path whose archs define the policies (default: the packaged matrix; nothing is
     read from the current directory). ``foreign``: ``"warn"`` (default) runs portvlm in place of a forward that is
     not transformers' own and says so in the report; ``"refuse"`` raises instead.
+
+    Under a float16 policy (sm70; ROCm in fp16) ``portvlm.fp16.protect`` runs too: with ``calibration`` (the model's
+    forward kwargs, one dict or a list) the residual streams are rescaled by a power of two and overflowing MLPs run
+    as fp32 islands so the calibrated peaks fit fp16 (verified by a second scan); ``guard`` (default on) makes a
+    non-finite activation raise ``FP16OverflowError`` naming the module instead of returning NaN.
     """
     from portvlm.policy import resolve_policy
 
@@ -779,6 +804,15 @@ def patch(model=None, arch: str | None = None, *, dtype=None, matrix=None, forei
         if model is not None:
             _instance_overrides(handle, model, patcher)
             handle.own(model)
+            _LIVE_HANDLES[model] = handle
+            if policy.dtype == "float16":
+                from portvlm.fp16.protect import protect
+
+                handle.fp16 = protect(model, patcher, calibration=calibration, guard=guard, arch=spec.id)
+                report.fp16 = list(handle.fp16.changes)
+            elif calibration is not None:
+                report.warnings.append(f"calibration unused: the {spec.id} policy runs {policy.dtype}, whose range "
+                                       "needs no rescaling")
     except BaseException:
         handle.revert()
         raise

@@ -1,0 +1,37 @@
+"""fp16 that holds on real weights: a range scan, an exact residual-stream rescaling, fp32 islands and a guard.
+
+    scan = portvlm.fp16.scan(model, batch)        # fp32 arithmetic; each module's peak |output| vs 65504
+    print(scan)                                   # headroom per tower; "fp16 overflow at <path>: ..." when it fails
+    with portvlm.patch(model, arch="sm70", calibration=batch) as handle:   # the sm70 policy fixes what it finds
+        print(handle.report)                      # every rescaled module and fp32 island, and why
+
+Why (facts: ../shared/research/fp16.md): Qwen2/2.5-VL in fp16 overflows in the last vision block's MLP down
+projection (llama.cpp #17534: SwiGLU absmax ~4.3e3, then ``ffn_down`` = -inf), in text ``down_proj`` (vLLM #14126),
+and inside Qwen3-VL's vision ``linear_fc1`` (unsloth-zoo #787). Clamps change the function (transformers #35151) and do
+not help once the stream is NaN (vLLM #14126). Pre-norm blocks make the residual stream scale-invariant
+(``Norm(αx) = Norm(x)`` with eps × α²), so scaling every weight that writes the stream by a power of two α is exact
+and bitwise reversible; an overflow inside a block (before the down projection) needs an fp32 island instead.
+
+Nothing here imports torch at import time.
+"""
+
+from __future__ import annotations
+
+FP16_MAX = 65504.0  # torch.finfo(torch.float16).max
+FP16_TINY = 6.103515625e-05  # torch.finfo(torch.float16).tiny: the smallest normal; below it, subnormals lose bits
+HEADROOM = 4.0  # α brings each calibrated stream peak to <= FP16_MAX / HEADROOM (room for inputs beyond the batch)
+
+
+def __getattr__(name: str):
+    if name in ("scan", "ScanReport", "layout_of", "Layout"):
+        from portvlm.fp16 import scan as _scan
+
+        return getattr(_scan, name)
+    if name in ("protect", "Protection"):
+        from portvlm.fp16 import protect as _protect
+
+        return getattr(_protect, name)
+    raise AttributeError(f"module 'portvlm.fp16' has no attribute {name!r}")
+
+
+__all__ = ["FP16_MAX", "FP16_TINY", "HEADROOM", "Layout", "Protection", "ScanReport", "layout_of", "protect", "scan"]
