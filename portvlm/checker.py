@@ -46,6 +46,8 @@ class CheckReport:
     warnings: list[str] = field(default_factory=list)
     wrappers: list[str] = field(default_factory=list)  # what the model was found inside (portvlm.wrappers)
     reference: str = "the model's own weights"  # what the fp32 reference was built from (LoRA: merged or not)
+    policy: str | None = None  # the arch policy portvlm.patch applied to this model ("sm70"), None: unpatched
+    fp16: Any = None  # portvlm.fp16.scan.ScanReport when the fp16 range was scanned
 
     @property
     def ok(self) -> bool:
@@ -61,13 +63,15 @@ class CheckReport:
             "ok": self.ok, "family": self.family, "arch": self.arch, "device_kind": self.device_kind,
             "dtype": self.dtype, "checks": [dict(c.__dict__) for c in self.checks], "figures": self.figures,
             "runs": dict(self.runs), "warnings": list(self.warnings), "wrappers": list(self.wrappers),
-            "reference": self.reference,
+            "reference": self.reference, "policy": self.policy,
+            "fp16": None if self.fp16 is None else {k: v for k, v in self.fp16.to_dict().items() if k != "peaks"},
         }
 
     def __str__(self) -> str:
         verdict = "PASS" if self.ok else "FAIL"
-        lines = [f"portvlm check: {verdict} — {self.family} in {self.dtype}, tolerances of {self.device_kind} "
-                 f"(arch {self.arch}), against an independent fp32 eager reference"]
+        policy = f"arch {self.policy} policy (portvlm.patch)" if self.policy else f"arch {self.arch}, unpatched"
+        lines = [f"portvlm check: {verdict} — {self.family} in {self.dtype}, {policy}, tolerances of "
+                 f"{self.device_kind}, against an independent fp32 eager reference"]
         if self.wrappers:
             lines.append(f"  found inside: {' -> '.join(self.wrappers)}")
         lines.append(f"  reference built from {self.reference}")
@@ -75,8 +79,11 @@ class CheckReport:
         for c in self.checks:
             lines.append(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
         for key in ("leak_max_abs", "across_items_max_abs", "across_windows_max_abs", "logits_max_abs"):
-            if key in self.figures:
+            if self.figures.get(key) is not None:
                 lines.append(f"  {key} = {self.figures[key]:.3g}")
+        if self.fp16 is not None:
+            lines.append(f"  fp16 range ({self.fp16.batches} calibration batch(es), fp32 arithmetic):")
+            lines += ["  " + line for line in self.fp16.lines()]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -311,12 +318,18 @@ def _device_kind(model_device, arch: str | None) -> tuple[str, str]:
     return device_kind(arch, "cuda"), arch or "unknown"
 
 
-def check(model, arch: str | None = None, *, seed: int = 0) -> CheckReport:
-    """Run the parity checks on ``model`` as it is (its patches included) against portvlm's fp32 reference."""
+def check(model, arch: str | None = None, *, seed: int = 0, inputs=None, dtype=None) -> CheckReport:
+    """Run the parity checks on ``model`` as it is (its patches included) against portvlm's fp32 reference.
+
+    ``dtype=torch.float16`` (automatic for a model in fp16) adds the fp16 range scan: the model runs ``inputs`` (its
+    forward kwargs, a dict or a list; default: the built-in geometry's packed row) in fp32 arithmetic and every peak
+    is held against 65504 (``fp16.range``); a non-finite parity result is then named as the overflow it is.
+    """
     import torch
 
     from portvlm import models
-    from portvlm.errors import UnsupportedError
+    from portvlm.errors import FP16OverflowError, UnsupportedError
+    from portvlm.shims.patch import handle_of
     from portvlm.testing import tolerances
     from portvlm.wrappers import unwrap
 
@@ -334,9 +347,13 @@ def check(model, arch: str | None = None, *, seed: int = 0) -> CheckReport:
     kind, arch_id = _device_kind(device, arch)
     dtype_name = str(dtype).removeprefix("torch.")
     atol, rtol = tolerances.tolerance(kind, dtype_name, None, "fwd")
-    report = CheckReport(model_type, arch_id, kind, dtype_name, runs=runs(model), wrappers=held.labels)
+    handle = handle_of(model)
+    policy = handle.report.arch if handle is not None else None
+    report = CheckReport(model_type, arch_id, kind, dtype_name, runs=runs(model), wrappers=held.labels, policy=policy)
     report.figures.update(atol=atol, rtol=rtol)
     geo = geometry(model)
+    if dtype_name == "float16" or (dtype is not None and str(dtype).removeprefix("torch.") == "float16"):
+        report.fp16 = _fp16_scan(report, model, geo, inputs, seed, policy)
     ref, notes, report.reference = reference_from(model)
     report.warnings += notes
 
@@ -344,13 +361,55 @@ def check(model, arch: str | None = None, *, seed: int = 0) -> CheckReport:
     model.eval()  # dropout off for the comparison; the caller's mode is put back below
     try:
         with torch.no_grad():
-            _run_checks(report, model, ref, geo, device, dtype, atol, rtol, seed)
+            try:
+                _run_checks(report, model, ref, geo, device, dtype, atol, rtol, seed)
+            except FP16OverflowError as exc:  # the fp16 policy's guard stopped a forward: that is the finding
+                report.checks.append(_check("fp16.guard", False, str(exc)))
     finally:
         model.train(was_training)
+    _name_overflow(report)
     if notes:
         report.checks.append(_check("reference.independent", False,
                                     "; ".join(notes) + " — fix or remove that port to get an independent verdict"))
     return report
+
+
+def _fp16_scan(report, model, geo, batch, seed, policy):
+    """The fp16 range scan on ``batch`` (default: the built-in packed row) as the ``fp16.range`` check."""
+    import torch
+
+    from portvlm.fp16.scan import scan
+
+    if batch is None:
+        batch = inputs(geo, "packed", torch.float32, seed=seed)
+    result = scan(model, batch, arch=policy)
+    if result.ok:
+        detail = "every calibrated peak fits fp16: " + "; ".join(
+            f"{t} stream x{result.headroom(t)[0]:.3g} below 65504" for t in sorted(result.stream_peak))
+    else:
+        first = result.overflows[0]
+        detail = f"{first}; the fp16 policy (sm70, ROCm fp16) {first.fix}" + (
+            f" (+{len(result.overflows) - 1} more)" if len(result.overflows) > 1 else "")
+    report.checks.append(_check("fp16.range", result.ok, detail, max(result.stream_peak.values(), default=0.0), 65504.0))
+    return result
+
+
+def _name_overflow(report) -> None:
+    """A non-finite parity result is an fp16 overflow (named when scanned), never an attention leak of inf."""
+    bad = [c for c in report.checks if c.name != "fp16.range" and not c.ok and "non-finite" in c.detail]
+    if not bad:
+        return
+    if report.fp16 is not None and report.fp16.overflows:
+        why = f"not an attention leak: {report.fp16.overflows[0]} (see fp16.range)"
+    else:
+        why = ("not an attention leak: the output is not finite (an fp16 overflow? portvlm check --fp16 / "
+               "portvlm.check(model, dtype=torch.float16) names the module)")
+    for c in bad:
+        c.detail = c.detail.replace("(non-finite values)", f"({why})")
+    for key in ("leak_max_abs", "across_items_max_abs", "across_windows_max_abs", "alone_max_abs", "logits_max_abs"):
+        if key in report.figures and not math.isfinite(report.figures[key]):
+            report.figures[key] = None  # no leak figure from a non-finite output
+    report.figures["non_finite"] = sorted(c.name for c in bad)
 
 
 def _check(name, ok, detail, value=None, bound=None):
@@ -455,9 +514,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("factory", help="module:function that returns the model (e.g. mypkg.models:build_model)")
     parser.add_argument("--arch", help="arch id whose tolerances apply to a GPU model (default: the host's)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--fp16", action="store_true",
+                        help="scan the fp16 range: every module's peak in fp32 arithmetic vs 65504, and what the sm70 "
+                             "policy does about an overflow (automatic for a model in fp16)")
+    parser.add_argument("--inputs", metavar="MODULE:FUNCTION",
+                        help="a function returning the forward kwargs to scan on (a dict or a list of dicts: your own "
+                             "images/videos through your processor); default: the built-in geometry")
     args = parser.parse_args(argv)
     try:
         model = load_factory(args.factory)()
+        batch = load_factory(args.inputs)() if args.inputs else None
     except Exception as exc:  # noqa: BLE001 - the user's factory: say what failed, never a traceback
         print(f"error: cannot build the model with {args.factory}: {type(exc).__name__}: {exc}{_where(exc)}",
               file=sys.stderr)
@@ -465,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     from portvlm.errors import PortvlmError
 
     try:
-        report = check(model, arch=args.arch)
+        report = check(model, arch=args.arch, inputs=batch, dtype="float16" if args.fp16 else None)
     except PortvlmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -76,6 +76,14 @@ def plant(model, site: str, batch, *, peak: float, intermediate: float = 4.3e3, 
     block = paths.text_layers[layer] if site == "text_down_proj" else paths.vision_blocks[layer]
     firsts, down = _mlp_parts(block.mlp)
     with torch.no_grad():
+        if site == "text_down_proj":
+            # Every position carries channel 0 at a steady +4 (token embeddings and image features alike), so the
+            # planted unit is large at every token, as a real massive-activation channel is: a unit that were large
+            # at some tokens and near zero at others would amplify fp16's rounding of that small input instead.
+            model.get_input_embeddings().weight[:, 0] += 4.0
+            bridge = [m for m in paths.projector.modules() if isinstance(m, torch.nn.Linear)][-1]
+            if bridge.bias is not None:
+                bridge.bias[0] += 4.0
         if site == "vision_mlp_internal":
             first = firsts[-1]  # up_proj (SwiGLU: silu(g)·(K·u)/K is exact) or linear_fc1 (GELU: close for z > 0)
             seen = []
@@ -94,14 +102,16 @@ def plant(model, site: str, batch, *, peak: float, intermediate: float = 4.3e3, 
             # reading one input channel (z = s·n_0: one product, no cancellation for fp16 rounding to amplify)
             f.weight[unit] = 0.0
             f.weight[unit, 0] = 1.0
-            if f.bias is not None:
-                f.bias[unit] = 0.0
         # A large unit and a moderate down-projection weight, as real outliers are: amplifying a small unit by a
         # huge weight would amplify fp16's rounding of it too (and test that, not the overflow).
-        for _ in range(2):  # z²σ(z) is not homogeneous in the row's scale: two steps land close to `intermediate`
-            scale = (intermediate / _unit_peak(model, down, unit, batch)) ** (0.5 if len(firsts) > 1 else 1.0)
+        if all(f.bias is not None for f in firsts):  # vision MLPs have biases: a steady unit, large at every patch
             for f in firsts:
-                f.weight[unit] *= scale
+                f.bias[unit] = intermediate ** (0.5 if len(firsts) > 1 else 1.0)
+        else:
+            for _ in range(2):  # z²σ(z) is not homogeneous in the row's scale: two steps land near `intermediate`
+                scale = (intermediate / _unit_peak(model, down, unit, batch)) ** (0.5 if len(firsts) > 1 else 1.0)
+                for f in firsts:
+                    f.weight[unit] *= scale
         h = _unit_peak(model, down, unit, batch)
         down.weight[:, unit] = 0.0
         down.weight[channel, unit] = peak / h

@@ -1,0 +1,182 @@
+"""fp16 under the sm70 policy holds on the documented failure sites (issue #22; ../shared/research/fp16.md §1).
+
+Each case plants weights (``portvlm.fp16.outliers``) that reproduce one site on a tiny random-init model: (a) a text
+down_proj driving a residual channel past 65504 (vLLM #14126), (b) the last vision block's MLP doing the same
+(llama.cpp #17534), (c) an overflow inside the vision MLP before its down projection (Qwen3-VL ``linear_fc1``,
+unsloth-zoo #787). For each: fp32 is finite and the scan names the overflow; unpatched fp16 and a clamp at the range
+are negative controls; the sm70 policy with calibration matches fp32 within the fp16 tolerance, decodes the same 16
+greedy tokens and restores the weights bitwise on revert; without calibration the guard names the module; a short
+GradScaler training run has a finite, falling loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import portvlm  # noqa: E402
+from portvlm.errors import FP16OverflowError  # noqa: E402
+from portvlm.fp16 import FP16_MAX  # noqa: E402
+from portvlm.fp16.outliers import plant  # noqa: E402
+from portvlm.fp16.scan import scan  # noqa: E402
+from portvlm.suites import tiny, tolerances  # noqa: E402
+from portvlm.suites._common import compare  # noqa: E402
+
+ATOL, RTOL = tolerances.tolerance("cpu", "float16", None, "fwd")
+# (model, site, fp32 peak planted, the module the fp16 forward first loses)
+CASES = [
+    ("qwen2_5vl", "text_down_proj", 1.2e5, "model.language_model.layers.1.mlp.down_proj"),
+    ("qwen2_5vl", "vision_down_proj", 1.2e5, "model.visual.blocks.3.mlp.down_proj"),
+    ("qwen2_5vl", "vision_mlp_internal", 1.2e5, "model.visual.blocks.3.mlp.up_proj"),
+    ("qwen3vl", "text_down_proj", 1.2e5, "model.language_model.layers.1.mlp.down_proj"),
+    ("qwen3vl", "vision_down_proj", 1.2e5, "model.visual.blocks.3.mlp.linear_fc2"),
+    ("qwen3vl", "vision_mlp_internal", 1.2e5, "model.visual.blocks.3.mlp.linear_fc1"),
+]
+IDS = [f"{m}-{s}" for m, s, _, _ in CASES]
+
+
+def _skip(mid: str) -> None:
+    reasons = tiny.is_available(mid)
+    if reasons:
+        pytest.skip(reasons[0])  # Qwen3-VL is absent before transformers 4.57
+
+
+def _half(batch: dict) -> dict:
+    return {k: v.half() if v.is_floating_point() else v for k, v in batch.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _planted(mid: str, site: str, peak: float):
+    """(fp32 model with the site planted, the calibration batch, fp32 logits); tests take deep copies."""
+    model = tiny.build(mid)
+    batch = tiny.inputs(mid, "packed", torch.float32)
+    plant(model, site, batch, peak=peak)
+    return model, batch, _logits(model, batch)
+
+
+def _logits(model, batch) -> torch.Tensor:
+    model.model.rope_deltas = None  # Qwen keeps rope deltas between calls
+    with torch.no_grad():
+        return model(**batch, use_cache=False).logits.float()
+
+
+def _clamped(model):
+    """The published non-fix (transformers #33312, vLLM #13968): every module's output clamped to fp16's range."""
+    def clamp(module, args, out):
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            return out.clamp(-FP16_MAX, FP16_MAX)
+        return None
+    return [m.register_forward_hook(clamp) for m in model.modules() if not list(m.children())]
+
+
+@pytest.mark.parametrize(("mid", "site", "peak", "first"), CASES, ids=IDS)
+def test_scan_names_the_site_and_the_controls_fail(mid, site, peak, first):
+    _skip(mid)
+    model, batch, ref = _planted(mid, site, peak)
+    assert torch.isfinite(ref).all(), "fp32 must be finite: the site only overflows fp16"
+    report = scan(copy.deepcopy(model), batch)
+    assert not report.ok and report.needs_fix
+    messages = [str(o) for o in report.overflows]
+    assert any(first in m and "> 65504" in m for m in messages), messages
+    assert "attention" not in str(report).lower()  # overflow is named as overflow, never as a leak
+
+    m16 = copy.deepcopy(model).half()
+    assert not torch.isfinite(_logits(m16, _half(batch))).all(), "negative control: unpatched fp16 must fail"
+    hooks = _clamped(m16)
+    try:
+        clamped = _logits(m16, _half(batch))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not compare(clamped, ref, ATOL, RTOL).ok, "negative control: a clamp changes the function"
+
+
+@pytest.mark.parametrize(("mid", "site", "peak", "first"), CASES, ids=IDS)
+def test_without_calibration_the_guard_names_the_module(mid, site, peak, first):
+    _skip(mid)
+    model, batch, _ = _planted(mid, site, peak)
+    m16 = copy.deepcopy(model).half()
+    with portvlm.patch(m16, arch="sm70") as handle:
+        assert any(c.kind == "guard" for c in handle.report.fp16)
+        with pytest.raises(FP16OverflowError) as err:
+            _logits(m16, _half(batch))
+    assert err.value.module == first
+    assert f"fp16 overflow at {first}: |x| up to" in str(err.value) and "calibrat" in str(err.value)
+    assert err.value.peak > FP16_MAX
+
+
+@pytest.mark.parametrize(("mid", "site", "peak", "first"), CASES, ids=IDS)
+def test_calibrated_sm70_policy_matches_fp32_and_reverts_bitwise(mid, site, peak, first):
+    _skip(mid)
+    model, batch, ref = _planted(mid, site, peak)
+    m16 = copy.deepcopy(model).half()
+    before = {k: v.clone() for k, v in m16.state_dict().items()}
+    b16 = _half(batch)
+    with portvlm.patch(m16, arch="sm70", calibration=batch) as handle:
+        kinds = {c.kind for c in handle.report.fp16}
+        assert ("island" in kinds) == (site == "vision_mlp_internal"), handle.report
+        assert ("rescale" in kinds) == (site != "vision_mlp_internal"), handle.report
+        assert handle.fp16.verified.ok, handle.fp16.verified
+        got = _logits(m16, b16)
+        c = compare(got, ref, ATOL, RTOL)
+        assert c.ok, f"max_abs={c.max_abs_err:.3g} vs atol={ATOL} rtol={RTOL}"
+        image = tiny.inputs(mid, "image", torch.float32)  # one image: a shorter row for 16 uncached steps
+        assert _greedy(m16, _half(image), 16) == _greedy(model, image, 16)
+    assert all(torch.equal(before[k], v) for k, v in m16.state_dict().items()), "revert must restore bitwise"
+    assert not torch.isfinite(_logits(m16, b16)).all()  # and the model is the overflowing one again
+
+
+def _greedy(model, batch, steps: int) -> list[int]:
+    """Greedy tokens without a cache (the whole row each step): decoding the policy's model must match fp32's."""
+    ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+    out = []
+    for _ in range(steps):
+        nxt = _logits(model, dict(batch, input_ids=ids, attention_mask=mask, position_ids=pos))[:, -1].argmax(-1, True)
+        out.append(int(nxt))
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+        pos = torch.cat([pos, pos[..., -1:].amax(0, keepdim=True).expand(3, -1, 1) + 1], -1)  # text: t = h = w
+    return out
+
+
+@pytest.mark.parametrize(("mid", "site", "peak", "first"), CASES, ids=IDS)
+def test_gradscaler_training_is_finite_and_falls(mid, site, peak, first):
+    """fp32 master weights, fp16 autocast compute, torch.amp.GradScaler: the policy's model trains; unpatched does not."""
+    _skip(mid)
+    model, batch, _ = _planted(mid, site, peak)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] >= tiny.IMG, -100)
+
+    def losses(m, steps):
+        opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        out = []
+        for _ in range(steps):
+            m.model.rope_deltas = None
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = m(**batch, labels=labels, use_cache=False).loss
+            out.append(float(loss.detach()))
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return out
+
+    bare = copy.deepcopy(model).train()
+    assert not all(map(torch.isfinite, torch.tensor(losses(bare, 1)))), "negative control: unpatched loss overflows"
+    trained = copy.deepcopy(model).train()
+    with portvlm.patch(trained, arch="sm70", calibration=batch):
+        got = losses(trained, 5)
+    assert all(torch.isfinite(torch.tensor(got))), got
+    assert got[-1] < got[0], got
+
+
+def test_fp32_policy_changes_nothing_and_notes_unused_calibration():
+    model = tiny.build("qwen2_5vl")
+    batch = tiny.inputs("qwen2_5vl", "text", torch.float32)
+    with portvlm.patch(model, arch="cpu", calibration=batch) as handle:
+        assert handle.fp16 is None and not handle.report.fp16
+        assert any("calibration unused" in w for w in handle.report.warnings)
