@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -77,6 +78,10 @@ def main() -> int:
     out = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     with open(os.path.join(out, "causal_split.json"), "w") as fh:
         json.dump(doc, fh, indent=1)
+    bad = [f"{r['tokens']} {r['variant']}" for r in rows if not math.isfinite(r["max_abs_diff_vs_efficient"])]
+    if bad:  # a non-finite output is a failure, never a figure (issue #22)
+        print("FAIL: non-finite output in", ", ".join(bad), file=sys.stderr)
+        return 1
     return 0
 
 

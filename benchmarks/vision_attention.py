@@ -449,6 +449,11 @@ def main(argv=None) -> int:
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
         print("wrote", path)
+    # A non-finite forward is a failure, never a figure (issue #22): exit non-zero after the results are written.
+    bad = [f"{row['dtype']} {row['mode']}" for row in rows if "error" not in row and not row.get("finite", True)]
+    if bad:
+        print("FAIL: non-finite output in", ", ".join(bad))
+        return 1
     return 0
 
 

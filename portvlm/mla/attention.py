@@ -42,7 +42,10 @@ def eager_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, key.transpose(2, 3)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    # Scale q before the product: q·kᵀ of fp16 activations can pass 65504 before a later ×1/√d would bring it back
+    # (the eager-QKᵀ overflow site of ../shared/research/fp16.md §1a; a fused SDPA kernel scales first too).
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query * scale, key.transpose(2, 3))
     if attention_mask is not None:
         mask = attention_mask[:, :, :, : key.shape[-2]]
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask

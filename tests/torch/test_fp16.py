@@ -147,7 +147,8 @@ def _greedy(model, batch, steps: int) -> list[int]:
 def test_gradscaler_training_is_finite_and_falls(mid, site, peak, first):
     """fp32 master weights, fp16 autocast compute, torch.amp.GradScaler: the policy's model trains; unpatched does not."""
     _skip(mid)
-    model, batch, _ = _planted(mid, site, peak)
+    model, _, _ = _planted(mid, site, peak)
+    batch = tiny.inputs(mid, "image", torch.float32)  # one image (short row): training steps are the slow part on CPU
     labels = batch["input_ids"].masked_fill(batch["input_ids"] >= tiny.IMG, -100)
 
     def losses(m, steps):
@@ -169,7 +170,7 @@ def test_gradscaler_training_is_finite_and_falls(mid, site, peak, first):
     assert not all(map(torch.isfinite, torch.tensor(losses(bare, 1)))), "negative control: unpatched loss overflows"
     trained = copy.deepcopy(model).train()
     with portvlm.patch(trained, arch="sm70", calibration=batch):
-        got = losses(trained, 5)
+        got = losses(trained, 3)
     assert all(torch.isfinite(torch.tensor(got))), got
     assert got[-1] < got[0], got
 
@@ -180,3 +181,23 @@ def test_fp32_policy_changes_nothing_and_notes_unused_calibration():
     with portvlm.patch(model, arch="cpu", calibration=batch) as handle:
         assert handle.fp16 is None and not handle.report.fp16
         assert any("calibration unused" in w for w in handle.report.warnings)
+
+
+def test_check_names_the_overflow_never_a_leak_and_the_patched_policy():
+    _skip("qwen2_5vl")
+    model, batch, _ = _planted("qwen2_5vl", "vision_down_proj", 1.2e5)
+    m16 = copy.deepcopy(model).half()
+    report = portvlm.check(m16, inputs=batch)  # a model in fp16: the range scan runs without being asked
+    assert not report.ok
+    rng = next(c for c in report.checks if c.name == "fp16.range")
+    assert not rng.ok and "fp16 overflow at model.visual.blocks.3.mlp.down_proj: |x| up to" in rng.detail, rng.detail
+    assert "rescales the vision residual stream by α=2^-3" in rng.detail
+    assert report.figures.get("leak_max_abs") is None  # no "leak of inf"
+    failed = [c for c in report.checks if not c.ok and c.name != "fp16.range"]
+    assert failed and all("not an attention leak: fp16 overflow at" in c.detail for c in failed)
+    assert "unpatched" in str(report).splitlines()[0]
+
+    with portvlm.patch(m16, arch="sm70", calibration=batch):
+        report = portvlm.check(m16, inputs=batch)
+    assert report.policy == "sm70" and "arch sm70 policy" in str(report).splitlines()[0], str(report)
+    assert report.ok, report
