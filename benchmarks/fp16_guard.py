@@ -5,7 +5,7 @@
 
 Model: Qwen2.5-VL-7B widths (text hidden 3584, MLP 18944, 28 heads / 4 KV heads, vocab 152064; vision hidden 1280,
 MLP 3420, 16 heads, out 3584) with **4 of 28 text layers and 4 of 32 vision blocks** (the last a full-attention
-block), random weights. ``portvlm.fp16.outliers`` plants the two sites at the reported magnitudes: the last vision
+block), random weights. ``portvlm.testing.outliers`` plants the two sites at the reported magnitudes: the last vision
 block's SwiGLU unit at absmax ~4.3e3 whose down_proj drives a vision residual channel to 1.2e5 (llama.cpp #17534:
 ``ffn_down`` = -inf), and the last text layer's down_proj driving a text residual channel to 1.2e5 (vLLM #14126).
 Inputs: 4 images of 448x448 (1,024 patches each) between text; calibration and evaluation rows differ (seeds 0, 1).
@@ -36,10 +36,11 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 import portvlm  # noqa: E402
 from portvlm.errors import FP16OverflowError  # noqa: E402
-from portvlm.fp16.outliers import plant  # noqa: E402
-from portvlm.fp16.scan import scan  # noqa: E402
-from portvlm.suites import tiny, tolerances  # noqa: E402
-from portvlm.suites._common import compare  # noqa: E402
+from portvlm.models import inputs as model_inputs  # noqa: E402
+from portvlm.models import tiny  # noqa: E402
+from portvlm.shims.fp16.scan import scan  # noqa: E402
+from portvlm.testing import compare, tolerances  # noqa: E402
+from portvlm.testing.outliers import plant  # noqa: E402
 
 PEAK = 1.2e5  # planted fp32 peak of each residual channel (> 65504)
 INTERMEDIATE = 4.3e3  # the vision SwiGLU absmax llama.cpp #17534 reports
@@ -53,7 +54,7 @@ IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=1
 
 
 def build_7b_widths(device):
-    """Qwen2.5-VL at 7B widths (few layers), random weights drawn as portvlm.suites.tiny draws them."""
+    """Qwen2.5-VL at 7B widths (few layers), random weights drawn as portvlm.models.tiny draws them."""
     import transformers
 
     cls = transformers.Qwen2_5_VLConfig
@@ -64,17 +65,17 @@ def build_7b_widths(device):
     if not hasattr(cfg, "vocab_size"):
         cfg.vocab_size = cfg.get_text_config().vocab_size
     model = transformers.Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
-    tiny._reinit(model, 0)
+    tiny.reinit(model, 0)
     return model.to(device).eval()
 
 
 def rows_for(geo, seed: int, smoke: bool) -> dict:
     g = torch.Generator().manual_seed(seed + 1000)
     grids = [(1, 8, 8), (1, 8, 12)] if smoke else [(1, 32, 32)] * 4
-    segs = [tiny.Segment("text", [geo.bos] + tiny.text_tokens(geo, 48, g))]
+    segs = [model_inputs.Segment("text", [geo.bos] + model_inputs.text_tokens(geo, 48, g))]
     for grid in grids:
-        segs += [tiny.Segment("image", grid=grid), tiny.Segment("text", tiny.text_tokens(geo, 24, g))]
-    return tiny.qwen_sequence(geo, segs, torch.float32, seed)
+        segs += [model_inputs.Segment("image", grid=grid), model_inputs.Segment("text", model_inputs.text_tokens(geo, 24, g))]
+    return model_inputs.qwen_sequence(geo, segs, torch.float32, seed)
 
 
 def to(batch, device, dtype=None):
@@ -140,9 +141,7 @@ def main(argv=None) -> int:
         geo = tiny.geometry("qwen2_5vl")
     else:
         model = build_7b_widths(device)
-        from portvlm.suites.tiny import InputGeometry
-
-        geo = InputGeometry.of(model.config)
+        geo = model_inputs.geometry(model.config)
     calib, evalb = to(rows_for(geo, 0, args.tiny), device), to(rows_for(geo, 1, args.tiny), device)
     result["tokens"] = int(evalb["input_ids"].shape[1])
     for site in ("vision_down_proj", "text_down_proj"):

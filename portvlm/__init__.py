@@ -16,10 +16,10 @@ Importing portvlm does nothing else: no torch import, no CUDA initialisation, no
 
 from __future__ import annotations
 
-from portvlm.errors import MatrixError, PortvlmError, UnsupportedError
+from portvlm.errors import FP16OverflowError, MatrixError, PortvlmError, UnsupportedError
 
 __version__ = "0.1.0"
-__all__ = ["patch", "PatchHandle", "patch_trainer", "check", "CheckReport", "resolve_policy", "Policy", "UnsupportedError", "PortvlmError", "MatrixError", "__version__"]
+__all__ = ["patch", "PatchHandle", "patch_trainer", "check", "CheckReport", "resolve_policy", "Policy", "UnsupportedError", "FP16OverflowError", "PortvlmError", "MatrixError", "__version__"]
 
 
 def __getattr__(name: str):

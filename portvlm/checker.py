@@ -47,7 +47,7 @@ class CheckReport:
     wrappers: list[str] = field(default_factory=list)  # what the model was found inside (portvlm.wrappers)
     reference: str = "the model's own weights"  # what the fp32 reference was built from (LoRA: merged or not)
     policy: str | None = None  # the arch policy portvlm.patch applied to this model ("sm70"), None: unpatched
-    fp16: Any = None  # portvlm.fp16.scan.ScanReport when the fp16 range was scanned
+    fp16: Any = None  # portvlm.shims.fp16.scan.ScanReport when the fp16 range was scanned
 
     @property
     def ok(self) -> bool:
@@ -378,7 +378,7 @@ def _fp16_scan(report, model, geo, batch, seed, policy):
     """The fp16 range scan on ``batch`` (default: the built-in packed row) as the ``fp16.range`` check."""
     import torch
 
-    from portvlm.fp16.scan import scan
+    from portvlm.shims.fp16.scan import scan
 
     if batch is None:
         batch = inputs(geo, "packed", torch.float32, seed=seed)

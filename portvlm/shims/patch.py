@@ -171,7 +171,7 @@ class Report:
     replaced: list[Replaced] = field(default_factory=list)  # foreign forwards portvlm runs in place of, for this model
     attn_name: str | None = None  # this handle's registered attention name
     wrappers: list[str] = field(default_factory=list)  # what the model was found inside (portvlm.wrappers), outermost first
-    fp16: list = field(default_factory=list)  # portvlm.fp16.protect.Change: rescaled modules, islands, the guard
+    fp16: list = field(default_factory=list)  # portvlm.shims.fp16.protect.Change: rescaled modules, islands, the guard
 
     def shim_names(self) -> set[str]:
         return {a.shim for a in self.applied}
@@ -602,7 +602,7 @@ class PatchHandle:
         self._hooks: list = []  # dispatch.Hook this handle holds
         self._owned: list = []  # weakrefs to the modules this handle owns (dispatch.OWNERS)
         self._configs: list[int] = []  # ids in _LIVE_CONFIGS
-        self.fp16 = None  # portvlm.fp16.protect.Protection under an fp16 policy (its scans, α, islands, guard)
+        self.fp16 = None  # portvlm.shims.fp16.protect.Protection under an fp16 policy (its scans, α, islands, guard)
 
     @property
     def dtype(self):
@@ -716,7 +716,7 @@ def patch(model=None, arch: str | None = None, *, dtype=None, matrix=None, forei
     read from the current directory). ``foreign``: ``"warn"`` (default) runs portvlm in place of a forward that is
     not transformers' own and says so in the report; ``"refuse"`` raises instead.
 
-    Under a float16 policy (sm70; ROCm in fp16) ``portvlm.fp16.protect`` runs too: with ``calibration`` (the model's
+    Under a float16 policy (sm70; ROCm in fp16) ``portvlm.shims.fp16.protect`` runs too: with ``calibration`` (the model's
     forward kwargs, one dict or a list) the residual streams are rescaled by a power of two and overflowing MLPs run
     as fp32 islands so the calibrated peaks fit fp16 (verified by a second scan); ``guard`` (default on) makes a
     non-finite activation raise ``FP16OverflowError`` naming the module instead of returning NaN.
@@ -806,7 +806,7 @@ def patch(model=None, arch: str | None = None, *, dtype=None, matrix=None, forei
             handle.own(model)
             _LIVE_HANDLES[model] = handle
             if policy.dtype == "float16":
-                from portvlm.fp16.protect import protect
+                from portvlm.shims.fp16.protect import protect
 
                 handle.fp16 = protect(model, patcher, calibration=calibration, guard=guard, arch=spec.id)
                 report.fp16 = list(handle.fp16.changes)

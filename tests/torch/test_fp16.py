@@ -1,6 +1,6 @@
 """fp16 under the sm70 policy holds on the documented failure sites (issue #22; ../shared/research/fp16.md §1).
 
-Each case plants weights (``portvlm.fp16.outliers``) that reproduce one site on a tiny random-init model: (a) a text
+Each case plants weights (``portvlm.testing.outliers``) that reproduce one site on a tiny random-init model: (a) a text
 down_proj driving a residual channel past 65504 (vLLM #14126), (b) the last vision block's MLP doing the same
 (llama.cpp #17534), (c) an overflow inside the vision MLP before its down projection (Qwen3-VL ``linear_fc1``,
 unsloth-zoo #787). For each: fp32 is finite and the scan names the overflow; unpatched fp16 and a clamp at the range
@@ -21,11 +21,12 @@ pytest.importorskip("transformers")
 
 import portvlm  # noqa: E402
 from portvlm.errors import FP16OverflowError  # noqa: E402
-from portvlm.fp16 import FP16_MAX  # noqa: E402
-from portvlm.fp16.outliers import plant  # noqa: E402
-from portvlm.fp16.scan import scan  # noqa: E402
-from portvlm.suites import tiny, tolerances  # noqa: E402
-from portvlm.suites._common import compare  # noqa: E402
+from portvlm.models import inputs as model_inputs  # noqa: E402
+from portvlm.models import tiny  # noqa: E402
+from portvlm.shims.fp16 import FP16_MAX  # noqa: E402
+from portvlm.shims.fp16.scan import scan  # noqa: E402
+from portvlm.testing import compare, tolerances  # noqa: E402
+from portvlm.testing.outliers import plant  # noqa: E402
 
 ATOL, RTOL = tolerances.tolerance("cpu", "float16", None, "fwd")
 # (model, site, fp32 peak planted, the module the fp16 forward first loses)
@@ -50,11 +51,11 @@ def _half(batch: dict) -> dict:
     return {k: v.half() if v.is_floating_point() else v for k, v in batch.items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _planted(mid: str, site: str, peak: float):
     """(fp32 model with the site planted, the calibration batch, fp32 logits); tests take deep copies."""
     model = tiny.build(mid)
-    batch = tiny.inputs(mid, "packed", torch.float32)
+    batch = model_inputs.build(mid, "packed", torch.float32)
     plant(model, site, batch, peak=peak)
     return model, batch, _logits(model, batch)
 
@@ -125,7 +126,7 @@ def test_calibrated_sm70_policy_matches_fp32_and_reverts_bitwise(mid, site, peak
         got = _logits(m16, b16)
         c = compare(got, ref, ATOL, RTOL)
         assert c.ok, f"max_abs={c.max_abs_err:.3g} vs atol={ATOL} rtol={RTOL}"
-        image = tiny.inputs(mid, "image", torch.float32)  # one image: a shorter row for 16 uncached steps
+        image = model_inputs.build(mid, "image", torch.float32)  # one image: a shorter row for 16 uncached steps
         assert _greedy(m16, _half(image), 16) == _greedy(model, image, 16)
     assert all(torch.equal(before[k], v) for k, v in m16.state_dict().items()), "revert must restore bitwise"
     assert not torch.isfinite(_logits(m16, b16)).all()  # and the model is the overflowing one again
@@ -148,7 +149,7 @@ def test_gradscaler_training_is_finite_and_falls(mid, site, peak, first):
     """fp32 master weights, fp16 autocast compute, torch.amp.GradScaler: the policy's model trains; unpatched does not."""
     _skip(mid)
     model, _, _ = _planted(mid, site, peak)
-    batch = tiny.inputs(mid, "image", torch.float32)  # one image (short row): training steps are the slow part on CPU
+    batch = model_inputs.build(mid, "image", torch.float32)  # one image (short row): training steps are the slow part on CPU
     labels = batch["input_ids"].masked_fill(batch["input_ids"] >= tiny.IMG, -100)
 
     def losses(m, steps):
@@ -177,7 +178,7 @@ def test_gradscaler_training_is_finite_and_falls(mid, site, peak, first):
 
 def test_fp32_policy_changes_nothing_and_notes_unused_calibration():
     model = tiny.build("qwen2_5vl")
-    batch = tiny.inputs("qwen2_5vl", "text", torch.float32)
+    batch = model_inputs.build("qwen2_5vl", "text", torch.float32)
     with portvlm.patch(model, arch="cpu", calibration=batch) as handle:
         assert handle.fp16 is None and not handle.report.fp16
         assert any("calibration unused" in w for w in handle.report.warnings)

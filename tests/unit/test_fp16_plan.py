@@ -1,9 +1,9 @@
-"""portvlm.fp16.scan.plan: which stream a peak belongs to, the power of two α, the fp32 islands (pure, no torch)."""
+"""portvlm.shims.fp16.scan.plan: which stream a peak belongs to, the power of two α, the fp32 islands (pure, no torch)."""
 
 from __future__ import annotations
 
-from portvlm.fp16 import FP16_MAX, HEADROOM
-from portvlm.fp16.scan import Layout, plan
+from portvlm.shims.fp16 import FP16_MAX, HEADROOM
+from portvlm.shims.fp16.scan import Layout, plan
 
 T, V = "model.language_model", "model.visual"
 LAYOUT = Layout(

@@ -23,8 +23,9 @@ import math
 from dataclasses import dataclass, field
 
 from portvlm.errors import FP16OverflowError
-from portvlm.fp16 import FP16_MAX
-from portvlm.fp16.scan import ISLAND_ATTR, Layout, ScanReport, layout_of, scan
+from portvlm.shims.fp16 import FP16_MAX
+from portvlm.shims.fp16.scan import ISLAND_ATTR, Layout, ScanReport, layout_of, scan
+from portvlm.shims.model_io import reset_rope_state
 
 FIX = ("calibrate: portvlm.patch(model, arch=..., calibration=batch) with inputs like the failing ones (the policy "
        "rescales the residual stream by a power of two and runs overflowing MLPs as fp32 islands); or run this model "
@@ -99,7 +100,7 @@ def _unscale(undo: list) -> None:
 
 def rescale(model, layout: Layout, alpha: dict[str, float], patcher) -> list[Change]:
     """Scale each tower's stream writers by its α, the bridges by the text α, norms' eps by α²; undone by ``patcher``."""
-    from portvlm.fp16.scan import _eps_attr
+    from portvlm.shims.fp16.scan import _eps_attr
 
     changes: list[Change] = []
     undo: list = []
@@ -276,9 +277,7 @@ def locate(model, call, block: str) -> FP16OverflowError:
     try:
         if call is not None:
             args, kwargs = call
-            for holder in (model, getattr(model, "model", None)):
-                if holder is not None and hasattr(holder, "rope_deltas"):
-                    holder.rope_deltas = None
+            reset_rope_state(model)  # Qwen keeps rope deltas between calls
             with torch.no_grad():
                 type(model).forward(model, *args, **kwargs)
     except _Found as exc:

@@ -2,7 +2,7 @@
 
     report = scan(model, batch)          # batch: forward kwargs (one dict or a list of them)
     report.ok, report.overflows          # a peak above 65504 at the weights as they are now
-    report.alpha, report.islands         # what the fp16 policy does about it (portvlm.fp16.protect applies it)
+    report.alpha, report.islands         # what the fp16 policy does about it (portvlm.shims.fp16.protect applies it)
 
 Each module's peak |output| is recorded (each Linear's and norm's peak |input| too): the residual stream of a tower
 is what its blocks, its stream writers (embeddings, attention output and MLP down projections) and its norms' inputs
@@ -20,9 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from portvlm.errors import UnsupportedError
-from portvlm.fp16 import FP16_MAX, FP16_TINY, HEADROOM
+from portvlm.shims.fp16 import FP16_MAX, FP16_TINY, HEADROOM
+from portvlm.shims.model_io import reset_rope_state
 
-ISLAND_ATTR = "_portvlm_fp32_island"  # set on a module that computes in fp32 (portvlm.fp16.protect): why, as text
+ISLAND_ATTR = "_portvlm_fp32_island"  # set on a module that computes in fp32 (portvlm.shims.fp16.protect): why, as text
 TOWERS = ("vision", "text")
 
 
@@ -95,7 +96,7 @@ def layout_of(model) -> Layout:
             return path, model.get_submodule(path)
         except AttributeError:
             raise UnsupportedError(f"fp16 layout of {family}: no module {path} on this transformers version; "
-                                   "portvlm.fp16.scan.layout_of needs updating for it") from None
+                                   "portvlm.shims.fp16.scan.layout_of needs updating for it") from None
 
     def norms_in(prefix: str) -> list[str]:
         return [n for n, m in model.named_modules() if _within(n, prefix) and _is_norm(m)]
@@ -344,9 +345,7 @@ def measure(model, batch) -> tuple[dict[str, tuple], int]:
     try:
         with fp32_arithmetic(model), torch.no_grad():
             for b in batches:
-                for holder in (model, getattr(model, "model", None)):
-                    if holder is not None and hasattr(holder, "rope_deltas"):
-                        holder.rope_deltas = None  # Qwen caches rope deltas across calls on some versions
+                reset_rope_state(model)  # Qwen keeps rope deltas between calls
                 model(**{k: _to(v, device, torch.float32) for k, v in b.items()}, use_cache=False)
     finally:
         for h in hooks:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from portvlm.shims.model_io import reset_rope_state
+
 SITES = ("text_down_proj", "vision_down_proj", "vision_mlp_internal")
 
 
@@ -45,7 +47,7 @@ def _unit_peak(model, module, unit: int, batch) -> float:
     """max |input[..., unit]| of ``module`` (a down projection) over ``batch`` in fp32."""
     import torch
 
-    from portvlm.fp16.scan import _as_batches, _to, fp32_arithmetic
+    from portvlm.shims.fp16.scan import _as_batches, _to, fp32_arithmetic
 
     seen = []
     handle = module.register_forward_hook(lambda m, a, o: seen.append(float(a[0][..., unit].abs().max())))
@@ -53,9 +55,7 @@ def _unit_peak(model, module, unit: int, batch) -> float:
     try:
         with fp32_arithmetic(model), torch.no_grad():
             for b in _as_batches(batch):
-                for holder in (model, getattr(model, "model", None)):
-                    if holder is not None and hasattr(holder, "rope_deltas"):
-                        holder.rope_deltas = None
+                reset_rope_state(model)  # Qwen keeps rope deltas between calls
                 model(**{k: _to(v, device, torch.float32) for k, v in b.items()}, use_cache=False)
     finally:
         handle.remove()

@@ -1,7 +1,8 @@
 """fp16 that holds on real weights: a range scan, an exact residual-stream rescaling, fp32 islands and a guard.
 
-    scan = portvlm.fp16.scan(model, batch)        # fp32 arithmetic; each module's peak |output| vs 65504
-    print(scan)                                   # headroom per tower; "fp16 overflow at <path>: ..." when it fails
+    from portvlm.shims.fp16.scan import scan
+    report = scan(model, batch)                   # fp32 arithmetic; each module's peak |output| vs 65504
+    print(report)                                 # headroom per tower; "fp16 overflow at <path>: ..." when it fails
     with portvlm.patch(model, arch="sm70", calibration=batch) as handle:   # the sm70 policy fixes what it finds
         print(handle.report)                      # every rescaled module and fp32 island, and why
 
@@ -21,17 +22,4 @@ FP16_MAX = 65504.0  # torch.finfo(torch.float16).max
 FP16_TINY = 6.103515625e-05  # torch.finfo(torch.float16).tiny: the smallest normal; below it, subnormals lose bits
 HEADROOM = 4.0  # α brings each calibrated stream peak to <= FP16_MAX / HEADROOM (room for inputs beyond the batch)
 
-
-def __getattr__(name: str):
-    if name in ("scan", "ScanReport", "layout_of", "Layout"):
-        from portvlm.fp16 import scan as _scan
-
-        return getattr(_scan, name)
-    if name in ("protect", "Protection"):
-        from portvlm.fp16 import protect as _protect
-
-        return getattr(_protect, name)
-    raise AttributeError(f"module 'portvlm.fp16' has no attribute {name!r}")
-
-
-__all__ = ["FP16_MAX", "FP16_TINY", "HEADROOM", "Layout", "Protection", "ScanReport", "layout_of", "protect", "scan"]
+__all__ = ["FP16_MAX", "FP16_TINY", "HEADROOM"]
