@@ -29,14 +29,14 @@ from portvlm.testing import compare, tolerances  # noqa: E402
 from portvlm.testing.outliers import plant  # noqa: E402
 
 ATOL, RTOL = tolerances.tolerance("cpu", "float16", None, "fwd")
-# (model, site, fp32 peak planted, the module the fp16 forward first loses)
+# (model, site, fp32 peak planted, the module the fp16 forward first loses: "<layer_paths part>:<path in it>")
 CASES = [
-    ("qwen2_5vl", "text_down_proj", 1.2e5, "model.language_model.layers.1.mlp.down_proj"),
-    ("qwen2_5vl", "vision_down_proj", 1.2e5, "model.visual.blocks.3.mlp.down_proj"),
-    ("qwen2_5vl", "vision_mlp_internal", 1.2e5, "model.visual.blocks.3.mlp.up_proj"),
-    ("qwen3vl", "text_down_proj", 1.2e5, "model.language_model.layers.1.mlp.down_proj"),
-    ("qwen3vl", "vision_down_proj", 1.2e5, "model.visual.blocks.3.mlp.linear_fc2"),
-    ("qwen3vl", "vision_mlp_internal", 1.2e5, "model.visual.blocks.3.mlp.linear_fc1"),
+    ("qwen2_5vl", "text_down_proj", 1.2e5, "text_layers:1.mlp.down_proj"),
+    ("qwen2_5vl", "vision_down_proj", 1.2e5, "vision_blocks:3.mlp.down_proj"),
+    ("qwen2_5vl", "vision_mlp_internal", 1.2e5, "vision_blocks:3.mlp.up_proj"),
+    ("qwen3vl", "text_down_proj", 1.2e5, "text_layers:1.mlp.down_proj"),
+    ("qwen3vl", "vision_down_proj", 1.2e5, "vision_blocks:3.mlp.linear_fc2"),
+    ("qwen3vl", "vision_mlp_internal", 1.2e5, "vision_blocks:3.mlp.linear_fc1"),
 ]
 IDS = [f"{m}-{s}" for m, s, _, _ in CASES]
 
@@ -49,6 +49,14 @@ def _skip(mid: str) -> None:
 
 def _half(batch: dict) -> dict:
     return {k: v.half() if v.is_floating_point() else v for k, v in batch.items()}
+
+
+def _path(model, where: str) -> str:
+    """``"text_layers:1.mlp.down_proj"`` -> that module's path on this transformers version (4.52 moved them)."""
+    from portvlm.shims.layer_paths import resolve
+
+    part, _, rest = where.partition(":")
+    return f"{resolve(model).paths[part]}.{rest}"
 
 
 @functools.cache
@@ -79,6 +87,7 @@ def _clamped(model):
 def test_scan_names_the_site_and_the_controls_fail(mid, site, peak, first):
     _skip(mid)
     model, batch, ref = _planted(mid, site, peak)
+    first = _path(model, first)
     assert torch.isfinite(ref).all(), "fp32 must be finite: the site only overflows fp16"
     report = scan(copy.deepcopy(model), batch)
     assert not report.ok and report.needs_fix
@@ -101,6 +110,7 @@ def test_scan_names_the_site_and_the_controls_fail(mid, site, peak, first):
 def test_without_calibration_the_guard_names_the_module(mid, site, peak, first):
     _skip(mid)
     model, batch, _ = _planted(mid, site, peak)
+    first = _path(model, first)
     m16 = copy.deepcopy(model).half()
     with portvlm.patch(m16, arch="sm70") as handle:
         assert any(c.kind == "guard" for c in handle.report.fp16)
@@ -191,7 +201,8 @@ def test_check_names_the_overflow_never_a_leak_and_the_patched_policy():
     report = portvlm.check(m16, inputs=batch)  # a model in fp16: the range scan runs without being asked
     assert not report.ok
     rng = next(c for c in report.checks if c.name == "fp16.range")
-    assert not rng.ok and "fp16 overflow at model.visual.blocks.3.mlp.down_proj: |x| up to" in rng.detail, rng.detail
+    site = _path(model, "vision_blocks:3.mlp.down_proj")
+    assert not rng.ok and f"fp16 overflow at {site}: |x| up to" in rng.detail, rng.detail
     assert "rescales the vision residual stream by α=2^-3" in rng.detail
     assert report.figures.get("leak_max_abs") is None  # no "leak of inf"
     failed = [c for c in report.checks if not c.ok and c.name != "fp16.range"]
@@ -202,3 +213,11 @@ def test_check_names_the_overflow_never_a_leak_and_the_patched_policy():
         report = portvlm.check(m16, inputs=batch)
     assert report.policy == "sm70" and "arch sm70 policy" in str(report).splitlines()[0], str(report)
     assert report.ok, report
+
+
+def test_the_dtype_decides_rocm_in_fp16_gets_the_guard_and_bf16_does_not():
+    model = tiny.build("qwen2_5vl")
+    with portvlm.patch(model, arch="gfx942", dtype=torch.float16) as handle:
+        assert any(c.kind == "guard" for c in handle.report.fp16), handle.report
+    with portvlm.patch(model, arch="gfx942", dtype=torch.bfloat16) as handle:
+        assert handle.fp16 is None and not handle.report.fp16
