@@ -200,8 +200,15 @@ class ParallelModel(torch.nn.Module):
         pos = row["position_ids"] if row["position_ids"] is not None else torch.arange(ids.shape[1], device=ids.device)[None]
         kwargs = dict(position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=False,
                       cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen)
-        if row["pixel_values"] is not None:
+        patches = models.by_type(self.family).layout == "patches"
+        if patches and (row["pixel_values"] is not None or row["pixel_values_videos"] is not None):
+            kwargs.update(input_ids=ids, **{k: row[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                                                "video_grid_thw") if row[k] is not None})
+        elif row["pixel_values"] is not None:
             kwargs.update(input_ids=ids, pixel_values=row["pixel_values"])
+        elif patches:  # a Qwen-style family declared data parallel only (Qwen3.5, GLM-V): the same exact-zero anchor
+            embeds = self.module.get_input_embeddings()(ids)
+            kwargs["inputs_embeds"] = embeds + self._patches_dummy(ids.device).to(embeds.dtype)
         else:
             # The tower runs first, as in a row with images, and feeds the embeddings (an exact zero): every rank
             # all-gathers and reduce-scatters the same FSDP blocks in the same order.
@@ -211,6 +218,20 @@ class ParallelModel(torch.nn.Module):
         logits = out.logits if hasattr(out, "logits") else out[0]
         return torch.nn.functional.cross_entropy(logits[0].float(), targets[0], ignore_index=loss_mod.IGNORE,
                                                  reduction="sum")
+
+    def _patches_dummy(self, device):
+        """An exact zero from the patch tower on one blank merge-window image (FSDP gathers its weights everywhere)."""
+        from portvlm.shims import model_io
+
+        tower = self._paths.vision_tower
+        vc = self.module.config.vision_config
+        merge, temporal = vc.spatial_merge_size, vc.temporal_patch_size
+        dim = model_io.vision_channels(vc) * temporal * vc.patch_size**2
+        dtype = next(p for p in tower.parameters()).dtype
+        grid = torch.tensor([[1, merge, merge]], device=device)
+        merged, _ = model_io.tower_outputs(tower(torch.zeros(merge * merge, dim, device=device, dtype=dtype),
+                                                 grid_thw=grid))
+        return vision.zero_anchor(merged)
 
     def _llava_dummy(self, device):
         """An exact zero from the tower and projector on one blank image (FSDP gathers their weights on every rank)."""

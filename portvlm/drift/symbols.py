@@ -13,9 +13,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-QWEN35 = "transformers.models.qwen3_5.modeling_qwen3_5"
-QWEN35_MOE = "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe"
-
 # Names the shims reach by string or through a model instance (the AST scan cannot see them), per shim: the
 # family-independent ones here, each family's beside its record (``portvlm.models``, ``Family.anchors``); ``anchors()``
 # merges them. The version-specific ones (the 4.53.x dense mask, <=4.52 class tables) are simply absent elsewhere:
@@ -35,12 +32,7 @@ ANCHORS: dict[str, tuple[str, ...]] = {
     "text_classes": (),
     # shims.model_io: the accessors of what a VLM's config and forward look like (no shim record; family anchors)
     "model_io": (),
-    # the DeltaNet forward looks the two functions up in its modeling module at call time: a rename or a new
-    # signature (cu_seqlens read at last, a kernel that keeps samples apart) is what the lane must report
-    "linear_attention_packed": (f"{QWEN35}.causal_conv1d_fn", f"{QWEN35}.torch_chunk_gated_delta_rule",
-                                f"{QWEN35}.Qwen3_5GatedDeltaNet.forward", f"{QWEN35_MOE}.causal_conv1d_fn",
-                                f"{QWEN35_MOE}.torch_chunk_gated_delta_rule",
-                                f"{QWEN35_MOE}.Qwen3_5MoeGatedDeltaNet.forward"),
+    "linear_attention_packed": (),  # the DeltaNet modules are family-specific: beside the Qwen3.5 records
 }
 
 

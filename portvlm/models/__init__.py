@@ -45,10 +45,14 @@ from collections.abc import Iterator
 
 from portvlm.errors import UnsupportedError
 from portvlm.models.family import LAYOUTS, Family, Variant
+from portvlm.models.glm import GLM4V_FAMILY, GLM4V_MOE_FAMILY, GLM_OCR_FAMILY
 from portvlm.models.llava import LLAVA
 from portvlm.models.qwen import QWEN2_5_VL, QWEN3_VL
+from portvlm.models.qwen3_5 import QWEN3_5, QWEN3_5_MOE
+from portvlm.models.qwen_siblings import QWEN2_VL, QWEN3_VL_MOE
 
-DECLARED: tuple[Family, ...] = (QWEN2_5_VL, QWEN3_VL, LLAVA)
+DECLARED: tuple[Family, ...] = (QWEN2_5_VL, QWEN3_VL, LLAVA, QWEN3_5, QWEN3_5_MOE, GLM4V_FAMILY, GLM4V_MOE_FAMILY,
+                                GLM_OCR_FAMILY, QWEN3_VL_MOE, QWEN2_VL)
 
 _REGISTRY: dict[str, Family] = {f.model_type: f for f in DECLARED}
 

@@ -41,6 +41,9 @@ class InputGeometry:
     image_size: int | None = None  # images layout
     window: int | None = None  # Qwen2.5-VL window size in patches (None: no windowed blocks)
     frames_apart: bool = False  # Qwen3-VL: <vs> frame <ve> per temporal patch, each with grid t=1
+    # False where one prompt cannot hold images and a video together (GLM-4.xV: video frames use the image token,
+    # and get_placeholder_mask counts both media against it): the "packed" input is then images only
+    mixes_media: bool = True
 
     def special(self) -> set[int]:
         return {t for t in (self.bos, self.pad, self.image, self.video, self.vstart, self.vend) if t is not None}
@@ -218,7 +221,8 @@ def segments(model, kind: str, seed: int = 0) -> list[Segment]:
         segs = [Segment("text", [geo.bos] + text_tokens(geo, 4, g))]
         for grid in PACKED_IMAGES:
             segs += [Segment("image", grid=grid), Segment("text", text_tokens(geo, 3, g))]
-        segs += [Segment("video", grid=PACKED_VIDEO), Segment("text", text_tokens(geo, 5, g))]
+        if geo.mixes_media:
+            segs += [Segment("video", grid=PACKED_VIDEO), Segment("text", text_tokens(geo, 5, g))]
         return segs
     raise KeyError(kind)
 

@@ -255,7 +255,8 @@ def _make_sink_window_cache():
                 raise ValueError(f"SinkWindowCache wants sink >= 0 and window >= 1, got sink={sink}, window={window}")
             self.sink = sink
             self.window = window
-            self.tokens_seen = 0  # tokens ever written to layer 0 (positions keep growing; the cache does not)
+            self.tokens_seen = 0  # tokens ever written to the first KV layer (positions keep growing; the cache not)
+            self._first_kv = None  # that layer's index: 0, or a hybrid cache's first attention layer (Qwen3.5: 1)
 
         @property
         def view(self) -> CacheView:
@@ -263,7 +264,9 @@ def _make_sink_window_cache():
 
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
             # *args/**kwargs: <=5.3 pass cache_kwargs positionally, 5.4+ pass nothing (Cache.update(k, v, i, *a, **kw)).
-            if layer_idx == 0:
+            if self._first_kv is None:
+                self._first_kv = layer_idx
+            if layer_idx == self._first_kv:
                 self.tokens_seen += key_states.shape[SEQ_DIM]
             keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
             self.evict_layer(layer_idx)

@@ -57,7 +57,12 @@ def report_summary(handle) -> dict:
 
 
 def tol(ctx, direction: str, backend: str | None = None) -> tuple[float, float]:
-    return tolerances.tolerance(ctx.device_kind, ctx.dtype, backend or ctx.vision_backend, direction)
+    """The table's ``(atol, rtol)`` for this cell, times the family's declared ``tolerance_scale``."""
+    from portvlm import models
+
+    atol, rtol = tolerances.tolerance(ctx.device_kind, ctx.dtype, backend or ctx.vision_backend, direction)
+    scale = models.by_id(ctx.model_id).tolerance_scale
+    return atol * scale, rtol * scale
 
 
 def vision_features(model_id: str, tower, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None) -> dict[str, torch.Tensor]:

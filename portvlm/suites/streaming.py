@@ -54,6 +54,13 @@ def native_layers(cache) -> int:
     return len(cache.layers) if isinstance(getattr(cache, "layers", None), list) else len(vars(cache)["key_cache"])
 
 
+def kv_layers(cache) -> list[int]:
+    """Indexes of the layers that hold keys/values: a hybrid cache's linear-attention layers (Qwen3.5's Gated
+    DeltaNet: a conv window and a recurrent state, no sequence axis) have nothing to read, evict or bound."""
+    layers = cache.layers if isinstance(getattr(cache, "layers", None), list) else None
+    return [i for i in range(native_layers(cache)) if layers is None or not hasattr(layers[i], "recurrent_states")]
+
+
 def cache_api(cache) -> str:
     return "layers" if isinstance(getattr(cache, "layers", None), list) else "key_cache lists"
 
@@ -115,7 +122,7 @@ class Stream:
             if self.mid != "llava":
                 self.segments.append(Segment("text", [tok]))
             logits = self._feed([tok], {})
-        self.sizes.append(native_kv(self.cache, 0)[0].shape[-2])
+        self.sizes.append(native_kv(self.cache, kv_layers(self.cache)[0])[0].shape[-2])
 
     def replay_inputs(self) -> dict:
         """Kwargs for one full forward over everything streamed so far."""
@@ -137,7 +144,7 @@ def _consistency(cache, sink_snapshot) -> list[str]:
 
     view = CacheView(cache)
     problems = []
-    for i in range(native_layers(cache)):
+    for i in kv_layers(cache):
         nk, nv = native_kv(cache, i)
         vk, vv = view.keys(i), view.values(i)
         if vk is None or vk.shape != nk.shape or not torch.equal(vk, nk):
@@ -168,15 +175,28 @@ def cache_class(model_id: str):
     return SinkWindowCache
 
 
+def cache_config(model) -> dict:
+    """``{"config": text config}`` where the text model mixes in linear-attention layers (the cache must build one
+    conv + recurrent state layer for each: ``DynamicCache(config=...)``, 5.x); ``{}`` otherwise."""
+    from portvlm.shims import linear_attention
+
+    if not linear_attention.linear_modules(model):
+        return {}
+    cfg = model.config
+    return {"config": cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg}
+
+
 def _run_stream(ctx, model, dtype, sink, window, chunks, check_every=True, cache_cls=None):
-    cache = (cache_cls or cache_class(ctx.model_id))(sink=sink, window=window)
+    # hybrid text (Qwen3.5): the attention layers keep sink + window, the DeltaNet layers their (constant-size)
+    # conv window and recurrent state, so the stream carries recurrent state and KV cache together
+    cache = (cache_cls or cache_class(ctx.model_id))(sink=sink, window=window, **cache_config(model))
     stream = Stream(ctx, model, cache, dtype)
     problems: list[str] = []
     sink_snapshot = None
     for c in range(chunks):
         stream.chunk(_prompt(c))
         if sink_snapshot is None:
-            sink_snapshot = {i: native_kv(cache, i)[0][..., :sink, :].clone() for i in range(native_layers(cache))}
+            sink_snapshot = {i: native_kv(cache, i)[0][..., :sink, :].clone() for i in kv_layers(cache)}
         if check_every:
             problems += [f"chunk {c}: {p}" for p in _consistency(cache, sink_snapshot)]
     return stream, problems

@@ -1,0 +1,110 @@
+"""Qwen3.5 (dense and MoE): a Qwen3-VL-style patch tower; the text model interleaves Gated DeltaNet layers.
+
+Qwen3.5's vision tower is Qwen3-VL's without deepstack (a fused ``qkv``, ``apply_rotary_pos_emb_vision``, a learned
+position grid), so ``vision_varlen`` serves it unchanged; its text attention goes through the attention registry
+(``text_registry``). What needed more than a declaration is the text model's Gated DeltaNet layers: their torch
+fallbacks ignore ``cu_seqlens`` (silently to 5.17, refused from 5.23), so packed rows go through
+``portvlm.shims.linear_attention`` (shim ``linear_attention_packed``). The tiny text keeps one layer of each kind
+(DeltaNet first, then full attention), as the released models alternate 3:1.
+"""
+
+from __future__ import annotations
+
+from portvlm.models.family import TINY_MROPE, TINY_TEXT, Family
+from portvlm.models.qwen import TEMPORAL_PATCH, _build, geometry
+
+MERGE = 2
+QWEN35 = "transformers.models.qwen3_5.modeling_qwen3_5"
+QWEN35_MOE = "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe"
+
+# The Gated DeltaNet widths: 4 value heads over 2 key heads (the grouped-value path), head dims 16.
+TINY_LINEAR = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                   linear_conv_kernel_dim=4, layer_types=["linear_attention", "full_attention"])
+TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                decoder_sparse_step=1, mlp_only_layers=[])
+TINY_VISION = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
+                   temporal_patch_size=TEMPORAL_PATCH, spatial_merge_size=MERGE, out_hidden_size=TINY_TEXT["hidden_size"],
+                   num_position_embeddings=64)  # an 8×8 learned grid, interpolated to each image
+TINY_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": TINY_MROPE, "mrope_interleaved": True}
+
+
+# The chunked delta rule amplifies fp32 noise in its input: upstream alone, eager vs sdpa vision (features differ by
+# 1.4e-6) gives image-prompt logits 1.6e-4 apart after one DeltaNet layer (tiny Qwen3.5, transformers 5.24, CPU).
+# portvlm's own packed path matches each sample alone to 1e-5 at the layer (tests/torch/test_linear_attention.py).
+DELTANET_SCALE = 30.0
+DELTANET_WHY = ("the chunked delta rule amplifies fp32 input noise ~100x: upstream eager vs sdpa alone differ by "
+                "1.6e-4 on image logits (vision features 1.4e-6 apart)")
+
+
+def _qwen3_geometry(cfg):
+    # Qwen3-VL lineage: video frames are separated (<vs> frame <ve> per temporal patch, each with grid t=1)
+    return geometry(cfg, frames_apart=True)
+
+
+def _require(config_name: str, model_id: str):
+    import transformers
+
+    if not hasattr(transformers, config_name):
+        from portvlm.models.tiny import unsupported
+
+        raise unsupported(model_id)
+
+
+def qwen3_5_config():
+    """Tiny Qwen3.5: a DeltaNet layer then a full-attention layer (head_dim 16), a 4-block ViT."""
+    _require("Qwen3_5Config", "qwen3_5")
+    text = dict(TINY_TEXT, head_dim=16, rope_parameters=TINY_ROPE, partial_rotary_factor=1.0, **TINY_LINEAR)
+    return _build("Qwen3_5Config", dict(TINY_VISION), text)
+
+
+def qwen3_5_moe_config():
+    """Tiny Qwen3.5-MoE: Qwen3.5's layers with 4 experts (2 per token) and a shared expert."""
+    _require("Qwen3_5MoeConfig", "qwen3_5_moe")
+    text = dict(TINY_TEXT, head_dim=16, rope_parameters=TINY_ROPE, partial_rotary_factor=1.0, **TINY_LINEAR,
+                **TINY_MOE)
+    return _build("Qwen3_5MoeConfig", dict(TINY_VISION), text)
+
+
+def _linear_anchors(module: str, prefix: str) -> tuple[str, ...]:
+    return (f"{module}.causal_conv1d_fn", f"{module}.torch_chunk_gated_delta_rule", f"{module}.{prefix}GatedDeltaNet.forward")
+
+
+QWEN3_5 = Family(
+    model_type="qwen3_5",
+    model_id="qwen3_5",
+    model_class="Qwen3_5ForConditionalGeneration",
+    tiny_config=qwen3_5_config,
+    geometry=_qwen3_geometry,
+    layout="patches",
+    head_dims=(72, 256),  # Qwen3.5 (config defaults): ViT 1152 / 16 heads; text head_dim 256
+    anchors={
+        "kv_cache": ("transformers.Qwen3_5ForConditionalGeneration.forward",),
+        "layer_paths": ("transformers.Qwen3_5ForConditionalGeneration",),
+        "vision_varlen": (f"{QWEN35}.apply_rotary_pos_emb_vision", f"{QWEN35}.Qwen3_5VisionAttention.forward"),
+        "linear_attention_packed": _linear_anchors(QWEN35, "Qwen3_5"),
+    },
+    description="Qwen3.5 (hybrid Gated DeltaNet / full-attention text, Qwen3-VL-style ViT)",
+    tolerance_scale=DELTANET_SCALE,
+    tolerance_why=DELTANET_WHY,
+)
+
+QWEN3_5_MOE = Family(
+    model_type="qwen3_5_moe",
+    model_id="qwen3_5_moe",
+    model_class="Qwen3_5MoeForConditionalGeneration",
+    tiny_config=qwen3_5_moe_config,
+    geometry=_qwen3_geometry,
+    layout="patches",
+    head_dims=(72, 256),  # Qwen3.5-MoE (config defaults): ViT 1152 / 16 heads; text head_dim 256
+    anchors={
+        "kv_cache": ("transformers.Qwen3_5MoeForConditionalGeneration.forward",),
+        "layer_paths": ("transformers.Qwen3_5MoeForConditionalGeneration",),
+        "vision_varlen": (f"{QWEN35_MOE}.apply_rotary_pos_emb_vision",
+                          f"{QWEN35_MOE}.Qwen3_5MoeVisionAttention.forward"),
+        "linear_attention_packed": _linear_anchors(QWEN35_MOE, "Qwen3_5Moe"),
+    },
+    description="Qwen3.5-MoE (Qwen3.5 with a sparse MoE text model)",
+    tolerance_scale=DELTANET_SCALE,
+    tolerance_why=DELTANET_WHY,
+)
+
