@@ -63,7 +63,7 @@ def _family(info: EnvInfo, matrix, policy, policy_error: str | None, model, chec
     stack = None
     match, diffs, expected, cell = "none", (), None, None
     if arch is not None:
-        stack, match, diffs = match_stack(info, arch, matrix)
+        stack, match, diffs = match_stack(info, arch, matrix, model)
     if stack is not None:
         from portvlm.matrix.schema import cell_id
 

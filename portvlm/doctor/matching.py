@@ -91,9 +91,14 @@ def matrix_entry(match: ArchMatch | None, platform, matrix) -> str | None:
     return "\n".join(lines)
 
 
-def match_stack(info: EnvInfo, arch, matrix):
-    """(stack, match, differences) of the arch's stack closest to what is installed."""
+def match_stack(info: EnvInfo, arch, matrix, model=None):
+    """(stack, match, differences) of the arch's stack closest to what is installed; with ``model``, among the
+    stacks where its cell is not excluded (a family declared for 5.x is judged by the 5.x stack, not a 4.x one)."""
     stacks = [matrix.stack(s) for s in arch.stacks]
+    installed = parse_or_none(info.transformers.version)
+    if model is not None and installed is not None and installed >= parse(model.min_transformers):
+        usable = [s for s in stacks if expected_outcome(matrix, arch, model, s)[0] != "excluded"]
+        stacks = usable or stacks
     if not stacks:
         return None, "none", ()
     tf = parse_or_none(info.transformers.version)

@@ -84,21 +84,27 @@ def lines(report: Report) -> list[list[Segment]]:
     out.append([("families", "bold"), (f" (matrix {where})", "dim")])
     if not report.families:
         out.append([("  none: ", None), (report.matrix_error or "no matrix", "yellow")])
+    previous_said = None
+    previous = None  # a family's vision / text / shims / fix lines, printed only where they differ from the one above
     for fam in report.families:
         cell = f"{fam.cell} ({fam.match})" if fam.cell else "no cell"
         out.append([(f"  {fam.verdict:<5} ", STYLE[fam.verdict]), (f"{fam.model:<11}", "bold"), (cell, None),
                     (f" · {fam.dtype}", None)])
         own = [r for r in fam.reasons if not r.startswith("environment ")]
-        if own:
-            out.append([("        ", None), (_short("; ".join(own), 140), STYLE.get(fam.verdict.lower()))])
-        out.append([("        vision ", None)] + _backend(fam.vision))
-        out.append([("        text   ", None)] + _backend(fam.text))
+        said = "; ".join(own).replace(fam.model, "{model}")
+        if own and said != previous_said:  # else the family above said the same, but for its name
+            out.append([("        ", None), (_short("; ".join(own)), STYLE.get(fam.verdict.lower()))])
+        previous_said = said
+        block = [[("        vision ", None)] + _backend(fam.vision), [("        text   ", None)] + _backend(fam.text)]
         if fam.shims:
             src = fam.shims[0].source
-            out.append([(f"        shims ({src}) ", None),
-                        (" · ".join(f"{s.name} ({s.label or _short(s.detail, 30)})" for s in fam.shims), "dim")])
+            block.append([(f"        shims ({src}) ", None),
+                          (" · ".join(f"{s.name} ({s.label or _short(s.detail, 30)})" for s in fam.shims), "dim")])
         if fam.fix and fam.verdict != "OK" and (not report.checks or fam.fix not in {c.fix for c in report.checks}):
-            out.append([("        fix: ", "dim"), (fam.fix, "bold")])
+            block.append([("        fix: ", "dim"), (fam.fix, "bold")])
+        out.extend(line for i, line in enumerate(block) if previous is None or i >= len(previous)
+                   or line != previous[i])
+        previous = block
     out.append([("next    ", "bold"), ("your own model or port: portvlm check module:function (parity vs fp32)", "dim")])
     return out
 

@@ -17,7 +17,10 @@ from portvlm.models import tiny
 from portvlm.shims.model_io import vision_features as _vision_features
 
 IMG, VID, VSTART, VEND = tiny.IMG, tiny.VID, tiny.VSTART, tiny.VEND
-FAMILIES = models.model_types()
+# The shim tests' own families (every transformers 4.50-5.24 CI stack builds them); the 5.x families declared for
+# issue 24 are covered by their matrix cells and tests/torch/test_generic_families.py, not by every shim test
+# (each would add minutes per CI stack).
+FAMILIES = tuple(t for t in models.model_types() if t in ("qwen2_5_vl", "qwen3_vl", "llava"))
 
 # Different sizes, a windowed-with-padding image, and a 2-frame video (t=2), packed into one vision call.
 GRIDS = [(1, 4, 4), (1, 12, 8), (2, 4, 8)]

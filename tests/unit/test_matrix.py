@@ -61,8 +61,9 @@ def test_real_matrix_loads_into_records():
     assert matrix.arch("gfx942").gfx == "gfx942"
     assert matrix.stack("cpu-tf4.55.4").ci is False and matrix.stack("cpu-tf4.57.6").ci is True
     assert matrix.stack("volta-cu118-torch2.3.1-tf4.50.3").xformers == "0.0.27"
-    (expectation,) = matrix.expectations
+    expectation = matrix.expectations[0]
     assert expectation.line == TEXT.splitlines().index("  - outcome: excluded") + 1
+    assert all(e.reason for e in matrix.expectations)
 
 
 # ----------------------------------------------------------------------------------------------------- expand / select
