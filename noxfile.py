@@ -93,10 +93,13 @@ def tests(session: nox.Session) -> None:
               or s.id in os.environ["PORTVLM_TEST_STACKS"].split(",")]
     # Every stack's venv first, three at a time (a fresh machine downloads torch once; uv links the rest).
     # The trainer libraries (PEFT, TRL, accelerate) go into the newest CI stack's venv only, and are required there.
+    from dataclasses import replace
+
     from portvlm.run.env import EnvSpec, ensure_envs
 
     extras = {s.id: integration_requirements(s, CI_STACKS) for s in stacks}
-    specs = [EnvSpec(s.python, f"{s.torch}+{s.torch_variant}", s.transformers, tuple(extras[s.id])) for s in stacks]
+    # EnvSpec.for_stack: each stack's pins and its declared overrides (cpu-tf5.25.0 leaves kernels out)
+    specs = [replace(EnvSpec.for_stack(s), extras=tuple(extras[s.id])) for s in stacks]
     from portvlm.errors import EnvironmentBuildError
 
     try:

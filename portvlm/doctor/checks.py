@@ -9,7 +9,7 @@ from portvlm.doctor.report import Check
 from portvlm.platform import Platform, bf16_reasons, kernel_image_reasons
 from portvlm.platform import sm_name as platform_sm_name
 from portvlm.records import CheckStatus
-from portvlm.shims.versions import ALLOW_UNVERIFIED_ENV, base_version, parse, parse_or_none
+from portvlm.shims.versions import ALLOW_UNVERIFIED_ENV, base_version, newest_verified, parse, parse_or_none
 from portvlm.wheels import torch_index
 
 
@@ -114,6 +114,13 @@ def check_kernel_image(info: EnvInfo) -> list[Check]:
         fix = (f"{facts.pip_torch(*builds[0])}  (also: {options}"
                + (f"; {'/'.join(never)} never ship {sm_name(p.capability).replace('sm', 'sm_')}" if never else "")
                + ")") if builds else f"no torch wheel portvlm knows of carries {sm_name(p.capability)}"
+        installed = base_version(t.version)
+        minor = ".".join(installed.split(".")[:2]) if installed else None
+        if minor in facts.minors_without(p.capability) and builds:
+            # Said from the table, after the verdict above came from the arch list: the whole minor is out.
+            last = f"{facts.TORCH_LATEST_PATCH.get(builds[0][0], builds[0][0])}+{builds[0][1]}"
+            message += (f"; no torch {minor} build ships {sm_name(p.capability).replace('sm', 'sm_')}: "
+                        f"the last torch for {sm_name(p.capability)} is {last}")
         return [Check("kernel_image", CheckStatus.FAIL, message, fix)]
     return [Check("kernel_image", CheckStatus.FAIL, message,
                   f"a ROCm torch build whose PYTORCH_ROCM_ARCH includes {p.gfx} (rocm/pytorch images list theirs)")]
@@ -205,9 +212,9 @@ def check_transformers(info: EnvInfo, matrix, arch=None) -> list[Check]:
     verified = _verified_range()
     if verified is not None and not verified[0].contains(version, prereleases=True):
         allowed = info.env.get(ALLOW_UNVERIFIED_ENV) == "1"
-        newest = stacks[-1] if stacks else None
-        if arch is not None and matrix is not None and arch.stacks:  # the newest version tested on this arch
-            newest = max(parse_or_none(matrix.stack(s).transformers) or parse("0") for s in arch.stacks)
+        newest = newest_verified([s.transformers for s in (matrix.stacks if matrix is not None else ())])
+        if arch is not None and matrix is not None and arch.stacks:  # the newest verified version tested on this arch
+            newest = newest_verified([matrix.stack(s).transformers for s in arch.stacks]) or newest
         checks.append(Check(
             "transformers", CheckStatus.WARN if allowed else CheckStatus.FAIL,
             f"transformers {version} is outside the range portvlm's shims were verified on ({verified[1]})"
@@ -329,3 +336,33 @@ def check_gpu(info: EnvInfo) -> list[Check]:
     more = f" (+{p.count - 1} more)" if p.count > 1 else ""
     via = f"via {p.source}" + ("; a CUDA context was created" if p.source == "torch" else "")
     return [Check("gpu", CheckStatus.OK, f"{p.name} ({device_arch(p)}{memory}){more}, {via}")]
+
+
+def check_hub_kernels(info: EnvInfo, policy) -> list[Check]:
+    """Whether ``from_pretrained`` will load Hub kernels here (transformers 5.25+ does by default), whether it will
+    raise for want of the ``kernels`` package, and whether the arch policy lets kernelized layers run."""
+    from portvlm.shims.hub_kernels import ENV, default_load
+
+    h, tf = info.hub_kernels, info.transformers.version
+    if tf is None or h.required is None:
+        return []  # this transformers loads no Hub kernels unless asked (use_kernels=True): nothing to say
+    load = default_load(h.required, h.kernels, info.env)
+    if not load.kernelizes:
+        return [Check("hub_kernels", CheckStatus.OK, f"{ENV}={info.env.get(ENV)}: from_pretrained loads no Hub "
+                      f"kernels (transformers {tf} would by default)")]
+    if load.raises:
+        return [Check("hub_kernels", CheckStatus.FAIL,
+                      f"from_pretrained will raise 'Kernels are not available': transformers {tf} {load.raises}",
+                      f"export {ENV}=0 (portvlm needs no Hub kernels), or pip install '{load.pin}'")]
+    arch = policy.arch if policy is not None else None
+    reason = getattr(arch, "no_hub_kernels", None)
+    loads = (f"from_pretrained kernelizes layers with code fetched from the Hub (transformers {tf}, kernels "
+             f"{h.kernels}; offline it needs the Hub cache)")
+    if reason:
+        return [Check("hub_kernels", CheckStatus.WARN,
+                      f"{loads}; the {arch.id} policy keeps them off: portvlm.patch puts transformers' own forward "
+                      f"back and its report lists the layers ({reason})",
+                      f"export {ENV}=0 to not fetch them at all")]
+    where = f"the {arch.id} policy allows them" if arch is not None else "no arch policy applies"
+    return [Check("hub_kernels", CheckStatus.INFO,
+                  f"{loads}; {where}; portvlm.patch's report lists the kernelized layers")]

@@ -22,6 +22,7 @@ ENV_VARS = (
     "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "PYTORCH_NVML_BASED_CUDA_CHECK",
     "TORCH_CUDA_ARCH_LIST", "PYTORCH_ROCM_ARCH", "HSA_OVERRIDE_GFX_VERSION", "TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL",
     "FLASH_ATTENTION_TRITON_AMD_ENABLE", "NVIDIA_TF32_OVERRIDE", "PORTVLM_MATRIX", "PORTVLM_ALLOW_UNVERIFIED",
+    "USE_HUB_KERNELS", "HF_HUB_OFFLINE",
 )
 
 
@@ -90,6 +91,14 @@ class PackageInfo:
 
 
 @dataclass(frozen=True)
+class HubKernelsInfo:
+    """What decides whether ``from_pretrained`` kernelizes (transformers 5.25+): the pin and the installed kernels."""
+
+    required: str | None = None  # transformers' unconditional Requires-Dist on kernels ("kernels>=0.19.1,<0.20")
+    kernels: str | None = None  # the installed kernels version; None: not installed
+
+
+@dataclass(frozen=True)
 class EnvInfo:
     """Everything ``portvlm doctor`` knows about this machine (JSON: ``to_json()``, schema ``portvlm.doctor/1``)."""
 
@@ -104,6 +113,7 @@ class EnvInfo:
     transformers: PackageInfo = field(default_factory=lambda: PackageInfo("transformers"))
     xformers: XformersInfo = field(default_factory=XformersInfo)
     flash_attn: FlashAttnInfo = field(default_factory=FlashAttnInfo)
+    hub_kernels: HubKernelsInfo = field(default_factory=HubKernelsInfo)
     env: dict[str, str] = field(default_factory=dict)
     portvlm: str = ""
     probe_errors: tuple[str, ...] = ()  # probes that raised (a bug in a probe, or a hostile module): name: error
@@ -198,6 +208,13 @@ def probe_transformers(probes: Probes) -> PackageInfo:
     """transformers' version from its metadata (importing it takes seconds and proves nothing more here)."""
     version = probes.version_of("transformers")
     return PackageInfo("transformers", version, None if version else "transformers not installed")
+
+
+def probe_hub_kernels(probes: Probes) -> HubKernelsInfo:
+    """transformers' own requirement on ``kernels`` (its metadata, no import) and the installed kernels version."""
+    from portvlm.shims.hub_kernels import pin_of
+
+    return HubKernelsInfo(required=pin_of(probes.requires_of("transformers")), kernels=probes.version_of("kernels"))
 
 
 _PIN = re.compile(r"^torch\s*(\(?\s*[=<>!~].*?)\)?\s*(;.*)?$", re.I)
@@ -319,6 +336,7 @@ def collect(probes: Probes | None = None) -> EnvInfo:
         xformers=errors.safe("xformers", lambda: probe_xformers(probes, torch_ok), XformersInfo(error="probe failed")),
         flash_attn=errors.safe("flash_attn", lambda: probe_flash_attn(probes, torch_ok),
                                FlashAttnInfo(error="probe failed")),
+        hub_kernels=errors.safe("hub_kernels", lambda: probe_hub_kernels(probes), HubKernelsInfo()),
         env=env,
         portvlm=__version__,
         probe_errors=tuple(errors.items),

@@ -13,6 +13,7 @@ from portvlm.doctor.checks import (  # noqa: F401 - native_bf16, xformers_op_rea
     check_driver,
     check_flash_attn,
     check_gpu,
+    check_hub_kernels,
     check_kernel_image,
     check_precision,
     check_torch,
@@ -133,6 +134,7 @@ def _diagnose(info: EnvInfo, matrix, matrix_error: str | None) -> Report:
         checks.append(Check("matrix", CheckStatus.WARN, f"matrix unavailable: {matrix_error}", "portvlm matrix --file PATH"))
     checks += check_precision(info, policy)
     checks += check_transformers(info, matrix, arch)
+    checks += check_hub_kernels(info, policy)
     checks += check_xformers(info, policy)
     checks += check_flash_attn(info)
     if info.probe_errors:

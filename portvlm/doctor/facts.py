@@ -48,12 +48,26 @@ for _minor in ("2.12", "2.13", "2.14"):
     TORCH_CUDA_WHEELS[(_minor, "cu126")] = _VOLTA_ERA  # the only 2.12-2.14 build with sm_70 (RELEASE.md)
     TORCH_CUDA_WHEELS[(_minor, "cu130")] = _TURING_PLUS
     TORCH_CUDA_WHEELS[(_minor, "cu132")] = _TURING_PLUS  # exact list not read; CUDA 13 has no Volta in any case
+# 2.15: PyPI's wheel is cu132 with sm_75 sm_80 sm_86 sm_90 sm_100 sm_120 (read from libtorch_python.so), plus cu130;
+# CUDA 12.6 builds were dropped ("[CD] Remove CUDA 12.6 nightly binary builds", pytorch/pytorch#196249; RFC #190385),
+# so no torch 2.15 build runs on Volta (../shared/research/upstream-5.25.md §3).
+TORCH_CUDA_WHEELS[("2.15", "cu130")] = _TURING_PLUS
+TORCH_CUDA_WHEELS[("2.15", "cu132")] = _TURING_PLUS
 
 # The newest patch release of each minor portvlm knows of (for the suggested pip line).
 TORCH_LATEST_PATCH = {"2.3": "2.3.1", "2.6": "2.6.0", "2.7": "2.7.1", "2.8": "2.8.0", "2.9": "2.9.1",
-                      "2.10": "2.10.0", "2.11": "2.11.0", "2.12": "2.12.0", "2.13": "2.13.0", "2.14": "2.14.0"}
-# The newest released torch in the research snapshot: 2.14 was a release candidate, so advice stops at 2.13.
-NEWEST_STABLE_TORCH = "2.13"
+                      "2.10": "2.10.0", "2.11": "2.11.0", "2.12": "2.12.0", "2.13": "2.13.0", "2.14": "2.14.1",
+                      "2.15": "2.15.0"}
+# The newest released torch in the research snapshot (2.15.0, 2026-12); advice never goes past it.
+NEWEST_STABLE_TORCH = "2.15"
+
+
+def minors_without(capability: tuple[int, int]) -> list[str]:
+    """torch minors none of whose CUDA builds carries a cubin for ``capability`` (``["2.15"]`` for sm70)."""
+    by_minor: dict[str, bool] = {}
+    for (minor, _), cubins in TORCH_CUDA_WHEELS.items():
+        by_minor[minor] = by_minor.get(minor, False) or any(cubin_runs(c, capability) for c in cubins)
+    return sorted((m for m, ok in by_minor.items() if not ok), key=_minor_key)
 
 
 def _minor_key(minor: str) -> tuple[int, int]:

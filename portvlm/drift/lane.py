@@ -33,19 +33,25 @@ def baseline_stack(matrix, transformers: str):
     return max(stacks, key=lambda s: parse_version(s.transformers), default=None)
 
 
-def drift_matrix_text(matrix_text: str, *, transformers: str, torch: str, python: str) -> tuple[str, str]:
+def drift_matrix_text(matrix_text: str, *, transformers: str, torch: str, python: str,
+                      overrides: Sequence = ()) -> tuple[str, str]:
     """The matrix with one more CPU stack (the tested versions) as the cpu arch's only stack: ``(yaml, stack id)``.
 
-    Pure. Expectations by transformers range (qwen3vl before 4.57.1) still apply to it.
+    Pure. Expectations by transformers range (qwen3vl before 4.57.1) still apply to it. ``overrides``
+    (``matrix.schema.Override``) go on the stack, so its cells record them.
     """
     data = yaml.safe_load(matrix_text)
     stack_id = DRIFT_STACK.format(transformers=transformers)
     base = parse_version(torch)
-    data["stacks"].append({
+    stack = {
         "id": stack_id, "python": python, "torch": base.base_version, "torch_variant": base.local or "cpu",
         "transformers": transformers, "ci": False,
         "notes": ["the drift lane's newest upstream release (nox -s drift); not a declared stack"],
-    })
+    }
+    if overrides:
+        stack["overrides"] = [{"package": o.package, "pin": o.pin, "install": o.install, "reason": o.reason}
+                              for o in overrides]
+    data["stacks"].append(stack)
     for arch in data["archs"]:
         if arch["id"] == "cpu":
             arch["stacks"] = [stack_id]
@@ -68,12 +74,13 @@ def _allowed_unverified():
 
 
 def run_cells(matrix_text: str, *, transformers: str, torch: str, python: str, interpreter: str, models: Sequence[str],
-              timeout: float, fast: bool, say: Callable = print) -> list:
+              timeout: float, fast: bool, say: Callable = print, overrides: Sequence = ()) -> list:
     """The CPU cells of ``models`` on the tested versions, through the matrix runner (results kept out of results/)."""
     from portvlm.matrix import expand, parse_matrix, select
     from portvlm.run.runner import run_many
 
-    text, stack_id = drift_matrix_text(matrix_text, transformers=transformers, torch=torch, python=python)
+    text, stack_id = drift_matrix_text(matrix_text, transformers=transformers, torch=torch, python=python,
+                                       overrides=overrides)
     with tempfile.TemporaryDirectory(prefix="portvlm-drift-cells-") as tmp:
         path = Path(tmp) / "matrix.yaml"
         path.write_text(text)
@@ -90,7 +97,8 @@ def run_drift(*, transformers: str | None = None, torch: str | None = None, pyth
               resolve_transformers: Callable = resolve.resolve_transformers,
               resolve_torch: Callable = resolve.resolve_torch_cpu,
               ensure_env: Callable | None = None, probe_env: Callable = probe.probe_env,
-              cells_runner: Callable = run_cells, now: Callable | None = None) -> tuple[dict, Path]:
+              cells_runner: Callable = run_cells, now: Callable | None = None,
+              check_installable: Callable = resolve.check_installable) -> tuple[dict, Path]:
     """Run the lane; returns ``(report, path of its JSON)``. Every step is injectable (the tests fake the index)."""
     from portvlm.matrix import load_matrix, packaged_path
     from portvlm.run import env as envs
@@ -125,11 +133,25 @@ def run_drift(*, transformers: str | None = None, torch: str | None = None, pyth
     say(f"drift: transformers {tf.version} ({tf.source}; {'verified' if verified else 'unverified'}), "
         f"torch {th.version} ({th.source}), python {python}")
 
-    newest_py = str(ensure_env(envs.EnvSpec(python, th.version, tf.version)))
+    installable, overrides = installability(matrix, tf.version, python, check_installable)
+    if installable is not None and not installable.ok:
+        say(f"drift: transformers {tf.version} {installable.line}")
+        notes += [f"transformers {tf.version}: {installable.line}"] + [
+            f"ran with the override {o.describe()}" for o in overrides]
+    spec = envs.EnvSpec(python, th.version, tf.version, excludes=tuple(o.package for o in overrides if o.excluded),
+                        overrides=tuple(o.install for o in overrides if not o.excluded))
+    try:
+        newest_py = str(ensure_env(spec))
+    except EnvironmentBuildError as exc:
+        if installable is None or installable.ok:
+            raise
+        raise EnvironmentBuildError(f"transformers {tf.version} {installable.line}; the override "
+                                    f"{'; '.join(o.describe() for o in overrides) or '(none found)'} did not build "
+                                    f"either: {exc}") from exc
     base = baseline_stack(matrix, tf.version)
     base_py = None
     if base is not None:
-        base_py = str(ensure_env(envs.EnvSpec(base.python, f"{base.torch}+{base.torch_variant}", base.transformers)))
+        base_py = str(ensure_env(envs.EnvSpec.for_stack(base)))  # with the stack's declared overrides
         if base.transformers == tf.version:
             notes.append(f"the newest release is the CI stack {base.id}: its answers are the baseline's")
     else:
@@ -156,15 +178,53 @@ def run_drift(*, transformers: str | None = None, torch: str | None = None, pyth
     else:
         say(f"drift: running the CPU cells of {', '.join(models)} (PORTVLM_ALLOW_UNVERIFIED=1)")
         cells = cells_runner(matrix_text, transformers=tf.version, torch=th.version, python=python,
-                             interpreter=newest_py, models=models, timeout=timeout, fast=fast, say=say)
+                             interpreter=newest_py, models=models, timeout=timeout, fast=fast, say=say,
+                             overrides=overrides)
     stamp = (now or (lambda: _dt.datetime.now(_dt.timezone.utc)))().isoformat(timespec="seconds")
     baseline = ({"stack": base.id, "transformers": base.transformers, "torch": f"{base.torch}+{base.torch_variant}",
                  "python": base.python} if base is not None else None)
     record = report.build_report(tested_at=stamp, tested=tested, baseline=baseline, cells=cells,
                                  newest_probe=newest_probe, baseline_probe=base_probe, changes=changes,
-                                 symbol_changes=sym_changes, notes=notes, models=models, retired=retired)
+                                 symbol_changes=sym_changes, notes=notes, models=models, retired=retired,
+                                 installable=installability_record(installable, overrides, matrix, tf.version))
     path = report.write_report(record, results_dir)
     return record, path
+
+
+def installability(matrix, transformers: str, python: str, check: Callable) -> tuple:
+    """``(Installability or None, overrides to build with)`` for the tested release.
+
+    A release the user's sources cannot install is run with the override matrix.yaml declares for that transformers
+    version, else with the one the resolver's answer suggests (the unsatisfiable package left out); either way the
+    report says which, and that the release is not installable as it is.
+    """
+    from portvlm.matrix.schema import Override
+
+    declared = next((s.overrides for s in matrix.stacks if s.transformers == transformers and s.overrides), ())
+    result = check("transformers", transformers, python=python)
+    if result is None or result.ok:
+        return result, tuple(declared)
+    if declared:
+        return result, tuple(declared)
+    if result.package is None:
+        return result, ()
+    return result, (Override(result.package, result.needs, "none",
+                             f"{result.line} (suggested by the drift lane; not declared in matrix.yaml)"),)
+
+
+def installability_record(result, overrides, matrix, transformers: str) -> dict | None:
+    """The report's ``installable`` entry: the resolver's answer and the override tried, declared or suggested."""
+    if result is None:
+        return None
+    declared = any(s.transformers == transformers and s.overrides for s in matrix.stacks)
+    out = result.to_dict()
+    out["overrides"] = [{"package": o.package, "pin": o.pin, "install": o.install, "reason": o.reason,
+                         "declared": declared} for o in overrides]
+    if not result.ok and overrides and not declared:
+        o = overrides[0]
+        out["declare"] = (f"overrides: [{{package: {o.package}, pin: \"{o.pin}\", install: none, reason: \"...\"}}] "
+                          f"under the stack that pins transformers {transformers} in matrix.yaml")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

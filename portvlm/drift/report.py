@@ -96,7 +96,7 @@ def broken_reasons(cells: Sequence[dict], changes: Iterable[AnswerChange], symbo
 def build_report(*, tested_at: str, tested: Tested, baseline: Mapping[str, str] | None, cells: Sequence[CellResult],
                  newest_probe: Mapping, baseline_probe: Mapping | None, changes: Sequence[AnswerChange],
                  symbol_changes: Sequence[SymbolChange], notes: Sequence[str] = (), models: Sequence[str] = (),
-                 retired: Sequence[str] = ()) -> dict:
+                 retired: Sequence[str] = (), installable: Mapping | None = None) -> dict:
     """The report record (JSON-ready)."""
     summaries = [cell_summary(r) for r in cells]
     probe_errors = [f"{side}: {p['error']}" for side, p in (("newest", newest_probe), ("baseline", baseline_probe))
@@ -108,6 +108,7 @@ def build_report(*, tested_at: str, tested: Tested, baseline: Mapping[str, str] 
         "status": BROKEN if reasons else OK,
         "broken": reasons,
         "newest": asdict(tested),
+        "installable": dict(installable) if installable else None,  # the resolver's answer and the override tried
         "baseline": dict(baseline) if baseline else None,
         "models": list(models),
         "cells": summaries,
@@ -125,6 +126,11 @@ def verdict_line(report: Mapping) -> str:
     """One line: versions, verified or not, and the verdict."""
     new = report["newest"]
     ver = "verified" if new["verified"] else f"unverified; portvlm verifies {new['verified_range']}"
+    inst = report.get("installable") or {}
+    if inst and not inst.get("ok"):
+        tried = ", ".join(f"{o['package']} {'left out' if o['install'] == 'none' else 'as ' + o['install']}"
+                          for o in inst.get("overrides", ())) or "no override"
+        ver += f"; {inst['line']}; ran with {tried}"
     return (f"transformers {new['transformers']} ({ver}) + torch {new['torch']}: "
             + ("no shim broke" if report["status"] == OK else f"{len(report['broken'])} problem(s): upstream broke a shim"))
 
@@ -146,6 +152,17 @@ def render_markdown(report: Mapping) -> str:
         f"| python | {new['python']} | {base.get('python', '—') if base else '—'} |",
         f"| stack | — | {('`' + base['stack'] + '`') if base else 'none older than the tested version'} |",
         "",
+    ]
+    inst = report.get("installable") or {}
+    if inst and not inst.get("ok"):
+        lines += ["## Installability", "", f"**{_md(inst['line'])}.**", ""]
+        lines += [f"- tried with the override `{o['pin']}` → install: {o['install']} "
+                  f"({'declared in matrix.yaml' if o.get('declared') else 'suggested, not declared'}): {_md(o['reason'])}"
+                  for o in inst.get("overrides", ())] or ["- no override to try: the resolver named no single pin"]
+        if inst.get("declare"):
+            lines += [f"- to declare it: `{inst['declare']}`"]
+        lines.append("")
+    lines += [
         "## What broke",
         "",
     ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import html.parser
 import json
 import os
+import re
 import subprocess
 import urllib.parse
 import urllib.request
@@ -238,3 +239,74 @@ def resolve_torch_cpu(*, python: str, environ: Mapping[str, str] | None = None,
 def _env_index(environ: Mapping[str, str]) -> str | None:
     """The index a given environment mapping names (tests; no pip/uv config files are read)."""
     return next((environ[k] for k in ("UV_DEFAULT_INDEX", "UV_INDEX_URL", "PIP_INDEX_URL") if environ.get(k)), None)
+
+
+# -- installability: a release on the index whose pins the index cannot satisfy ---------------------------------------
+
+# uv's resolver explanation (pubgrub): "Because only kernels<=0.17.2 is available and transformers>=5.25.0 depends on
+# kernels>=0.19.1,<0.20, we can conclude ..." — the package, what the index has, and the pin that no file meets.
+_CONFLICT = re.compile(
+    r"only (?P<pkg>[A-Za-z0-9][A-Za-z0-9._-]*?)(?P<has>[<>=!~]=?[^\s,]+) is available and (?P<by>\S+) depends on "
+    r"(?P=pkg)(?P<needs>[<>=!~]=?[^\s,]+(?:,[<>=!~]=?[^\s,]+)*)")
+
+
+@dataclass(frozen=True)
+class Installability:
+    """Whether ``transformers==version`` installs from the user's sources; if not, the pin that stops it."""
+
+    ok: bool
+    package: str | None = None  # "kernels"
+    needs: str | None = None  # "kernels>=0.19.1,<0.20" (lower bound first)
+    index_has: str | None = None  # "0.17.2": the newest the sources offer
+    detail: str | None = None  # the resolver's last line when it is not an unsatisfiable pin (or unparsed)
+
+    @property
+    def line(self) -> str:
+        """``released; not installable from your index: needs kernels>=0.19.1, index has 0.17.2`` (or why not)."""
+        if self.ok:
+            return "installable from your index"
+        if self.package:
+            low = self.needs.split(",")[0] if self.needs else self.package
+            return f"released; not installable from your index: needs {low}, index has {self.index_has or 'none'}"
+        return f"released; the resolver refused it: {self.detail}"
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "package": self.package, "needs": self.needs, "index_has": self.index_has,
+                "detail": self.detail, "line": self.line}
+
+
+def parse_conflict(stderr: str) -> Installability:
+    """Read uv's "no solution" explanation into the unsatisfiable pin (pure)."""
+    text = " ".join(stderr.split())
+    m = _CONFLICT.search(text)
+    if m is None:
+        last = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+        return Installability(False, detail=last[-1] if last else "no solution")
+    parts = sorted(m.group("needs").split(","), key=lambda s: (not s.startswith(">"), s))
+    has = m.group("has").lstrip("<>=!~")
+    return Installability(False, m.group("pkg"), m.group("pkg") + ",".join(parts), has)
+
+
+def check_installable(project: str, version: str, *, python: str, environ: Mapping[str, str] | None = None,
+                      run: Callable = subprocess.run) -> Installability | None:
+    """Resolve ``project==version`` with uv against the sources the envs install from; ``None``: could not tell.
+
+    An unsatisfiable requirement is an :class:`Installability` naming it; an unreachable index is ``None`` (the env
+    build then says what failed), never "not installable".
+    """
+    environ = os.environ if environ is None else environ
+    index = configured_index(environ) if environ is os.environ else _env_index(environ)
+    cmd = [uv_bin(), "pip", "compile", "-", "--no-header", "--no-annotate", "--python-version", python]
+    if index:
+        cmd += ["--default-index", index]
+    for fl in find_links_dirs(environ):
+        cmd += ["--find-links", fl]
+    try:
+        proc = run(cmd, input=f"{project}=={version}\n", capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode == 0:
+        return Installability(True)
+    if "No solution found" not in (proc.stderr or ""):
+        return None  # a network or index error: not a statement about the release
+    return parse_conflict(proc.stderr)

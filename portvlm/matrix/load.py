@@ -17,11 +17,13 @@ from importlib import resources
 from typing import Any
 
 import yaml
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 
 from portvlm import versions
 from portvlm.errors import MatrixError
 from portvlm.matrix.expand import first_expectation
-from portvlm.matrix.schema import Arch, Expectation, Matrix, Model, Stack, cell_id
+from portvlm.matrix.schema import Arch, Expectation, Matrix, Model, Override, Stack, cell_id
 
 FORMAT_VERSION = 1
 ENV_VAR = "PORTVLM_MATRIX"
@@ -541,7 +543,7 @@ def _check_cross(doc: _Doc) -> None:
     """
     phases = (
         (_check_duplicates,),  # a duplicate id also breaks every reference to it: report the cause
-        (_check_versions, _check_vendor_fields, _check_references),
+        (_check_versions, _check_overrides, _check_vendor_fields, _check_references),
         (_check_images, _check_coverage),
     )
     for checks in phases:
@@ -597,6 +599,24 @@ def _check_versions(doc: _Doc):
                 ("expectations", index, "transformers"),
                 f'expectation transformers {_show(item["transformers"])} is not a valid version specifier; write a PEP 440 range such as "<4.57.1" or ">=4.50,<5"',
             )
+
+
+def _check_overrides(doc: _Doc):
+    # An override names one package three times (package, pin, install): they must agree, or the env build would
+    # exclude or replace something other than what the reason talks about.
+    for index, item in _items(doc, "stacks"):
+        for position, override in enumerate(item.get("overrides") or ()):
+            package = canonicalize_name(override["package"])
+            fields = [("pin", override["pin"])] + ([] if override["install"] == "none" else [("install", override["install"])])
+            for name, text in fields:
+                path = ("stacks", index, "overrides", position, name)
+                try:
+                    requirement = Requirement(text)
+                except InvalidRequirement:
+                    yield doc.error(path, f"stack {item['id']!r}: override {name} {_show(text)} is not a requirement; write one such as \"{override['package']}>=0.19.1,<0.20\"" + (" (or install: none to leave the package out)" if name == "install" else ""))
+                    continue
+                if canonicalize_name(requirement.name) != package:
+                    yield doc.error(path, f"stack {item['id']!r}: override {name} {_show(text)} names {requirement.name!r}, not the override's package {override['package']!r}; one override per package")
 
 
 def _check_vendor_fields(doc: _Doc):
@@ -716,6 +736,7 @@ def _build(doc: _Doc) -> Matrix:
             runtime=a.get("runtime", Arch.runtime),
             stacks=strings(a, "stacks"),
             notes=strings(a, "notes"),
+            no_hub_kernels=a.get("no_hub_kernels"),
         )
         for a in data["archs"]
     )
@@ -732,6 +753,10 @@ def _build(doc: _Doc) -> Matrix:
             base_image=s.get("base_image"),
             ci=s.get("ci", Stack.ci),
             notes=strings(s, "notes"),
+            overrides=tuple(
+                Override(package=o["package"], pin=o["pin"], install=o["install"], reason=o["reason"])
+                for o in s.get("overrides", ())
+            ),
         )
         for s in data["stacks"]
     )

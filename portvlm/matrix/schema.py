@@ -31,10 +31,34 @@ class Arch:
     runtime: str = "host"  # "host": a local venv; "container": the stack's image
     stacks: tuple[str, ...] = ()  # stack ids this arch is tested with
     notes: tuple[str, ...] = ()  # hardware facts written beside the policy ("Volta: no bf16")
+    no_hub_kernels: str | None = None  # why this policy keeps layers off Hub kernels (kernelize); None: allowed
 
     @property
     def policy_dtype(self) -> str:
         return self.dtypes[0]
+
+
+@dataclass(frozen=True)
+class Override:
+    """A dependency pin of the stack's packages that this stack's index cannot satisfy, and what is installed instead.
+
+    Declared in matrix.yaml with its reason, applied by the env build (uv ``--excludes`` / ``--overrides``) and
+    recorded in every result of the stack: never a silent substitution.
+    """
+
+    package: str  # distribution name: "kernels"
+    pin: str  # the requirement upstream declares: "kernels>=0.19.1,<0.20"
+    install: str  # "none" (left out of the env) or the requirement installed instead: "kernels==0.17.2"
+    reason: str
+
+    @property
+    def excluded(self) -> bool:
+        return self.install == "none"
+
+    def describe(self) -> str:
+        """One line for reports: ``kernels>=0.19.1,<0.20 overridden: not installed (reason)``."""
+        instead = "not installed" if self.excluded else f"{self.install} installed instead"
+        return f"{self.pin} overridden: {instead} ({self.reason})"
 
 
 @dataclass(frozen=True)
@@ -52,6 +76,7 @@ class Stack:
     base_image: str | None = None  # pinned base image the container is built FROM
     ci: bool = True  # part of the CI default selection (the CPU cells CI runs)
     notes: tuple[str, ...] = ()
+    overrides: tuple[Override, ...] = ()  # unsatisfiable pins this stack installs around, each with its reason
 
 
 @dataclass(frozen=True)

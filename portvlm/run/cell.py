@@ -85,6 +85,22 @@ def _installed_versions() -> dict[str, Any]:
     return out
 
 
+def override_records(cell: Cell) -> list[dict[str, Any]]:
+    """The stack's declared overrides with what this env actually holds of each package (``installed``: a version,
+    or None), so a result says which pin it ran around and proves the override took effect."""
+    from importlib import metadata
+
+    out = []
+    for override in cell.stack.overrides:
+        try:
+            installed = metadata.version(override.package)
+        except metadata.PackageNotFoundError:
+            installed = None
+        out.append({"package": override.package, "pin": override.pin, "install": override.install,
+                    "reason": override.reason, "installed": installed, "summary": override.describe()})
+    return out
+
+
 def _host(cell: Cell | None = None, matrix=None) -> tuple[Platform, dict[str, Any]]:
     """(the host platform, doctor record) — each probe degrades to a reason, never raises.
 
@@ -137,6 +153,13 @@ def _patch_report(cell: Cell, matrix) -> tuple[list[dict], dict]:
     return shims, backends
 
 
+def _checker():
+    """``portvlm.check`` for the from_pretrained suite (imported here: the suites sit below the checker)."""
+    from portvlm.checker import check
+
+    return check
+
+
 def run(cell: Cell, suites: tuple[str, ...], fast: bool, in_container: bool, evidence: str | None = None,
         matrix=None) -> CellReport:
     """Run ``cell``'s suites here under its arch's policy (``portvlm.policy.resolve_policy`` of ``matrix``, the
@@ -163,12 +186,13 @@ def run(cell: Cell, suites: tuple[str, ...], fast: bool, in_container: bool, evi
         evidence=evidence,
         fast=fast,
         matrix=matrix,
+        checker=_checker(),
     )
     results = run_suites(ctx, names=suites)
     return CellReport(
         evidence=evidence,
         evidence_notes=notes,
-        environment={**env, "versions": actual},
+        environment={**env, "versions": actual, "overrides": override_records(cell)},
         shims=shims,
         backends=backends,
         suites=dict(results),

@@ -10,6 +10,7 @@ import sys
 from portvlm.errors import MatrixError
 from portvlm.run.results import LOCAL_RESULTS, PUBLISHED_RESULTS
 from portvlm.run.runner import Interrupted, print_summary, run_many
+from portvlm.suites import DEFAULT_SUITES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"write the project's tracked {PUBLISHED_RESULTS}/ (what `nox -s publish` renders; CI does this)")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--fast", action="store_true", help="skip the slowest checks (recorded as skipped)")
-    p.add_argument("--suites", default="parity,training,streaming")
+    p.add_argument("--suites", default=DEFAULT_SUITES)
     p.add_argument("--require-hardware", action="store_true",
                    help="fail instead of emulating an arch this host does not have")
     p.add_argument("--python", help="run cells with this interpreter instead of building venvs")
@@ -64,4 +65,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"({LOCAL_RESULTS}/ is yours and untracked: `portvlm publish --results {LOCAL_RESULTS} --out "
               f"{LOCAL_RESULTS}` renders a table of it; `--publish` writes the project's {PUBLISHED_RESULTS}/)")
     return code
-

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from portvlm.errors import EnvironmentBuildError
+from portvlm.suites import DEFAULT_SUITES
 from portvlm.wheels import CELL_REQUIREMENTS, configured_index, find_links_dirs, torch_index, uv_bin
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -32,15 +33,47 @@ class EnvSpec:
     transformers: str
     extras: tuple[str, ...] = ()  # further requirement strings (xformers==…)
     notes: tuple[str, ...] = field(default=(), compare=False)
+    excludes: tuple[str, ...] = ()  # packages left out of resolution (a declared override with install: none)
+    overrides: tuple[str, ...] = ()  # requirements that replace upstream's pin of their package (declared overrides)
+
+    @classmethod
+    def for_stack(cls, stack, *, python: str | None = None, torch: str | None = None) -> EnvSpec:
+        """The env of a matrix ``Stack`` (its python and torch build unless given), with its declared overrides."""
+        return cls(
+            python or stack.python,
+            torch or f"{stack.torch}+{stack.torch_variant}",
+            stack.transformers,
+            excludes=tuple(o.package for o in stack.overrides if o.excluded),
+            overrides=tuple(o.install for o in stack.overrides if not o.excluded),
+            notes=tuple(o.describe() for o in stack.overrides),
+        )
 
     @property
     def key(self) -> str:
         tail = "-".join(e.replace("==", "") for e in self.extras)
+        tail += "".join(f"-no-{p}" for p in self.excludes)
+        if self.overrides:
+            tail += "-ovr" + hashlib.sha256("\n".join(self.overrides).encode()).hexdigest()[:8]
         base = f"py{self.python}-torch{self.torch.replace('+', '')}-tf{self.transformers}"
-        return f"{base}-{tail}" if tail else base
+        return f"{base}-{tail.lstrip('-')}" if tail else base
 
     def requirements(self) -> list[str]:
         return [f"torch=={self.torch}", f"transformers=={self.transformers}", *self.extras, *CELL_REQUIREMENTS]
+
+    def resolution(self) -> list[str]:
+        """What changes resolution beyond :meth:`requirements` (part of the env's stamp)."""
+        return [*(f"exclude {p}" for p in self.excludes), *(f"override {r}" for r in self.overrides)]
+
+
+def override_args(excludes, overrides, directory: Path) -> list[str]:
+    """uv's ``--excludes`` / ``--overrides`` arguments for declared overrides, their files written in ``directory``."""
+    args: list[str] = []
+    for flag, lines in (("--excludes", excludes), ("--overrides", overrides)):
+        if lines:
+            path = directory / f"{flag.strip('-')}.txt"
+            path.write_text("\n".join(lines) + "\n")
+            args += [flag, str(path)]
+    return args
 
 
 def local_paths() -> dict[str, str]:
@@ -65,7 +98,7 @@ def env_python(path: Path) -> Path:
 
 def _stamp(spec: EnvSpec) -> str:
     # The recipe version is part of the stamp: bump it when how envs are built changes.
-    return hashlib.sha256("\n".join([ENV_RECIPE, *spec.requirements()]).encode()).hexdigest()
+    return hashlib.sha256("\n".join([ENV_RECIPE, *spec.requirements(), *spec.resolution()]).encode()).hexdigest()
 
 
 def is_ready(spec: EnvSpec) -> bool:
@@ -99,6 +132,8 @@ def ensure_env(spec: EnvSpec, *, quiet: bool = True) -> Path:
     if "+cpu" in spec.torch and not any(Path(fl).glob(f"torch-{spec.torch}-*.whl") for fl in find_links_dirs()):
         # A +cpu torch is not on the default index: PyTorch's own (or its mirror) is searched next to it.
         cmd_install += ["--extra-index-url", torch_index("cpu"), "--index-strategy", "unsafe-best-match"]
+    path.mkdir(parents=True, exist_ok=True)
+    cmd_install += override_args(spec.excludes, spec.overrides, path)  # kept in the env: it says how it was built
     cmd_install += spec.requirements()
     cmd_editable = [uv, "pip", "install", *q, "-p", python, "--no-deps", "-e", str(REPO_ROOT)]
     for cmd in (cmd_venv, cmd_install, cmd_editable):
@@ -133,7 +168,7 @@ def ensure_envs(specs: list[EnvSpec], jobs: int = 3, say=print) -> list[Path]:
 
 
 def child_command(python: str, cell_id: str, out: str, *, matrix: str | None = None, evidence: str | None = None,
-                  suites: str = "parity,training,streaming", fast: bool = False, in_container: bool = False) -> list[str]:
+                  suites: str = DEFAULT_SUITES, fast: bool = False, in_container: bool = False) -> list[str]:
     """The one command that runs a cell's suites in a child process (``portvlm.run.cell``), venv or container."""
     cmd = [python, "-m", "portvlm.run.cell", "--cell", cell_id, "--out", out, "--suites", suites]
     if matrix:
@@ -184,18 +219,53 @@ def env_main(argv: list[str] | None = None) -> int:
     """``python -m portvlm.run.env``: build or reuse a cell venv and print its python."""
     import argparse
 
+    from portvlm.errors import MatrixError
+
     p = argparse.ArgumentParser(prog="python -m portvlm.run.env", description="build/reuse a cell venv; prints its python")
-    p.add_argument("--transformers", required=True)
-    p.add_argument("--torch", default=host_torch_spec())
-    p.add_argument("--python", default=f"{sys.version_info.major}.{sys.version_info.minor}")
+    p.add_argument("--stack", help="a matrix.yaml stack id: its pins and declared overrides")
+    p.add_argument("--transformers", help="a transformers version (the overrides matrix.yaml declares for it apply)")
+    p.add_argument("--torch", default=None, help=f"torch build (default: the stack's, else {host_torch_spec()})")
+    p.add_argument("--python", default=None)
     p.add_argument("--extra", action="append", default=[])
+    p.add_argument("--matrix", default=None)
     a = p.parse_args(argv)
+    if not a.stack and not a.transformers:
+        p.error("give --stack or --transformers")
     try:
-        print(ensure_env(EnvSpec(a.python, a.torch, a.transformers, tuple(a.extra))))
+        spec = _env_spec(a)
+    except (KeyError, MatrixError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for note in spec.notes:  # a declared override is never silent
+        print(f"note: {note}", file=sys.stderr)
+    try:
+        print(ensure_env(spec))
     except EnvironmentBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _env_spec(a) -> EnvSpec:
+    """The env ``python -m portvlm.run.env`` builds: a declared stack, or a transformers version on the host torch
+    with the overrides the matrix declares for that version (its first stack that pins it)."""
+    from dataclasses import replace
+
+    from portvlm.matrix import load_matrix
+
+    host_py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    matrix = load_matrix(a.matrix)
+    if a.stack:
+        stack = matrix.stack(a.stack)
+        if a.transformers and a.transformers != stack.transformers:
+            raise KeyError(f"--stack {a.stack} pins transformers {stack.transformers}, not {a.transformers}; give one")
+        spec = EnvSpec.for_stack(stack, python=a.python, torch=a.torch)
+    else:
+        declared = next((s for s in matrix.stacks if s.transformers == a.transformers and s.overrides), None)
+        spec = EnvSpec(a.python or host_py, a.torch or host_torch_spec(), a.transformers)
+        if declared is not None:
+            spec = EnvSpec.for_stack(declared, python=spec.python, torch=spec.torch)
+    return replace(spec, extras=tuple(a.extra))
 
 
 if __name__ == "__main__":  # nox starts this module as a process

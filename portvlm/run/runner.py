@@ -26,6 +26,7 @@ from portvlm.records import EVIDENCE_RANK, OK_STATUSES, CellReport, CellResult, 
 from portvlm.run import env as envs
 from portvlm.run.cell import evidence_for, host_label
 from portvlm.run.results import overall_status, result_from_json, write_result
+from portvlm.suites import DEFAULT_SUITES
 from portvlm.terminal import PROGRESS_ENV
 
 
@@ -67,9 +68,10 @@ def env_spec_for(cell: Cell, plan: Plan) -> envs.EnvSpec:
     """The venv a cell runs in: the stack's pins on its own hardware, else host torch + stack transformers."""
     stack = cell.stack
     if plan.evidence == Evidence.HARDWARE and stack.torch_variant == "cpu":
-        return envs.EnvSpec(stack.python, f"{stack.torch}+cpu", stack.transformers)
+        return envs.EnvSpec.for_stack(stack)
     host_py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    return envs.EnvSpec(host_py, envs.host_torch_spec(), stack.transformers)
+    # The stack's overrides go with its transformers pin (they answer that release's requirements).
+    return envs.EnvSpec.for_stack(stack, python=host_py, torch=envs.host_torch_spec())
 
 
 def _log_dir() -> Path:
@@ -298,7 +300,7 @@ def _summary_line(r: CellResult) -> str:
 def run_many(cells, *, results_dir: str | Path = "results", matrix_path: str | None = None,
              host_arch: str | None = None, require_hardware: bool = False, python: str | None = None,
              image: str | None = None, timeout: float = 900, fast: bool = False,
-             suites: str = "parity,training,streaming", say=None, archs: Sequence[Arch] = (),
+             suites: str = DEFAULT_SUITES, say=None, archs: Sequence[Arch] = (),
              progress=None) -> list[CellResult]:
     """Run ``cells`` one after another, writing each result to ``results_dir``; raises :class:`Interrupted` on
     Ctrl-C (however the process was launched). Progress goes to ``progress`` (a :class:`portvlm.terminal.Progress`;

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from portvlm.errors import UnsupportedError
-from portvlm.shims import dispatch, versions
+from portvlm.shims import dispatch, hub_kernels, versions
 
 _ABSENT = object()
 
@@ -172,6 +172,7 @@ class Report:
     attn_name: str | None = None  # this handle's registered attention name
     wrappers: list[str] = field(default_factory=list)  # what the model was found inside (portvlm.wrappers), outermost first
     fp16: list = field(default_factory=list)  # portvlm.shims.fp16.protect.Change: rescaled modules, islands, the guard
+    hub_kernels: dict | None = None  # shims.hub_kernels.report: kernelized layers, kept off or running, and why
 
     def shim_names(self) -> set[str]:
         return {a.shim for a in self.applied}
@@ -197,6 +198,7 @@ class Report:
             "attn_name": self.attn_name,
             "wrappers": list(self.wrappers),
             "fp16": [c.__dict__ for c in self.fp16],
+            "hub_kernels": self.hub_kernels,
         }
 
     def __str__(self) -> str:
@@ -227,6 +229,10 @@ class Report:
             lines.append("  fp16 (the policy's dtype is float16):")
             lines += [f"    {c.kind} {c.target}: {c.why}" for c in self.fp16]
         lines += [f"  replaced (not transformers' own): {r.target} <- {r.origin}" for r in self.replaced]
+        if self.hub_kernels is not None:
+            lines.append(f"  hub kernels: {self.hub_kernels['verdict']}")
+            lines += [f"    {k['path']} ({k['class']}) <- {k['origin']}"
+                      for k in self.hub_kernels["kernelized"] + self.hub_kernels["kept_off"]]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -803,6 +809,8 @@ def patch(model=None, arch: str | None = None, *, dtype=None, matrix=None, forei
                 report.applied.append(Applied(shim.name, target, shim.answers))
         if model is not None:
             _instance_overrides(handle, model, patcher)
+            kept = hub_kernels.keep_off(model, patcher) if spec.no_hub_kernels else []
+            report.hub_kernels = hub_kernels.report(spec, hub_kernels.kernelized_layers(model), kept)
             handle.own(model)
             _LIVE_HANDLES[model] = handle
             if policy.dtype == "float16":

@@ -25,10 +25,11 @@ from portvlm.versions import (  # noqa: F401 - the one parser, re-exported for t
 )
 
 # Verified by reading/running every release in ../shared/research/transformers-breakpoints.md (4.49.0 … 5.23.0),
-# and 5.24.0 (../shared/research/scale-out.md §5: past_key_values -> cache, answered by kv_cache.cache_argument):
-# every torch test and the four cpu-tf5.24.0 cells pass there.
-VERIFIED_TRANSFORMERS = SpecifierSet(">=4.49.0,<5.25")
-VERIFIED_RANGE_TEXT = ">=4.49.0, <=5.24.x"
+# 5.24.0 (../shared/research/scale-out.md §5: past_key_values -> cache, answered by kv_cache.cache_argument) and
+# 5.25.0 (../shared/research/upstream-5.25.md: hub kernels on by default in from_pretrained, answered by
+# shims/hub_kernels.py and the from_pretrained suite): every torch test and the cpu-tf5.25.0 cells pass there.
+VERIFIED_TRANSFORMERS = SpecifierSet(">=4.49.0,<5.26")
+VERIFIED_RANGE_TEXT = ">=4.49.0, <=5.25.x"
 ALLOW_UNVERIFIED_ENV = "PORTVLM_ALLOW_UNVERIFIED"
 
 
@@ -52,6 +53,20 @@ def in_range(spec: str, version: Version | None = None) -> bool:
     return contains(spec, transformers_version() if version is None else version)
 
 
+def newest_verified(candidates=None) -> str | None:
+    """The newest release inside the verified range among ``candidates`` (default: matrix.yaml's stacks' transformers).
+
+    The version ``patch``'s refusal and the doctor tell a user to install: tested by a stack, and verified.
+    """
+    if candidates is None:
+        from portvlm.matrix import default_matrix
+
+        candidates = [s.transformers for s in default_matrix().stacks]
+    parsed = [v for v in map(parse_or_none, candidates) if v is not None]
+    verified = [v for v in parsed if VERIFIED_TRANSFORMERS.contains(v, prereleases=True)]
+    return str(max(verified)) if verified else None
+
+
 @dataclass(frozen=True)
 class VersionGate:
     version: str
@@ -68,7 +83,9 @@ def check_transformers(version: Version | None = None, environ=None) -> VersionG
     problem = f"transformers {version} is outside the range portvlm's shims were verified on ({VERIFIED_RANGE_TEXT})"
     if environ.get(ALLOW_UNVERIFIED_ENV) == "1":
         return VersionGate(str(version), False, f"{problem}; allowed by {ALLOW_UNVERIFIED_ENV}=1 (unverified)")
-    raise UnsupportedError(f"{problem}; install a verified version or set {ALLOW_UNVERIFIED_ENV}=1 to try anyway")
+    newest = newest_verified()
+    install = f"pip install 'transformers=={newest}' (the newest verified release)" if newest else "install a verified version"
+    raise UnsupportedError(f"{problem}; {install} or set {ALLOW_UNVERIFIED_ENV}=1 to try anyway")
 
 
 def family_reasons(model_type: str | None, version: Version | None = None, *, minimums: dict[str, str]) -> list[str]:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import importlib
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-SUITES = ("parity", "training", "streaming")
+SUITES = ("parity", "training", "streaming", "from_pretrained")
+DEFAULT_SUITES = ",".join(SUITES)  # what a cell runs unless told otherwise
 
 
 @dataclass
@@ -32,6 +34,9 @@ class SuiteContext:
     seed: int = 0
     real_arch_id: str | None = None  # arch of the device actually used; tolerance kind follows it when emulated
     matrix: Any = None  # the Matrix (or its path) whose arch policies portvlm.patch applies; None: the packaged one
+    # portvlm.check, for the from_pretrained suite. Handed in by whoever runs the suites (the cell child, tests):
+    # the checker builds on the suites' inputs and comparisons, so the suites cannot import it (no folder cycle).
+    checker: Callable | None = field(default=None, repr=False)
 
     @property
     def device_kind(self) -> str:
@@ -84,4 +89,4 @@ def run_suites(ctx: SuiteContext, names=SUITES) -> dict:
     return out
 
 
-__all__ = ["SUITES", "SuiteContext", "run_suite", "run_suites"]
+__all__ = ["DEFAULT_SUITES", "SUITES", "SuiteContext", "run_suite", "run_suites"]

@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+import portvlm  # noqa: E402
 from portvlm.models import inputs as model_inputs  # noqa: E402
 from portvlm.models import tiny  # noqa: E402
 from portvlm.suites import SuiteContext, run_suite, run_suites  # noqa: E402
@@ -102,11 +103,13 @@ def test_a_crashing_suite_is_error_and_an_unavailable_model_is_skipped(monkeypat
 
 @pytest.mark.parametrize("model_id", MODELS)
 def test_all_three_suites_pass(model_id):
-    results = run_suites(SuiteContext(model_id, "cpu", fast=True))
+    results = run_suites(SuiteContext(model_id, "cpu", fast=True, checker=portvlm.check))
     for name, r in results.items():
         assert r.status == "pass", (name, r.status, r.reason, r.error, [c for c in r.checks if not c.ok])
         assert r.checks and all(c.ok for c in r.checks)
     par, trn, stm = results["parity"].figures, results["training"].figures, results["streaming"].figures
+    fpl = results["from_pretrained"].figures  # the model loaded the way users load it, beside _from_config's
+    assert fpl["from_pretrained"]["dtype"] == "float32" and isinstance(fpl["differences"], list)
     assert par["max_abs_err"] <= par["atol"] * 10 and par["packed_vs_alone_err"] is not None
     assert trn["losses"][-1] < trn["losses"][0]
     assert stm["cache_sizes"][-1] == stm["sink"] + stm["window"]

@@ -251,6 +251,7 @@ def run_fake(tmp_path, *, newest_ok: bool, version="9.0.0", cell_status="pass", 
                                                                              detail="err 0.5 > 1e-4")])}
         return [cell(cell_status, suites, name=f"cpu--{m}--drift-tf{version}") for m in kwargs["models"]]
 
+    kw.setdefault("check_installable", lambda project, version, python: resolve.Installability(True))
     rec, path = lane.run_drift(
         resolve_transformers=lambda python: resolve.Resolved("transformers", version, "https://fake-index/simple"),
         resolve_torch=lambda python: resolve.Resolved("torch", "2.13.0+cpu", "/wheels", ("pytorch.org unreachable",)),
@@ -314,3 +315,81 @@ def test_drift_matrix_adds_the_tested_stack_as_the_cpu_archs_only_one():
     assert {c.model.id: c.expected for c in cells}["qwen3vl"] == "excluded"  # the matrix's expectations still apply
     stack = cells[0].stack
     assert (stack.torch, stack.torch_variant, stack.transformers, stack.ci) == ("2.13.0", "cpu", "4.50.3", False)
+
+
+# -- a release the user's index cannot install (an unsatisfiable pin) --------------------------------------------------
+
+# What uv 0.13 prints for `transformers==5.25.0` on an index whose newest kernels is 0.17.2 (seen on this project's).
+UV_NO_SOLUTION = """error: No solution found when resolving dependencies:
+  cause: Because only kernels<=0.17.2 is available and transformers>=5.25.0 depends on kernels>=0.19.1,<0.20, we
+can conclude that transformers>=5.25.0 cannot be used.
+      And because you require transformers==5.25.0, we can conclude that your requirements are unsatisfiable.
+"""
+
+
+def test_uvs_no_solution_is_read_as_the_unsatisfiable_pin():
+    got = resolve.parse_conflict(UV_NO_SOLUTION)
+    assert (got.ok, got.package, got.needs, got.index_has) == (False, "kernels", "kernels>=0.19.1,<0.20", "0.17.2")
+    assert got.line == "released; not installable from your index: needs kernels>=0.19.1, index has 0.17.2"
+    other = resolve.parse_conflict("error: No solution found\n  cause: transformers==9.9.9 has no wheels for py3.11")
+    assert other.package is None and "resolver refused it" in other.line and "9.9.9" in other.line
+
+
+def test_check_installable_reads_uv_and_never_calls_an_unreachable_index_uninstallable():
+    class Proc:
+        def __init__(self, rc, err=""):
+            self.returncode, self.stderr, self.stdout = rc, err, ""
+
+    args = {}
+
+    def run(cmd, **kw):
+        args["cmd"], args["input"] = cmd, kw.get("input")
+        return Proc(1, UV_NO_SOLUTION)
+
+    env = {"UV_DEFAULT_INDEX": "https://mirror.example/simple", "PORTVLM_FIND_LINKS": "/wheels"}
+    got = resolve.check_installable("transformers", "5.25.0", python="3.11", environ=env, run=run)
+    assert got.package == "kernels" and args["input"] == "transformers==5.25.0\n"
+    assert "https://mirror.example/simple" in args["cmd"] and "/wheels" in args["cmd"]
+    assert resolve.check_installable("transformers", "5.25.0", python="3.11", environ=env,
+                                     run=lambda cmd, **kw: Proc(0)).ok
+    offline = resolve.check_installable("transformers", "5.25.0", python="3.11", environ=env,
+                                        run=lambda cmd, **kw: Proc(2, "error: Failed to fetch: connection refused"))
+    assert offline is None
+
+
+def test_a_release_with_an_unsatisfiable_pin_is_reported_and_run_with_the_override_it_can_try(tmp_path, monkeypatch):
+    conflict = lambda project, version, python: resolve.parse_conflict(UV_NO_SOLUTION)  # noqa: E731
+    rec, path, built, asked = run_fake(tmp_path, newest_ok=True, models=["llava"], check_installable=conflict)
+    assert rec["status"] == "ok"  # not a crash, not "no new release": the release ran, with the override
+    line = "released; not installable from your index: needs kernels>=0.19.1, index has 0.17.2"
+    assert rec["installable"]["line"] == line and line in report.verdict_line(rec)
+    assert "ran with kernels left out" in report.verdict_line(rec)
+    (override,) = rec["installable"]["overrides"]
+    assert override["declared"] is False and override["install"] == "none" and "suggested" in override["reason"]
+    assert "overrides: [{package: kernels" in rec["installable"]["declare"]
+    base = load_matrix().stack(rec["baseline"]["stack"])
+    assert built[0].excludes == ("kernels",)  # the newest env; the baseline's is its stack's own declaration
+    assert built[1].excludes == tuple(o.package for o in base.overrides if o.excluded)
+    assert [o.package for o in asked[0]["overrides"]] == ["kernels"]  # the cells' stack carries it (and records it)
+    md = path.with_suffix(".md").read_text()
+    assert f"**{line}.**" in md and "suggested, not declared" in md
+    monkeypatch.setattr(lane, "run_drift", lambda **kw: (rec, path))
+    assert lane.main(["--transformers", "9.0.0"]) == 0
+
+
+def test_an_unsatisfiable_release_that_matrix_yaml_declares_runs_with_the_declared_override(tmp_path):
+    conflict = lambda project, version, python: resolve.parse_conflict(UV_NO_SOLUTION)  # noqa: E731
+    rec, _, built, _ = run_fake(tmp_path, newest_ok=True, version="5.25.0", models=["llava"], check_installable=conflict)
+    (override,) = rec["installable"]["overrides"]
+    assert override["declared"] is True and "0.17.2" in override["reason"] and "declare" not in rec["installable"]
+    assert all(spec.excludes == ("kernels",) for spec in built)  # 5.25.0 is also the baseline CI stack
+
+
+def test_the_drift_stack_carries_the_override_into_its_cells():
+    from portvlm.matrix.schema import Override
+
+    o = Override("kernels", "kernels>=0.19.1,<0.20", "none", "index has 0.17.2")
+    text, stack_id = lane.drift_matrix_text(Path(ROOT / "matrix.yaml").read_text(), transformers="9.0.0",
+                                            torch="2.13.0+cpu", python="3.11", overrides=[o])
+    stack = parse_matrix(text, "drift.yaml").stack(stack_id)
+    assert stack.overrides == (o,)
