@@ -168,11 +168,11 @@ def test_unverified_version_raises_naming_the_range(monkeypatch):
     monkeypatch.delenv(versions.ALLOW_UNVERIFIED_ENV, raising=False)
     with pytest.raises(UnsupportedError, match=r"4\.49\.0"):
         versions.check_transformers(versions.parse("4.40.0"))
-    with pytest.raises(UnsupportedError, match=r"<=5\.24\.x"):
+    with pytest.raises(UnsupportedError, match=r"<=5\.25\.x.*pip install 'transformers==5\.25\.0'"):
         versions.check_transformers(versions.parse("5.30.0"))
-    with pytest.raises(UnsupportedError, match=r"5\.25\.0 is outside"):  # the first release past the verified range
-        versions.check_transformers(versions.parse("5.25.0"))
-    assert versions.check_transformers(versions.parse("5.24.9")).verified
+    with pytest.raises(UnsupportedError, match=r"5\.26\.0 is outside"):  # the first release past the verified range
+        versions.check_transformers(versions.parse("5.26.0"))
+    assert versions.check_transformers(versions.parse("5.25.9")).verified
     gate = versions.check_transformers(versions.parse("5.30.0"), environ={versions.ALLOW_UNVERIFIED_ENV: "1"})
     assert not gate.verified and "unverified" in gate.warning
 
