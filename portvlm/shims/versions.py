@@ -59,9 +59,9 @@ def newest_verified(candidates=None) -> str | None:
     The version ``patch``'s refusal and the doctor tell a user to install: tested by a stack, and verified.
     """
     if candidates is None:
-        from portvlm.matrix import default_matrix
+        from portvlm.policy import packaged_matrix
 
-        candidates = [s.transformers for s in default_matrix().stacks]
+        candidates = [s.transformers for s in packaged_matrix().stacks]
     parsed = [v for v in map(parse_or_none, candidates) if v is not None]
     verified = [v for v in parsed if VERIFIED_TRANSFORMERS.contains(v, prereleases=True)]
     return str(max(verified)) if verified else None
