@@ -80,6 +80,9 @@ def _eps_attr(module) -> str | None:
     return None
 
 
+FIXED_LAYOUTS = ("qwen2_5_vl", "qwen3_vl", "llava")  # the families this layout was written (and calibrated) for
+
+
 def layout_of(model) -> Layout:
     """The stream layout of a Qwen2.5-VL / Qwen3-VL / LLaVA model on any supported transformers (UnsupportedError else)."""
     import torch
@@ -98,6 +101,20 @@ def layout_of(model) -> Layout:
             raise UnsupportedError(f"fp16 layout of {family}: no module {path} on this transformers version; "
                                    "portvlm.shims.fp16.scan.layout_of needs updating for it") from None
 
+    def first(parent: str, rels: tuple[str, ...], optional: bool = False):
+        """The first of ``rels`` under ``parent`` (Qwen3.5's DeltaNet layers write through linear_attn.out_proj;
+        a MoE layer has no single down_proj): ``None`` when ``optional`` and none exists."""
+        for rel in rels:
+            path = f"{parent}.{rel}" if parent else rel
+            try:
+                model.get_submodule(path)
+                return path
+            except AttributeError:
+                continue
+        if optional:
+            return None
+        return sub(parent, rels[0])[0]
+
     def norms_in(prefix: str) -> list[str]:
         return [n for n, m in model.named_modules() if _within(n, prefix) and _is_norm(m)]
 
@@ -108,7 +125,9 @@ def layout_of(model) -> Layout:
     text_writers = [names[id(embed)]]
     text_norms = []
     for layer in layers:
-        text_writers += [sub(layer, "self_attn.o_proj")[0], sub(layer, "mlp.down_proj")[0]]
+        text_writers.append(first(layer, ("self_attn.o_proj", "linear_attn.out_proj")))
+        down = first(layer, ("mlp.down_proj", "mlp.shared_expert.down_proj"), optional=family not in FIXED_LAYOUTS)
+        text_writers += [down] if down else []
         text_norms += [sub(layer, "input_layernorm")[0], sub(layer, "post_attention_layernorm")[0]]
     final_norm = sub(text_model, "norm")[0]
     text_norms.append(final_norm)
@@ -118,17 +137,21 @@ def layout_of(model) -> Layout:
     tower = paths.paths["vision_tower"]
     vblocks = tuple(f"{paths.paths['vision_blocks']}.{i}" for i in range(len(paths.vision_blocks)))
     fixed: dict[str, str] = {}
-    if family in ("qwen2_5_vl", "qwen3_vl"):
+    from portvlm import models
+
+    if family in ("qwen2_5_vl", "qwen3_vl") or (family not in FIXED_LAYOUTS and models.by_type(family).layout == "patches"):
+        # Qwen-style patch towers (the declared 5.x families too: Qwen3.5, GLM-V, Qwen2-VL, Qwen3-VL-MoE)
         vision_writers = [sub(tower, "patch_embed.proj")[0]]
-        if family == "qwen3_vl":
-            vision_writers.append(sub(tower, "pos_embed")[0])  # learned positions are added to the patch embeddings
+        pos = first(tower, ("pos_embed",), optional=True)
+        if pos:
+            vision_writers.append(pos)  # learned positions are added to the patch embeddings
         vision_norms = []
-        down = "mlp.down_proj" if family == "qwen2_5_vl" else "mlp.linear_fc2"
         for block in vblocks:
-            vision_writers += [sub(block, "attn.proj")[0], sub(block, down)[0]]
+            vision_writers += [first(block, ("attn.proj", "attn.out_proj")),
+                               first(block, ("mlp.down_proj", "mlp.linear_fc2", "mlp.fc2"))]
             vision_norms += [sub(block, "norm1")[0], sub(block, "norm2")[0]]
         owners = [sub(tower, "merger")[0]]
-        if family == "qwen3_vl":  # deepstack: intermediate vision states merged into the first text layers
+        if getattr(model.get_submodule(tower), "deepstack_merger_list", None) is not None:  # deepstack: intermediate vision states merged into the first text layers
             deep = model.get_submodule(tower).deepstack_merger_list
             owners += [f"{tower}.deepstack_merger_list.{i}" for i in range(len(deep))]
         bridges = []
