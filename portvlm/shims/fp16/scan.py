@@ -137,9 +137,8 @@ def layout_of(model) -> Layout:
     tower = paths.paths["vision_tower"]
     vblocks = tuple(f"{paths.paths['vision_blocks']}.{i}" for i in range(len(paths.vision_blocks)))
     fixed: dict[str, str] = {}
-    from portvlm import models
-
-    if family in ("qwen2_5_vl", "qwen3_vl") or (family not in FIXED_LAYOUTS and models.by_type(family).layout == "patches"):
+    patch_tower = getattr(model.get_submodule(tower), "patch_embed", None) is not None  # probed: no registry import
+    if family in ("qwen2_5_vl", "qwen3_vl") or (family not in FIXED_LAYOUTS and patch_tower):
         # Qwen-style patch towers (the declared 5.x families too: Qwen3.5, GLM-V, Qwen2-VL, Qwen3-VL-MoE)
         vision_writers = [sub(tower, "patch_embed.proj")[0]]
         pos = first(tower, ("pos_embed",), optional=True)
