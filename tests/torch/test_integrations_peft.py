@@ -191,7 +191,7 @@ def test_check_cli_never_lets_a_raw_exception_out(monkeypatch, capsys):
     assert "cannot build the model with pkg:build: RuntimeError: boom" in capsys.readouterr().err
     monkeypatch.setattr(checker, "load_factory", lambda spec: lambda: _tiny.build(FAMILY))
 
-    def broken(model, arch=None):
+    def broken(model, arch=None, **kwargs):
         raise KeyError("portvlm bug")
 
     monkeypatch.setattr(checker, "check", broken)
