@@ -123,9 +123,16 @@ KNOWN_FAILURES = {"qwen3_5": "training trajectory 4.4e-4 vs 3e-4 (issue #24)",
 
 
 def _with_known_failures(params):
+    import transformers
+
+    from portvlm.versions import parse
+
+    old = parse(transformers.__version__) < parse("5.23.0")
     out = []
     for p in params:
         values, marks, pid = (p.values, tuple(p.marks), p.id) if hasattr(p, "values") else ((p,), (), None)
+        if values[0] == "qwen2vl" and old:  # matrix.yaml declares qwen2vl's cells on cpu-tf5.23.0 and newer only
+            marks += (pytest.mark.skip(reason="qwen2vl cells are declared on transformers >= 5.23 (matrix.yaml)"),)
         if values[0] in KNOWN_FAILURES:
             marks += (pytest.mark.xfail(reason=KNOWN_FAILURES[values[0]], strict=False),)
         out.append(pytest.param(*values, marks=marks, id=pid))
