@@ -100,11 +100,12 @@ def init(args):
     """This rank, the world, its device and the run's topology (``portvlm.distributed.launch.init_ranks``)."""
     from portvlm.distributed.launch import init_ranks
 
-    # a rank that dies makes the others fail, not hang; gloo steps of a 200k-token row take ~30 s
+    # a rank that dies makes the others fail, not hang: a collective waits at most 150 s (gloo's largest, a
+    # 200k-token row's all-to-all through host memory, took ~30 s on one H200)
     if args.smoke:
-        ranks = init_ranks(shared_device=False, backend="gloo", timeout_s=300)
+        ranks = init_ranks(shared_device=False, backend="gloo", timeout_s=150)
     else:
-        ranks = init_ranks(shared_device=args.shared_device, timeout_s=300)
+        ranks = init_ranks(shared_device=args.shared_device, timeout_s=150)
     return ranks.rank, ranks.world, ranks.device, ranks.device.type, ranks.topology
 
 
@@ -510,6 +511,9 @@ def run_rows(report, budget, items, fn, world):
             report.add(base | fn(item))
         except Exception as exc:  # noqa: BLE001 - a row that failed says why
             report.add(failed_row(base, exc))
+        # after the except block has dropped the traceback (whose frames hold the row's models and activations):
+        # a row that ran out of memory must not leave its memory to the next row
+        free(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -636,7 +640,9 @@ def sp_grads_one(args, model_id, arch, rank, world, device, fault):
     cfg = model_config(model_id, args)
     grids = [(1, 8, 8), (1, 8, 12)] if args.smoke else [(1, 16, 16), (1, 16, 24), (1, 32, 32)]
     for seed in range(3, 43):  # the first seeded row whose split cuts through a sample AND an image
-        row = row_with_images(model_id, 16, 600 if args.smoke else 8192, grids, seed=seed, smoke=args.smoke)
+        # 4,096 tokens: each rank holds the bf16/fp16 and the fp32 one-process references (fp32 logits over a 152k
+        # vocabulary are 2.3 GiB at this length) beside its shard, under half of one GPU in shared-device mode
+        row = row_with_images(model_id, 16, 600 if args.smoke else 4096, grids, seed=seed, smoke=args.smoke)
         where = cuts(row, world)
         if where["sample_cut"] and where["vision_cut"]:
             break

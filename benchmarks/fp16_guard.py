@@ -98,12 +98,18 @@ def train_steps(model, batch, labels, steps: int, device, sync) -> tuple[list[fl
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**12)
     losses, times = [], []
-    for _ in range(steps):
+    for i in range(steps):
         sync()
         t0 = time.perf_counter()
         model.model.rope_deltas = None
-        with torch.autocast(device.type, dtype=torch.float16):
-            loss = model(**batch, labels=labels, use_cache=False).loss
+        try:
+            with torch.autocast(device.type, dtype=torch.float16):
+                loss = model(**batch, labels=labels, use_cache=False).loss
+        except FP16OverflowError as exc:  # say where in the run it happened and whether the weights were still finite
+            bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+            raise TrainingOverflow(f"step {i + 1} of {steps} (losses so far {losses}, scale "
+                                   f"{float(scaler.get_scale())}; non-finite parameters: {bad[:3] or 'none'}): "
+                                   f"{exc}") from exc
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -113,6 +119,10 @@ def train_steps(model, batch, labels, steps: int, device, sync) -> tuple[list[fl
         losses.append(float(loss.detach()))
     del opt
     return losses, times
+
+
+class TrainingOverflow(RuntimeError):
+    """An FP16OverflowError in a training step, with the step and the optimizer's state around it."""
 
 
 def main(argv=None) -> int:
@@ -193,15 +203,16 @@ def main(argv=None) -> int:
 
     special = torch.tensor(sorted(geo.special()), device=device)
     labels = calib["input_ids"].masked_fill(torch.isin(calib["input_ids"], special), -100)
-    bare = copy.deepcopy(model).train() if args.tiny else model.train()
+    bare = copy.deepcopy(model).train()  # the control never touches the model the policy trains below
     try:
         loss_bare, _ = train_steps(bare, calib, labels, 1, device, sync)
         result["unpatched_training_loss"] = loss_bare[0]
         if all(map(lambda x: x == x and abs(x) != float("inf"), loss_bare)):
             failures.append("control: unpatched fp16-autocast training loss is finite")
     finally:
-        if args.tiny:
-            del bare
+        del bare
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     model.train()
     timing = {"guard_on": [], "guard_off": []}
     losses: list[float] = []
@@ -213,7 +224,8 @@ def main(argv=None) -> int:
                 losses += ls
                 timing["guard_on" if guard else "guard_off"] += ts[1:]  # the first step of each block warms up
     except Exception as exc:  # noqa: BLE001 - recorded and failed, never hidden
-        failures.append(f"training under the sm70 policy raised {type(exc).__name__}: {exc}")
+        failures.append(f"training under the sm70 policy (round {r + 1}, guard {'on' if guard else 'off'}) raised "
+                        f"{type(exc).__name__}: {exc}")
         traceback.print_exc()
     bad = [x for x in losses if not (x == x and abs(x) != float("inf"))]
     if bad or not losses:

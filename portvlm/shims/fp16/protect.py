@@ -303,8 +303,10 @@ def _fp32_peak(module, args, kwargs) -> float | None:
     import torch
 
     state = {n: t.float() for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_floating_point()}
+    device = next(iter(state.values())).device.type if state else "cpu"
     try:
-        with torch.no_grad():
+        # the guard fires inside the caller's autocast region: without disabling it the Linear runs fp16 again
+        with torch.no_grad(), torch.autocast(device, enabled=False):
             out = torch.func.functional_call(module, state, _cast(args, torch.float32),
                                              {k: _cast(v, torch.float32) for k, v in kwargs.items()})
     except Exception:  # noqa: BLE001 - the error names the module either way
