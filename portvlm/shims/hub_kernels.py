@@ -113,7 +113,7 @@ def default_load(pin: str | None, installed: str | None, environ) -> DefaultLoad
     if installed is not None and Requirement(pin).specifier.contains(installed, prereleases=True):
         return DefaultLoad(True, None, pin)
     found = f"kernels {installed} is installed" if installed else "kernels is not installed"
-    return DefaultLoad(True, f"it loads Hub kernels by default (use_kernels=None -> True) and needs {pin}; {found}", pin)
+    return DefaultLoad(True, f"loads Hub kernels by default (use_kernels=None -> True) and needs {pin}; {found}", pin)
 
 
 def installed_default_load(environ) -> DefaultLoad:
