@@ -489,6 +489,24 @@ def cuts(row, sp):
     return straddles(row, sp)
 
 
+def together(fn, world):
+    """``fn()`` on every rank, then agree: if it raised on any rank, raise on EVERY rank naming the rank and its
+    error. Work outside collectives (the one-process references) goes through this before any rank enters a
+    collective again: a rank that ran out of memory alone would otherwise leave the others waiting in FSDP's
+    all-gather until the process group's timeout."""
+    try:
+        value, error = fn(), None
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        value, error = None, f"{type(exc).__name__}: {str(exc)[:300]}"
+    errors = gather_rows(error, world) if world > 1 else [error]
+    bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if bad:
+        value = None
+        free(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        raise RuntimeError("; ".join(f"rank {r}: {e}" for r, e in bad))
+    return value
+
+
 def failed_row(row, exc):
     return row | {"status": "fail", "error": f"{type(exc).__name__}: {str(exc)[:600]}",
                   "trace": traceback.format_exc()[-1500:]}
@@ -546,11 +564,11 @@ def dp_one(args, model_id, arch, rank, world, device):
     # one DIFFERENT row per rank (2 samples each, different lengths; odd ranks' first sample has no image)
     all_rows = [pack([sample(model_id, rng, text_range, (0 if r % 2 else 1, 2), grids, 10 * r + i) for i in range(2)])
                 for r in range(world)]
-    ref = one_process(model_id, cfg, arch, all_rows, device)  # every rank computes it: same weights, same rows
+    ref = together(lambda: one_process(model_id, cfg, arch, all_rows, device), world)  # every rank: same rows
     dtype = ref["dtype"]
     (l_atol, l_rtol), g_rtol = tolerances_for(arch, device, dtype)
-    allowed, noise = allowances(ref["grads"], one_process(model_id, cfg, arch, all_rows, device,
-                                                          dtype=torch.float32)["grads"], g_rtol)
+    allowed, noise = together(lambda: allowances(ref["grads"], one_process(
+        model_id, cfg, arch, all_rows, device, dtype=torch.float32)["grads"], g_rtol), world)
     free(device)
     pmodel, handle = parallel_model(model_id, cfg, arch, device, (world, 1))
     if device.type == "cuda":
@@ -646,11 +664,11 @@ def sp_grads_one(args, model_id, arch, rank, world, device, fault):
         where = cuts(row, world)
         if where["sample_cut"] and where["vision_cut"]:
             break
-    ref = one_process(model_id, cfg, arch, [row], device)
+    ref = together(lambda: one_process(model_id, cfg, arch, [row], device), world)
     dtype = ref["dtype"]
     (l_atol, l_rtol), g_rtol = tolerances_for(arch, device, dtype)
-    allowed, noise = allowances(ref["grads"], one_process(model_id, cfg, arch, [row], device,
-                                                          dtype=torch.float32)["grads"], g_rtol)
+    allowed, noise = together(lambda: allowances(ref["grads"], one_process(
+        model_id, cfg, arch, [row], device, dtype=torch.float32)["grads"], g_rtol), world)
     free(device)
     pmodel, handle = parallel_model(model_id, cfg, arch, device, (1, world), fault=fault)
     if device.type == "cuda":
@@ -771,7 +789,8 @@ def fp16_row_one(args, model_id, what, world, device):
         frames = 8 if args.smoke else 256
         row = video_row(model_id, frames, (8, 8) if args.smoke else (16, 16), 32 if args.smoke else 512, seed=8)
         shape = {"video_frames": int(row["video_grid_thw"][:, 0].sum()) * qwen.TEMPORAL_PATCH}
-    ref = one_process(model_id, cfg, "sm70", [row], device, dtype=torch.float32, grads=False)  # fp32, one process
+    ref = together(lambda: one_process(model_id, cfg, "sm70", [row], device, dtype=torch.float32, grads=False),
+                   world)  # fp32, one process
     pmodel, handle = parallel_model(model_id, cfg, "sm70", device, (1, world), ckpt=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -1173,6 +1192,32 @@ def search_longest(args, model_id, cfg, arch, device, dims, world, until):
     return tried, ok, bad, why
 
 
+def longest_verdict(sp1: dict, spn: dict, target: float) -> dict:
+    """The longest-row ratio and its status from two searches' bounds (``longest_that_trains`` <= L <
+    ``shortest_that_does_not``): the true ratio lies in (lo_N / hi_1, hi_N / lo_1), so the target is met
+    (``pass``) only when the lower bound reaches it, missed (``fail``) when the upper bound does not, and
+    ``inconclusive`` between — a coarse search is never read as more than it measured."""
+    nonfinite = [t for f in (sp1, spn) for t in f["tried"] if t["fits"] and not t["trains"]]
+    a, b = sp1["longest_that_trains"], spn["longest_that_trains"]
+    a_hi, b_hi = sp1["shortest_that_does_not"], spn["shortest_that_does_not"]
+    ratio = round(b / a, 3) if a and b else None
+    lower = round(b / a_hi, 3) if b and a_hi else None  # SP=1 may train anything below a_hi
+    upper = round(b_hi / a, 3) if b_hi and a else None  # SP=N trains nothing from b_hi on
+    out = {"ratio_longest_sp_over_sp1": ratio, "ratio_bounds": [lower, upper], "meets_target": None}
+    if nonfinite or ratio is None:
+        return out | {"status": "fail", "reason": "a row fit but its loss was not finite" if nonfinite
+                      else "a search found no row that trains"}
+    if lower is not None and lower >= target:
+        return out | {"meets_target": True, "status": "pass"}
+    if upper is not None and upper < target:
+        return out | {"meets_target": False, "status": "fail",
+                      "reason": f"SP=N trains nothing from {b_hi} tokens on while SP=1 trains {a}: the ratio is "
+                                f"below {upper} < target {target}"}
+    return out | {"status": "inconclusive",
+                  "reason": f"the searches' bounds put the ratio between {lower} and {upper}: refine the bounds "
+                            "(a longer --budget-s) to decide the target"}
+
+
 def part_sp(args, rank, world, device, kind, report, budget):
     model_id = "qwen2_5vl"
     cfg = model_config(model_id, args)
@@ -1197,15 +1242,7 @@ def part_sp(args, rank, world, device, kind, report, budget):
                 tried, ok, bad, why = search_longest(args, model_id, cfg, arch, device, dims, world, until)
                 found[name] = {"mesh": {"dp": dims[0], "sp": dims[1]}, "longest_that_trains": ok,
                                "shortest_that_does_not": bad, "stopped": why, "tried": tried}
-            a, b = found["sp1"]["longest_that_trains"], found[f"sp{world}"]["longest_that_trains"]
-            nonfinite = [t for f in found.values() for t in f["tried"] if t["fits"] and not t["trains"]]
-            bracketed = all(f["shortest_that_does_not"] is not None for f in found.values())
-            ratio = round(b / a, 3) if a and b else None
-            status = "fail" if nonfinite or ratio is None else ("pass" if bracketed else "not_run")
-            row |= found | {"ratio_longest_sp_over_sp1": ratio, "meets_target": ratio is not None and ratio >= 1.8,
-                            "status": status}
-            if status == "not_run":
-                row["reason"] = "a search stopped before a row failed to train: the ratio is not bracketed"
+            row |= found | longest_verdict(found["sp1"], found[f"sp{world}"], row["target_ratio"])
         except Exception as exc:  # noqa: BLE001
             found = {}
             row = failed_row(row, exc)

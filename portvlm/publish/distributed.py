@@ -112,6 +112,8 @@ def topology_text(doc: dict) -> str:
 def _check_what(r: dict) -> str:
     """One line on what a benchmark row (``check``) measured, with its figure."""
     check = r.get("check")
+    if r.get("error"):  # a row that failed before its figures: say why, never a row of None
+        return f"{check}{' (' + r['row'] + ' row)' if r.get('row') else ''}: failed — {r['error'][:200]}"
     if check == "dp_vs_union":
         return (f"different rows per rank: loss, every gradient and the SGD step vs one process on the union (worst "
                 f"gradient {_g(r.get('grad_ratio'))} of its allowance)")
@@ -134,9 +136,12 @@ def _check_what(r: dict) -> str:
         sp_key = next((k for k in r if k.startswith("sp") and k != "sp1" and isinstance(r[k], dict)), None)
         a = (r.get("sp1") or {}).get("longest_that_trains")
         b = (r.get(sp_key) or {}).get("longest_that_trains") if sp_key else None
+        bounds = r.get("ratio_bounds")
         return (f"longest row that trains at {r.get('memory_cap_GiB_per_rank')} GiB/rank: SP=1 {a} vs "
-                f"{(sp_key or 'sp?').upper()} {b} tokens ({r.get('ratio_longest_sp_over_sp1')}×, target ≥ "
-                f"{r.get('target_ratio')}; coarse doubling search)")
+                f"{(sp_key or 'sp?').upper()} {b} tokens ({r.get('ratio_longest_sp_over_sp1')}×"
+                + (f", between {bounds[0]}× and {bounds[1]}× by the searches' bounds" if bounds else "")
+                + f", target ≥ {r.get('target_ratio')}; coarse doubling search)"
+                + (f"; {r['reason']}" if r.get("reason") else ""))
     return str(check or "?")
 
 
