@@ -113,3 +113,13 @@ def clone(model, *, attn_implementation: str = "eager", dtype: torch.dtype = tor
     other = build(model_id, attn_implementation=attn_implementation, dtype=torch.float32)
     other.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()})
     return other.to(dtype).eval()
+
+
+IGNORE_INDEX = -100  # transformers' (and torch's cross_entropy default) label that contributes no loss
+
+
+def labelled(sample: dict) -> dict:
+    """``sample`` plus ``labels``: its input ids, with the tiny vision and special tokens ignored (-100)."""
+    labels = sample["input_ids"].clone()
+    labels[torch.isin(labels, torch.tensor([IMG, VID, VSTART, VEND, LLAVA_IMG]))] = IGNORE_INDEX
+    return {**sample, "labels": labels}

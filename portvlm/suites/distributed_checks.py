@@ -6,24 +6,21 @@ attention as transformers + portvlm do them, no ``portvlm.distributed`` code), w
 sample here: the mean token loss over all rows. The parallel run must give the same loss and, after one SGD step,
 the same gradients and parameters.
 
-Workers are spawned with ``torch.multiprocessing`` under a hard deadline; the gloo group has a timeout too, so a
-rank that raises (or hangs) ends every rank with that error in bounded time.
+Workers run under ``portvlm.testing.distributed.spawn`` (a hard deadline; the gloo group has a timeout too), so a
+rank that raises, dies or hangs ends every rank with an error naming it, in bounded time.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 import tempfile
 import time
-import traceback
 
 import torch
 
 from portvlm.shims import model_io
+from portvlm.testing.distributed import gloo_group, load_result, plant_inf, spawn, straddles  # noqa: F401 - the checks' names
 
-PG_TIMEOUT_S = 60
 LR = 0.5  # plain SGD: parameters after the step differ by LR × the gradient difference
 
 
@@ -32,22 +29,14 @@ LR = 0.5  # plain SGD: parameters after the step differ by LR × the gradient di
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _labelled(sample: dict) -> dict:
-    from portvlm.models import tiny
-
-    labels = sample["input_ids"].clone()
-    for tok in (tiny.IMG, tiny.VID, tiny.VSTART, tiny.VEND, tiny.LLAVA_IMG):
-        labels[labels == tok] = -100
-    return {**sample, "labels": labels}
-
-
 def rows_for(model_id: str, kind: str, seed: int = 0) -> list[dict]:
     """Packed rows: ``"sp"`` one row (3 samples, 4 images + a video); ``"dp"`` two rows, the second text only."""
     from portvlm.distributed.parallel import pack
     from portvlm.models import inputs as model_inputs
+    from portvlm.models import tiny
 
     def s(k, i):
-        return _labelled(model_inputs.build(model_id, k, seed=seed + i))
+        return tiny.labelled(model_inputs.build(model_id, k, seed=seed + i))
 
     if kind == "sp":
         return [pack([s("text", 0), s("image", 1), s("packed", 2)])]
@@ -56,23 +45,6 @@ def rows_for(model_id: str, kind: str, seed: int = 0) -> list[dict]:
     if kind == "dp":
         return [pack([s("image", 1), s("text", 0)]), pack([s("text", 2)])]
     raise KeyError(kind)
-
-
-def straddles(row: dict, sp: int, vision_tokens=None) -> dict:
-    """Which SP rank boundaries cut a sample / a vision-token run (the cases a wrong implementation gets wrong)."""
-    from portvlm.distributed.ulysses import split_bounds
-    from portvlm.models import tiny
-
-    vision_tokens = vision_tokens or (tiny.IMG, tiny.VID)
-    ids = row["input_ids"][0]
-    cu = set(int(c) for c in row["cu_seqlens"].tolist())
-    cuts = [lo for lo, _ in split_bounds(ids.shape[0], sp)[1:]]
-    is_vis = torch.isin(ids, torch.tensor(vision_tokens))
-    return {
-        "cuts": cuts,
-        "sample_cut": [c for c in cuts if c not in cu],
-        "vision_cut": [c for c in cuts if 0 < c < ids.shape[0] and bool(is_vis[c - 1]) and bool(is_vis[c])],
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,19 +61,15 @@ def _model_kwargs(row: dict) -> dict:
     return kw
 
 
-def reference(model_id: str, arch: str, state: dict, rows: list[dict], *, matrix=None) -> dict:
+def reference(model_id: str, arch: str, state: dict, rows: list[dict], *, matrix=None, dtype=None) -> dict:
     """Loss, gradients and post-SGD-step parameters of one process on all ``rows`` (mean over all target tokens).
 
-    ``matrix``: the cell's (a ``Matrix`` or a path; None: the packaged one), whose ``arch`` policy is patched in."""
+    ``matrix``, ``dtype``: the cell's (None: the packaged matrix, the arch's default dtype), whose policy is
+    patched in, as in every worker."""
     import torch.nn.functional as F
 
-    from portvlm.models import tiny
-    from portvlm.shims.patch import patch
-
-    model = tiny.build(model_id, attn_implementation="sdpa")
-    model.load_state_dict(state)
-    model.train()
-    with patch(model, arch=arch, matrix=matrix):
+    model, handle = _patched_model({"model_id": model_id, "arch": arch, "matrix": matrix, "dtype": dtype}, state)
+    with handle:
         sums, count = [], 0
         for row in rows:
             model_io.reset_rope_state(model)
@@ -127,28 +95,27 @@ def reference(model_id: str, arch: str, state: dict, rows: list[dict], *, matrix
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _patched_model(spec: dict, state: dict):
+    """The tiny model with ``state``, in train mode, and ``portvlm.patch`` under the spec's arch, dtype and matrix
+    (the cell's policy: every rank and the reference patch alike)."""
+    import portvlm
+    from portvlm.models import tiny
+
+    model = tiny.build(spec["model_id"], attn_implementation="sdpa")
+    model.load_state_dict(state)
+    model.train()
+    return model, portvlm.patch(model, arch=spec["arch"], dtype=spec.get("dtype"), matrix=spec.get("matrix"))
+
+
 def worker(rank: int, world: int, port: int, spec: dict) -> None:
     """One gloo rank: each case builds the model, parallelizes it, runs one row, one SGD step; rank 0 saves."""
-    import torch.distributed as dist
-
     from portvlm.distributed import make_mesh, parallelize
-    from portvlm.models import tiny
-    from portvlm.shims.patch import patch
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    try:
+    with gloo_group(rank, world, port):
         state = torch.load(spec["state"], weights_only=True)
         rows = torch.load(spec["rows"], weights_only=False)
         results = {}
@@ -156,10 +123,8 @@ def worker(rank: int, world: int, port: int, spec: dict) -> None:
         for case in spec["cases"]:
             if spec.get("fail_rank") == rank:
                 raise RuntimeError(f"injected failure on rank {rank}")
-            model = tiny.build(spec["model_id"], attn_implementation="sdpa")
-            model.load_state_dict(state)
-            model.train()
-            with patch(model, arch=spec["arch"], matrix=spec.get("matrix")) as handle:
+            model, handle = _patched_model(spec, state)
+            with handle:
                 pmodel = parallelize(model, handle, mesh, fault=case.get("fault"))
                 with pmodel:
                     dp_rank = pmodel.layout.dp_rank
@@ -180,22 +145,31 @@ def worker(rank: int, world: int, port: int, spec: dict) -> None:
                     }
         if rank == 0:
             torch.save(results, spec["out"])
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
-def _plant_inf(model) -> str:
-    """Put an inf into this rank's shard of one gradient (the last decoder layer's first non-empty one); its name."""
-    for name, p in reversed(list(model.named_parameters())):
-        local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-        if local is not None and local.numel() and "layers" in name:
-            with torch.no_grad():
-                local.view(-1)[0] = float("inf")
-            return name.removeprefix("module.")
-    raise RuntimeError("no decoder-layer gradient shard on this rank to plant an inf in")
+def steps_worker(rank: int, world: int, port: int, spec: dict) -> None:
+    """One gloo rank of the FSDP2 check: ``parallelize`` over DP=``world`` (what users call), every rank on the same
+    packed row, ``steps`` AdamW steps; rank 0 saves the batch loss per step and what FSDP wrapped."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from portvlm.distributed import make_mesh, parallelize
+
+    with gloo_group(rank, world, port):
+        model, handle = _patched_model(spec, torch.load(spec["state"], weights_only=True))
+        row = torch.load(spec["rows"], weights_only=False)[0]
+        with handle, parallelize(model, handle, make_mesh(world, 1, "cpu")) as pmodel:
+            opt = torch.optim.AdamW(pmodel.parameters(), lr=spec["lr"], weight_decay=0.0)
+            losses = []
+            for _ in range(spec["steps"]):
+                out = pmodel(**row)
+                losses.append(float(out.loss_value))
+                out.loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            wrapped = [m for m in pmodel.modules() if isinstance(m, FSDPModule) and m is not pmodel]
+        if rank == 0:
+            torch.save({"losses": losses, "wrapped": len(wrapped),
+                        "classes": sorted({type(m).__name__.removeprefix("FSDP") for m in wrapped})}, spec["out"])
 
 
 def scaler_worker(rank: int, world: int, port: int, spec: dict) -> None:
@@ -203,10 +177,7 @@ def scaler_worker(rank: int, world: int, port: int, spec: dict) -> None:
     steps; in the first, rank ``plant_rank`` puts an inf into one of its gradient shards. Every rank's record saved."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    try:
+    with gloo_group(rank, world, port):
         state = torch.load(spec["state"], weights_only=True)
         all_rows = torch.load(spec["rows"], weights_only=False)
         out = {}
@@ -217,23 +188,14 @@ def scaler_worker(rank: int, world: int, port: int, spec: dict) -> None:
             out[(dp, sp)] = records
         if rank == 0:
             torch.save(out, spec["out"])
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def _scaler_case(spec, state, rows, dp, sp, rank) -> dict:
     """One mesh of ``scaler_worker``: this rank's record."""
     from portvlm.distributed import make_mesh, parallelize
-    from portvlm.models import tiny
-    from portvlm.shims.patch import patch
 
-    model = tiny.build(spec["model_id"], attn_implementation="sdpa")
-    model.load_state_dict(state)
-    model.train()
-    with patch(model, arch=spec["arch"]) as handle:
+    model, handle = _patched_model(spec, state)
+    with handle:
         model.to(handle.dtype)  # what a user does with the policy's dtype; parallelize keeps fp32 shards
         pmodel = parallelize(model, handle, make_mesh(dp, sp, "cpu"))
         seen: list[str] = []  # the dtype a decoder layer actually computes in (FSDP casts the fp32 shards)
@@ -249,7 +211,7 @@ def _scaler_case(spec, state, rows, dp, sp, rank) -> dict:
                 scaler.scale(out.loss).backward()
                 planted = None
                 if step == 0 and spec.get("plant_rank") == rank:
-                    planted = _plant_inf(pmodel)
+                    planted = plant_inf(pmodel)
                 before = [p.detach().to_local().clone() if hasattr(p, "to_local") else p.detach().clone()
                           for p in pmodel.parameters()]
                 scale = float(scaler.get_scale())
@@ -267,56 +229,53 @@ def _scaler_case(spec, state, rows, dp, sp, rank) -> dict:
     return record
 
 
+def _spawned(fn, world: int, spec: dict, state: dict, rows, timeout_s: float, prefix: str) -> dict:
+    """Save ``state`` and ``rows`` for the ranks, run ``fn`` on ``world`` gloo ranks (``spawn``: a deadline, a rank
+    that fails named); rank 0's result."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        spec = spec | {"state": os.path.join(tmp, "state.pt"), "rows": os.path.join(tmp, "rows.pt"),
+                       "out": os.path.join(tmp, "out.pt")}
+        torch.save(state, spec["state"])
+        torch.save(rows, spec["rows"])
+        spawn(fn, world, spec, timeout_s=timeout_s, what=f"{fn.__name__} ({spec['model_id']}, {world} gloo ranks)")
+        return load_result(spec["out"], fn.__name__)
+
+
 def run_scaler(model_id: str, arch: str, *, meshes: dict, plant_rank: int | None, seed: int = 0,
-               timeout_s: float = 240.0) -> dict:
+               timeout_s: float = 240.0, matrix=None) -> dict:
     """``scaler_worker`` on one gloo world for every ``(dp, sp): rows`` of ``meshes`` (equal world sizes); every
-    rank's record per mesh (steps: skipped, scale before/after)."""
+    rank's record per mesh (steps: skipped, scale before/after). The policy is ``arch``'s own dtype (fp16: sm70)."""
     from portvlm.models import tiny
 
     worlds = {dp * sp for dp, sp in meshes}
     if len(worlds) != 1:
         raise ValueError(f"meshes {list(meshes)} need one world size, got {sorted(worlds)}")
-    state = tiny.build(model_id, seed=seed).state_dict()
-    with tempfile.TemporaryDirectory(prefix="portvlm-scaler-") as tmp:
-        spec = {"model_id": model_id, "arch": arch, "meshes": list(meshes), "plant_rank": plant_rank,
-                "state": os.path.join(tmp, "state.pt"), "rows": os.path.join(tmp, "rows.pt"),
-                "out": os.path.join(tmp, "out.pt")}
-        torch.save(state, spec["state"])
-        torch.save({f"{dp}x{sp}": rows for (dp, sp), rows in meshes.items()}, spec["rows"])
-        return spawn(spec, worlds.pop(), timeout_s, fn=scaler_worker)
-
-
-def spawn(spec: dict, world: int, timeout_s: float = 240.0, *, fn=worker) -> dict:
-    """Run ``fn`` (``worker``) in ``world`` gloo processes under a hard deadline; rank 0's results."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(fn, args=(world, free_port(), spec), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{world} gloo workers did not finish within {timeout_s:.0f}s")
-    return torch.load(spec["out"], weights_only=False)
+    spec = {"model_id": model_id, "arch": arch, "matrix": matrix, "meshes": list(meshes), "plant_rank": plant_rank}
+    rows = {f"{dp}x{sp}": r for (dp, sp), r in meshes.items()}
+    return _spawned(scaler_worker, worlds.pop(), spec, tiny.build(model_id, seed=seed).state_dict(), rows, timeout_s,
+                    "portvlm-scaler-")
 
 
 def run(model_id: str, arch: str, *, dp: int, sp: int, rows: list[dict], cases: list[dict], seed: int = 0,
-        fail_rank: int | None = None, timeout_s: float = 240.0, matrix=None) -> dict:
+        fail_rank: int | None = None, timeout_s: float = 240.0, matrix=None, dtype=None) -> dict:
     """Spawn ``dp × sp`` workers on ``rows`` (one per dp rank) for each case; rank 0's results per case name.
 
-    ``matrix``: the cell's (a ``Matrix`` or a path; None: the packaged one): every worker patches under its policy."""
+    ``matrix``, ``dtype``: the cell's (None: the packaged matrix, the arch's default dtype): every worker patches
+    under that policy."""
     from portvlm.models import tiny
 
-    state = tiny.build(model_id, seed=seed).state_dict()
-    with tempfile.TemporaryDirectory(prefix="portvlm-dist-") as tmp:
-        spec = {"model_id": model_id, "arch": arch, "dp": dp, "sp": sp, "cases": cases, "fail_rank": fail_rank,
-                "matrix": matrix,
-                "state": os.path.join(tmp, "state.pt"), "rows": os.path.join(tmp, "rows.pt"),
-                "out": os.path.join(tmp, "out.pt")}
-        torch.save(state, spec["state"])
-        torch.save(rows, spec["rows"])
-        return spawn(spec, dp * sp, timeout_s)
+    spec = {"model_id": model_id, "arch": arch, "dp": dp, "sp": sp, "cases": cases, "fail_rank": fail_rank,
+            "matrix": matrix, "dtype": dtype}
+    return _spawned(worker, dp * sp, spec, tiny.build(model_id, seed=seed).state_dict(), rows, timeout_s,
+                    "portvlm-dist-")
+
+
+def run_steps(model_id: str, arch: str, state: dict, row: dict, *, world: int, steps: int, lr: float,
+              timeout_s: float = 240.0, matrix=None, dtype=None) -> dict:
+    """``steps_worker`` on ``world`` gloo ranks (FSDP2 through ``parallelize``, DP=``world``, every rank on ``row``):
+    ``{"losses", "wrapped", "classes"}`` from rank 0."""
+    spec = {"model_id": model_id, "arch": arch, "matrix": matrix, "dtype": dtype, "steps": steps, "lr": lr}
+    return _spawned(steps_worker, world, spec, state, [row], timeout_s, "portvlm-fsdp-")
 
 
 def compare(got: dict, ref: dict, atol: float, rtol: float) -> dict:

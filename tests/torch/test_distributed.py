@@ -2,7 +2,7 @@
 
     .portvlm/envs/py3.11-torch2.13.0cpu-tf5.23.0/bin/python -m pytest tests/torch/test_distributed.py -q -p no:xdist
 
-Every spawn has a hard deadline (``check.spawn``) and the gloo group a timeout, so nothing here can hang.
+Every spawn has a hard deadline (``portvlm.testing.distributed.spawn``) and the gloo group a timeout, so nothing here can hang.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 
 from portvlm.models import tiny  # noqa: E402
 from portvlm.suites import distributed_checks as check  # noqa: E402
+from portvlm.testing.distributed import RankError  # noqa: E402
 
 ATOL, RTOL = 1e-5, 1e-4  # fp32, eager-grade sdpa_masked on the CPU; measured worst ratio ~0.004
 DEADLINE_S = 300
@@ -83,9 +84,10 @@ def test_head_count_not_divisible_names_both_numbers():
 def test_a_rank_that_raises_ends_every_rank_in_bounded_time():
     rows = check.rows_for("qwen2_5vl", "sp")
     t0 = time.monotonic()
-    with pytest.raises(Exception, match="injected failure on rank 1"):
+    with pytest.raises(RankError, match="rank 1 of 2 raised(.|\n)*injected failure on rank 1") as err:
         check.run("qwen2_5vl", "cpu", dp=1, sp=2, rows=rows, cases=[{"name": "ok"}], fail_rank=1, timeout_s=120)
     assert time.monotonic() - t0 < 120
+    assert err.value.ranks == [1]
 
 
 def test_the_root_output_shows_fsdp_its_loss():

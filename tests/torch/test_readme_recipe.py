@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,6 @@ def _worker(rank, world, port, out):
     from portvlm.distributed.parallel import pack  # noqa: F401 - the recipe imports it itself
     from portvlm.models import inputs as model_inputs
     from portvlm.models import tiny
-    from portvlm.suites import distributed_checks as check
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -42,7 +40,7 @@ def _worker(rank, world, port, out):
     torch.set_num_threads(1)
     model = tiny.build("qwen2_5vl", attn_implementation="sdpa").train()
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    samples = [check._labelled(model_inputs.build("qwen2_5vl", kind, seed=i)) for i, kind in enumerate(("image", "text"))]
+    samples = [tiny.labelled(model_inputs.build("qwen2_5vl", kind, seed=i)) for i, kind in enumerate(("image", "text"))]
     losses = []
 
     class Loader:  # the recipe's loop, observed: each step's loss
@@ -71,17 +69,13 @@ def _worker(rank, world, port, out):
 
 
 def test_the_readme_recipe_trains_as_written(tmp_path):
-    import torch.multiprocessing as mp
-
-    from portvlm.suites.distributed_checks import free_port
+    from portvlm.testing.distributed import load_result, spawn
 
     code = recipe()
     assert "GradScaler" in code and "parallelize(" in code and "init_ranks()" in code  # the block we mean
     out = str(tmp_path / "recipe.pt")
-    t0 = time.monotonic()
-    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
-    assert time.monotonic() - t0 < 300
-    got = torch.load(out, weights_only=False)
+    spawn(_worker, 2, out, timeout_s=300, what="the README recipe")
+    got = load_result(out, "the README recipe")
     assert len(got["losses"]) == STEPS and all(math.isfinite(x) for x in got["losses"]), got
     assert got["dtypes"] == ["torch.float32"], got  # fp32 master shards under the fp16 policy
     assert got["moved"] > 0, got  # the scaler took steps: parameters changed

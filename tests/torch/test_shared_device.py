@@ -10,8 +10,6 @@ on a real two-process gloo group, with a collective that "gloo lacks" injected.
 
 from __future__ import annotations
 
-import datetime
-import os
 import time
 
 import pytest
@@ -65,9 +63,9 @@ def test_asking_for_it_without_a_gpu_refuses_at_once(monkeypatch):
 def _probe_worker(rank, world, port, out):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
-    try:
+    from portvlm.testing.distributed import gloo_group
+
+    with gloo_group(rank, world, port, timeout_s=30):
         real = launch.collective_reasons(torch.device("cpu"))  # what portvlm.distributed issues, on gloo/CPU
 
         def lacking():
@@ -79,20 +77,14 @@ def _probe_worker(rank, world, port, out):
         dist.all_reduce(after)  # the ranks are still in step after a refused probe
         if rank == 0:
             torch.save({"real": real, "injected": injected, "after": float(after)}, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_the_collective_probe_names_what_gloo_lacks_and_keeps_ranks_in_step(tmp_path):
-    import torch.multiprocessing as mp
-
-    from portvlm.suites.distributed_checks import free_port
+    from portvlm.testing.distributed import load_result, spawn
 
     out = str(tmp_path / "probe.pt")
-    t0 = time.monotonic()
-    mp.spawn(_probe_worker, args=(2, free_port(), out), nprocs=2, join=True)
-    assert time.monotonic() - t0 < 120
-    got = torch.load(out)
+    spawn(_probe_worker, 2, out, timeout_s=120)
+    got = load_result(out, "the collective probe")
     assert got["real"] == [], got["real"]  # every collective of portvlm.distributed runs on gloo (CPU tensors)
     assert got["injected"] == ["reduce_scatter_tensor(SUM) on cpu tensors: RuntimeError: ProcessGroupGloo does not "
                                "support reduce_scatter on CUDA tensors"], got["injected"]

@@ -1,0 +1,144 @@
+"""Testing ``portvlm.distributed`` on one machine: N gloo ranks under a deadline, and the rows and faults the checks use.
+
+    from portvlm.testing.distributed import gloo_group, spawn
+
+    def worker(rank, world, port, out):
+        with gloo_group(rank, world, port):
+            ...  # collectives
+            if rank == 0:
+                torch.save(result, out)
+
+    spawn(worker, 2, out, timeout_s=120)   # RankError names a rank that raised, died or outlived the deadline
+
+The one multi-process harness of portvlm: the cell's gloo checks (``portvlm.suites``), the tests and the benchmarks'
+CPU smokes use it. Nothing here imports torch until it is called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+import time
+
+PG_TIMEOUT_S = 60  # the gloo group's own timeout: a rank stuck in a collective raises after this
+GRACE_S = 5.0  # after the first failure, how long the other ranks get to end before they are killed
+
+
+class RankError(RuntimeError):
+    """A spawned rank raised, died without raising, or was still running at the deadline; ``ranks`` names them."""
+
+    def __init__(self, message: str, ranks: list[int]):
+        super().__init__(message)
+        self.ranks = ranks
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the rendezvous port of one spawn)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int, *, timeout_s: float = PG_TIMEOUT_S, threads: int = 1):
+    """This process as gloo rank ``rank`` of ``world`` (rendezvous on 127.0.0.1:``port``); destroyed on exit.
+
+    ``threads``: torch's intra-op threads per rank (1: N ranks share the machine's cores without oversubscribing)."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args, timeout_s: float, what: str | None = None) -> None:
+    """Run ``fn(rank, world, port, *args)`` in ``world`` spawned processes; wait at most ``timeout_s`` seconds.
+
+    Raises ``RankError`` naming the rank that raised (with its traceback), the rank that died without raising
+    (exit code or signal), or the ranks still running at the deadline; the other ranks are ended first, so nothing
+    is left behind and nothing waits longer than ``timeout_s`` plus a few seconds' grace. Files the ranks wrote
+    before the failure stay where they are (the harness never deletes anything).
+    """
+    import torch.multiprocessing as mp
+
+    name = what or getattr(fn, "__qualname__", repr(fn))
+    ctx = mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=0.5, grace_period=GRACE_S):
+            if time.monotonic() > deadline:
+                alive = [rank for rank, p in enumerate(ctx.processes) if p.is_alive()]
+                _end(ctx.processes)
+                raise RankError(
+                    f"{name}: rank{'s' if len(alive) > 1 else ''} {', '.join(map(str, alive))} of {world} still running "
+                    f"after the {timeout_s:g}s deadline (stuck in a collective, or waiting for a rank that is); killed. "
+                    "If the work is only slow, raise timeout_s", alive)
+    except mp.ProcessRaisedException as e:
+        raise RankError(f"{name}: rank {e.error_index} of {world} raised (the other ranks were ended):{e.msg}",
+                        [e.error_index]) from e
+    except mp.ProcessExitedException as e:
+        how = f"signal {e.signal_name}" if e.signal_name else f"exit code {e.exit_code}"
+        raise RankError(f"{name}: rank {e.error_index} of {world} died without a Python exception ({how}: killed, "
+                        "out of memory, or os._exit); the other ranks were ended", [e.error_index]) from e
+
+
+def _end(processes) -> None:
+    """Kill what is still alive and reap it (a killed rank leaves no zombie and no open port)."""
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+    for p in processes:
+        p.join(timeout=GRACE_S)
+
+
+def load_result(path, what: str):
+    """``torch.load`` of the file rank 0 wrote; a missing file says which run did not write it."""
+    import torch
+
+    if not os.path.exists(path):
+        raise RankError(f"{what}: every rank exited cleanly but rank 0 wrote no result at {path}", [0])
+    return torch.load(path, weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the checks of portvlm.distributed look at
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def straddles(row: dict, sp: int, vision_tokens=None) -> dict:
+    """Which SP rank boundaries cut a sample / a vision-token run (the cases a wrong implementation gets wrong)."""
+    import torch
+
+    from portvlm.distributed.ulysses import split_bounds
+    from portvlm.models.family import IMG, VID
+
+    vision_tokens = vision_tokens or (IMG, VID)
+    ids = row["input_ids"][0]
+    cu = set(int(c) for c in row["cu_seqlens"].tolist())
+    cuts = [lo for lo, _ in split_bounds(ids.shape[0], sp)[1:]]
+    is_vis = torch.isin(ids, torch.tensor(vision_tokens))
+    return {
+        "cuts": cuts,
+        "sample_cut": [c for c in cuts if c not in cu],
+        "vision_cut": [c for c in cuts if 0 < c < ids.shape[0] and bool(is_vis[c - 1]) and bool(is_vis[c])],
+    }
+
+
+def plant_inf(model) -> str:
+    """Put an inf into this rank's shard of one gradient (the last decoder layer's first non-empty one); its name."""
+    import torch
+
+    for name, p in reversed(list(model.named_parameters())):
+        local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        if local is not None and local.numel() and "layers" in name:
+            with torch.no_grad():
+                local.view(-1)[0] = float("inf")
+            return name.removeprefix("module.")
+    raise RuntimeError("no decoder-layer gradient shard on this rank to plant an inf in")
