@@ -56,13 +56,12 @@ def report_summary(handle) -> dict:
     return handle.report.to_dict()
 
 
-def tol(ctx, direction: str, backend: str | None = None) -> tuple[float, float]:
-    """The table's ``(atol, rtol)`` for this cell, times the family's declared ``tolerance_scale``."""
+def tol(ctx, direction: str, backend: str | None = None, output: str = "text") -> tolerances.Budget:
+    """This cell's budget (``tolerances.budget``): the table's, times the family's declared scale for text outputs."""
     from portvlm import models
 
-    atol, rtol = tolerances.tolerance(ctx.device_kind, ctx.dtype, backend or ctx.vision_backend, direction)
-    scale = models.by_id(ctx.model_id).tolerance_scale
-    return atol * scale, rtol * scale
+    return tolerances.budget(ctx.device_kind, ctx.dtype, backend or ctx.vision_backend, direction,
+                             family=models.by_id(ctx.model_id), output=output)
 
 
 def vision_features(model_id: str, tower, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None) -> dict[str, torch.Tensor]:

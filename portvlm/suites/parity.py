@@ -71,8 +71,10 @@ def run(ctx):
     timer = Timer()
     dtype = torch_dtype(ctx.dtype)
     mid = ctx.model_id
-    atol, rtol = tol(ctx, "fwd")
-    rec.figures.update(dtype=str(dtype).removeprefix("torch."), device_kind=ctx.device_kind, atol=atol, rtol=rtol)
+    text_budget, vision_budget = tol(ctx, "fwd"), tol(ctx, "fwd", output="vision")
+    atol, rtol = text_budget
+    rec.figures.update(dtype=str(dtype).removeprefix("torch."), device_kind=ctx.device_kind, **text_budget.figures(),
+                       **vision_budget.figures("vision_"))
 
     with timer("build"):
         ref = tiny.build(mid, attn_implementation="eager", seed=ctx.seed)  # unpatched fp32 eager reference
@@ -113,7 +115,7 @@ def run(ctx):
                 mid, tower, vb_d["pixel_values"].to(ctx.device), None if vb_d["grid_thw"] is None else vb_d["grid_thw"].to(ctx.device)
             )
         for key, t in got_packed.items():
-            c = compare(t.float().cpu(), alone[key], atol, rtol)
+            c = compare(t.float().cpu(), alone[key], *vision_budget)
             rec.figures[f"packed_vs_alone_err.{key}"] = c.max_abs_err
             rec.add(check_from(f"vision.packed_vs_alone.{key}", c, what=f"{len(items)} items packed into one tower call; "))
 

@@ -206,6 +206,29 @@ def train_steps(model, inp, steps: int, dtype) -> tuple[list[float], dict]:
     return losses, extra
 
 
+def _trajectory_checks(rec, losses, ref_losses, upstream_losses, l_atol, l_rtol, noise) -> None:
+    """fp32 steps vs the eager reference's (and, for a family declaring ``trajectory_noise``, vs upstream's sdpa run)."""
+    got, ref = torch.tensor(losses), torch.tensor(ref_losses)
+    # several optimizer steps compound the single-step loss budget; 1e-4 floors it for every family
+    atol, rtol = max(l_atol, 1e-4), max(l_rtol, 1e-4)
+    what = ""
+    if upstream_losses is not None:
+        upstream = torch.tensor(upstream_losses)
+        spread = float((upstream - ref).abs().max())
+        rec.figures.update(upstream_sdpa_losses=upstream_losses, upstream_spread_max_abs=spread,
+                           trajectory_noise=noise)
+        near = compare(got, upstream, l_atol, l_rtol)
+        rec.figures["steps_vs_upstream_sdpa_max_abs_err"] = near.max_abs_err
+        rec.add(check_from("steps.match_upstream_sdpa_trajectory", near,
+                           what="vs upstream's unpatched sdpa model over the same steps; "))
+        if 2 * spread > atol:
+            atol = 2 * spread
+            what = f"held to 2x upstream's own eager-vs-sdpa spread {spread:.3g} (the family declares: {noise}); "
+    lc = compare(got, ref, atol, rtol)
+    rec.figures["steps_vs_reference_max_abs_err"] = lc.max_abs_err
+    rec.add(check_from("steps.match_reference_trajectory", lc, what=what))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Packing: two samples in one row, position ids reset per sample, no padding (lmms-engine's rmpad, portably)
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,9 +326,7 @@ def run(ctx):
     mid = ctx.model_id
     atol_b, rtol_b = tol(ctx, "bwd")
     atol_f, rtol_f = tol(ctx, "fwd")
-    l_atol, l_rtol = tolerances.loss_tolerance(dtype)
-    scale = models.by_id(ctx.model_id).tolerance_scale  # the family's declared noise amplification (Qwen3.5)
-    l_atol, l_rtol = l_atol * scale, l_rtol * scale
+    l_atol, l_rtol = tolerances.loss_budget(dtype, family=models.by_id(mid))
     rec.figures.update(dtype=str(dtype).removeprefix("torch."), steps=STEPS, lr=LR, bwd_atol=atol_b, bwd_rtol=rtol_b)
     skipped: dict[str, str] = {}
 
@@ -319,6 +340,12 @@ def run(ctx):
         ref_grads = _grads(ref)
         ref.zero_grad(set_to_none=True)
         ref_losses, _ = train_steps(tiny.clone(ref, model_id=mid).train(), inp32, STEPS, torch.float32)
+        noise = models.by_id(mid).trajectory_noise
+        upstream_losses = None
+        if noise and dtype == torch.float32:  # upstream's own sdpa run: the family's declared trajectory noise
+            upstream = tiny.clone(ref, attn_implementation=PATCHED_BUILD_ATTN, model_id=mid).train()
+            upstream_losses, _ = train_steps(upstream, inp32, STEPS, torch.float32)
+            del upstream
         packed, samples, lengths = pack_samples(mid, torch.float32, seed=ctx.seed)
         with torch.no_grad():
             alone = [logits_of(ref(**s, use_cache=False))[0] for s in samples]
@@ -383,9 +410,7 @@ def run(ctx):
         rec.check("steps.finite", all(math.isfinite(x) for x in losses), detail=f"losses {[f'{x:.4f}' for x in losses]}")
         rec.check("steps.loss_falls", losses[-1] < losses[0], detail=f"{losses[0]:.4f} -> {losses[-1]:.4f} over {STEPS} steps", value=losses[-1], bound=losses[0])
         if dtype == torch.float32:
-            lc = compare(torch.tensor(losses), torch.tensor(ref_losses), max(l_atol, 1e-4), max(l_rtol, 1e-4))
-            rec.figures["steps_vs_reference_max_abs_err"] = lc.max_abs_err
-            rec.add(check_from("steps.match_reference_trajectory", lc))
+            _trajectory_checks(rec, losses, ref_losses, upstream_losses, l_atol, l_rtol, noise)
         if dtype == torch.float16:
             rec.check("fp16.no_skipped_steps_at_end", extra["skipped_steps"] < STEPS, detail=f"{extra['skipped_summary']} (loss scaler); scales {extra['loss_scales']}")
             rec.add(precision.softmax_check(handle.state.vision_backend, device=ctx.device))  # the one that runs
@@ -464,7 +489,8 @@ def _sp_check(rec, ctx) -> None:
                           **policy)
     got = check.run(ctx.model_id, ctx.arch_id, dp=dp, sp=spd, rows=rows, cases=[{"name": "ok"}], seed=ctx.seed,
                     timeout_s=240, **policy)["ok"]
-    atol, rtol = 1e-5, 1e-4
+    # the cell's dtype in the reference and every worker: this cell's budget (the family's scale on top)
+    atol, rtol = tol(ctx, "fwd")
     c = check.compare(got, ref, atol, rtol)
     c["cuts"] = check.straddles(rows[0], spd) if sp else None
     c["mesh"] = {"dp": dp, "sp": spd}

@@ -21,9 +21,15 @@ are the host's.
 
 Fallbacks, in order: the exact key; the same key with backend ``"*"``; for a GPU kind with no entry for that
 dtype, the ``sm80+`` entry. An unknown device kind or dtype raises ``KeyError`` — never a silent default.
+
+Every comparison of a model takes its budget from ``budget`` / ``loss_budget``: the table's entry, times the
+family's declared ``tolerance_scale`` (``portvlm.models.Family``, with its measured reason) for what passes through
+the text model (logits, losses, gradients); vision-tower features are held to the table as it is.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 DEVICE_KINDS = ("cpu", "sm70", "sm80+", "gfx9")
 DIRECTIONS = ("fwd", "bwd")
@@ -96,3 +102,52 @@ def tolerance(device_kind: str, dtype, backend: str | None, direction: str) -> t
 def loss_tolerance(dtype) -> tuple[float, float]:
     """``(atol, rtol)`` for scalar losses of the patched model against the reference."""
     return LOSS[_dtype_name(dtype)]
+
+
+# What a comparison holds: the vision tower's features, or anything the text model computed (logits, losses,
+# gradients, which flow back through it). A family's declared scale applies to "text" only.
+OUTPUTS = ("vision", "text")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """An ``(atol, rtol)`` pair with its provenance: the family's declared scale and why (1.0 and "" for none)."""
+
+    atol: float
+    rtol: float
+    scale: float = 1.0
+    why: str = ""
+
+    def __iter__(self):
+        return iter((self.atol, self.rtol))
+
+    def figures(self, prefix: str = "") -> dict:
+        """``{atol, rtol}`` (and ``tolerance_scale`` / ``tolerance_why`` when scaled) for a result's figures."""
+        out = {f"{prefix}atol": self.atol, f"{prefix}rtol": self.rtol}
+        if self.scale != 1.0:
+            out.update({f"{prefix}tolerance_scale": self.scale, f"{prefix}tolerance_why": self.why})
+        return out
+
+
+def _scaled(atol: float, rtol: float, family, output: str) -> Budget:
+    if output not in OUTPUTS:
+        raise KeyError(f"output must be one of {OUTPUTS}, got {output!r}")
+    scale = float(getattr(family, "tolerance_scale", 1.0) or 1.0) if output == "text" else 1.0
+    if scale == 1.0:
+        return Budget(atol, rtol)
+    why = getattr(family, "tolerance_why", "")
+    if scale < 1.0 or not why:
+        raise ValueError(f"family {getattr(family, 'model_type', family)!r} declares tolerance_scale {scale:g}; "
+                         "a scale must be >= 1 and carry its measured reason (tolerance_why)")
+    return Budget(atol * scale, rtol * scale, scale, why)
+
+
+def budget(device_kind: str, dtype, backend: str | None, direction: str, *, family=None,
+           output: str = "text") -> Budget:
+    """``tolerance(...)`` times ``family``'s declared ``tolerance_scale`` where ``output`` is "text" (else as is)."""
+    return _scaled(*tolerance(device_kind, dtype, backend, direction), family, output)
+
+
+def loss_budget(dtype, *, family=None) -> Budget:
+    """``loss_tolerance(dtype)`` times ``family``'s declared ``tolerance_scale`` (a loss passes the text model)."""
+    return _scaled(*loss_tolerance(dtype), family, "text")

@@ -56,3 +56,25 @@ def test_importing_the_registry_imports_neither_torch_nor_transformers():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_familys_declared_scale_reaches_text_budgets_only_and_carries_its_reason():
+    """``tolerances.budget``: the one place suites and portvlm.check take budgets from."""
+    from dataclasses import replace
+
+    from portvlm.testing import tolerances
+
+    table = tolerances.tolerance("cpu", "float32", None, "fwd")
+    qwen35 = models.by_type("qwen3_5")
+    assert qwen35.tolerance_scale > 1 and qwen35.tolerance_why
+    text = tolerances.budget("cpu", "float32", None, "fwd", family=qwen35)
+    assert tuple(text) == (table[0] * qwen35.tolerance_scale, table[1] * qwen35.tolerance_scale)
+    assert text.figures()["tolerance_why"] == qwen35.tolerance_why
+    assert tuple(tolerances.budget("cpu", "float32", None, "fwd", family=qwen35, output="vision")) == table
+    assert tolerances.budget("cpu", "float32", None, "fwd", family=models.by_type("qwen2_5_vl")) == tolerances.Budget(*table)
+    loss = tolerances.loss_budget("float32", family=qwen35)
+    assert tuple(loss) == tuple(x * qwen35.tolerance_scale for x in tolerances.loss_tolerance("float32"))
+    with pytest.raises(ValueError, match="measured reason"):
+        tolerances.budget("cpu", "float32", None, "fwd", family=replace(qwen35, tolerance_why=""))
+    with pytest.raises(KeyError, match="output"):
+        tolerances.budget("cpu", "float32", None, "fwd", output="audio")
