@@ -20,7 +20,8 @@ Checks (Qwen-VL; LLaVA packs one image per batch row, so only the logits and the
 - ``vision.alone`` (``vision.windows`` on Qwen2.5-VL): the model's tower on each item alone vs the reference — on
   Qwen2.5-VL, where an item spans several windows, what window blocks leak across windows (full blocks agree).
 - ``logits.<case>``: text, image, packed, padded batch (left / right, padded positions not compared) vs fp32.
-Tolerances: ``portvlm.testing.tolerances`` keyed by the model's device kind and dtype (forward).
+Tolerances: ``portvlm.testing.tolerances.budget`` keyed by the model's device kind and dtype (forward), the
+family's declared ``tolerance_scale`` applied to the logits (never to the vision features), as in the suites.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class CheckReport:
         if self.wrappers:
             lines.append(f"  found inside: {' -> '.join(self.wrappers)}")
         lines.append(f"  reference built from {self.reference}")
+        if self.figures.get("tolerance_scale"):
+            lines.append(f"  logits tolerance x{self.figures['tolerance_scale']:g} declared by the family: "
+                         f"{self.figures['tolerance_why']}")
         lines += [f"  {target}: {who}" for target, who in self.runs.items()]
         for c in self.checks:
             lines.append(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
@@ -128,17 +132,24 @@ def reference_vision_forward(self, hidden_states, cu_seqlens, rotary_pos_emb=Non
 
     seq = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    if getattr(self, "q_norm", None) is not None:  # GLM-OCR: per-head RMS norms on q and k before rotary (upstream order)
+        q, k = self.q_norm(q), self.k_norm(k)
     if position_embeddings is None:
         emb = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)
         position_embeddings = (emb.cos(), emb.sin())
     q, k = rotary_of(type(self))(q, k, *position_embeddings)
+    scale = getattr(self, "scaling", None) or 1.0 / math.sqrt(q.shape[-1])
     out = torch.empty_like(q)
     bounds = [int(b) for b in cu_seqlens.tolist()]
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         qs, ks, vs = (t[start:end].transpose(0, 1).float() for t in (q, k, v))  # [H, L, D]
-        probs = torch.softmax(qs @ ks.transpose(-1, -2) / math.sqrt(qs.shape[-1]), dim=-1)
+        probs = torch.softmax(qs @ ks.transpose(-1, -2) * scale, dim=-1)
         out[start:end] = (probs @ vs).transpose(0, 1).to(out.dtype)
     return self.proj(out.reshape(seq, -1))
+
+
+# The submodules the reference vision forward applies; any other would be silently skipped, so it refuses instead.
+REFERENCE_VISION_CHILDREN = ("qkv", "proj", "q_norm", "k_norm")
 
 
 def _vision_attention(model) -> list:
@@ -228,6 +239,10 @@ def reference_from(model):
                           f"{exc})")
     ref = ref.to(torch.float32).eval()
     for module in _vision_attention(ref):
+        unknown = sorted(set(dict(module.named_children())) - set(REFERENCE_VISION_CHILDREN))
+        if unknown:
+            raise UnsupportedError(f"portvlm check's reference vision attention would skip {type(module).__name__}'s "
+                                   f"{', '.join(unknown)}: teach checker.reference_vision_forward that step first")
         module.forward = reference_vision_forward.__get__(module)
     notes = []
     for module in _text_attention(ref):
@@ -346,11 +361,13 @@ def check(model, arch: str | None = None, *, seed: int = 0, inputs=None, dtype=N
     device, dtype = param.device, param.dtype
     kind, arch_id = _device_kind(device, arch)
     dtype_name = str(dtype).removeprefix("torch.")
-    atol, rtol = tolerances.tolerance(kind, dtype_name, None, "fwd")
+    family = models.by_type(model_type)  # its declared tolerance_scale (and why) holds for the logits, as in the suites
+    budgets = {out: tolerances.budget(kind, dtype_name, None, "fwd", family=family, output=out)
+               for out in tolerances.OUTPUTS}
     handle = handle_of(model)
     policy = handle.report.arch if handle is not None else None
     report = CheckReport(model_type, arch_id, kind, dtype_name, runs=runs(model), wrappers=held.labels, policy=policy)
-    report.figures.update(atol=atol, rtol=rtol)
+    report.figures.update(**budgets["text"].figures(), **budgets["vision"].figures("vision_"))
     geo = geometry(model)
     if dtype_name == "float16" or (dtype is not None and str(dtype).removeprefix("torch.") == "float16"):
         report.fp16 = _fp16_scan(report, model, geo, inputs, seed, policy)
@@ -362,7 +379,7 @@ def check(model, arch: str | None = None, *, seed: int = 0, inputs=None, dtype=N
     try:
         with torch.no_grad():
             try:
-                _run_checks(report, model, ref, geo, device, dtype, atol, rtol, seed)
+                _run_checks(report, model, ref, geo, device, dtype, budgets, seed)
             except FP16OverflowError as exc:  # the fp16 policy's guard stopped a forward: that is the finding
                 report.checks.append(_check("fp16.guard", False, str(exc)))
     finally:
@@ -418,7 +435,7 @@ def _check(name, ok, detail, value=None, bound=None):
     return Check(name=name, ok=bool(ok), detail=detail, value=value, bound=bound)
 
 
-def _run_checks(report, model, ref, geo, device, dtype, atol, rtol, seed):
+def _run_checks(report, model, ref, geo, device, dtype, budgets, seed):
     import torch
 
     from portvlm.models import inputs as model_inputs
@@ -433,10 +450,11 @@ def _run_checks(report, model, ref, geo, device, dtype, atol, rtol, seed):
     windowed = geo.window is not None  # Qwen2.5-VL: window blocks beside full-attention ones
     name_alone = "vision.windows" if windowed else "vision.alone"
     figures: dict[str, list] = {}
+    vision = budgets["vision"]
     for key in alone_ref:
-        total = compare(packed[key], alone_ref[key], atol, rtol)
-        across = compare(packed[key], alone[key], atol, rtol)
-        each = compare(alone[key], alone_ref[key], atol, rtol)
+        total = compare(packed[key], alone_ref[key], *vision)
+        across = compare(packed[key], alone[key], *vision)
+        each = compare(alone[key], alone_ref[key], *vision)
         n = len(items)
         report.checks.append(check_from(f"vision.packed_vs_alone.{key}", total,
                                         f"{n} items packed in one call vs the reference on each alone; "))
@@ -458,14 +476,16 @@ def _run_checks(report, model, ref, geo, device, dtype, atol, rtol, seed):
             f"full blocks {full} of {vc.depth}, windows per item {spans}", max(spans), 2))
 
     errors = {}
+    text = budgets["text"]
+    scaled = f"table x{text.scale:g} (the family's declared tolerance_scale); " if text.scale != 1.0 else ""
     for kind, side in model_inputs.CASES:
         name = model_inputs.case_name(kind, side)
         expected = _forward(ref, inputs(geo, kind, torch.float32, side or "left", seed))
         inp = {k: v.to(device) for k, v in inputs(geo, kind, dtype, side or "left", seed).items()}
         got = _forward(model, inp).float().cpu()
-        c = compare(got, expected, atol, rtol, mask=inp["attention_mask"].bool().cpu())
+        c = compare(got, expected, *budgets["text"], mask=inp["attention_mask"].bool().cpu())
         errors[name] = c.max_abs_err
-        report.checks.append(check_from(f"logits.{name}", c))
+        report.checks.append(check_from(f"logits.{name}", c, what=scaled))
     report.figures["logits_max_abs"] = max(errors.values())
     report.figures["logits_errors"] = errors
 

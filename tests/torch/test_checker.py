@@ -97,3 +97,36 @@ def test_check_refuses_models_it_has_no_inputs_for():
     with pytest.raises(UnsupportedError, match="qwen2_5_vl.*llava"):
         portvlm.check(model)
     assert checker.main(["no_such_module_xyz:build"]) == 2
+
+
+@pytest.mark.skipif(bool(tiny.is_available("qwen3_5")), reason="; ".join(tiny.is_available("qwen3_5")) or "-")
+def test_check_holds_logits_to_the_familys_declared_scale_and_vision_features_to_the_table(monkeypatch):
+    """Qwen3.5 upstream sdpa vs the eager reference: its gated RMSNorm amplifies rounding (the family's declared scale)."""
+    from dataclasses import replace
+
+    from portvlm import models
+
+    family = models.by_type("qwen3_5")
+    model = tiny.build("qwen3_5", attn_implementation="sdpa")
+    report = portvlm.check(model)
+    assert report.ok, str(report)
+    figures = report.figures
+    assert figures["tolerance_scale"] == family.tolerance_scale and figures["tolerance_why"] == family.tolerance_why
+    assert figures["atol"] == figures["vision_atol"] * family.tolerance_scale and "vision_tolerance_scale" not in figures
+    assert "declared by the family" in str(report)
+    # Without the declaration the same model fails at the logits, and only there: the scale is what the check used.
+    monkeypatch.setitem(models._REGISTRY, "qwen3_5", replace(family, tolerance_scale=1.0, tolerance_why=""))
+    bare = portvlm.check(model)
+    assert not bare.ok and bare.failed and all(c.name.startswith("logits.") for c in bare.failed), str(bare)
+
+
+@pytest.mark.skipif(bool(tiny.is_available("glm_ocr")), reason="; ".join(tiny.is_available("glm_ocr")) or "-")
+def test_the_reference_applies_glm_ocrs_vision_qk_norms_and_refuses_a_step_it_does_not_know(monkeypatch):
+    """GLM-OCR's vision attention norms q and k per head: a reference without them read 0.386 as a leak."""
+    model = tiny.build("glm_ocr", attn_implementation="sdpa")
+    report = portvlm.check(model)
+    assert report.ok and report.figures["leak_max_abs"] < 1e-5, str(report)
+    # an upstream tower with a step the reference does not apply (here: as if it knew no q/k norms) is refused
+    monkeypatch.setattr(checker, "REFERENCE_VISION_CHILDREN", ("qkv", "proj"))
+    with pytest.raises(UnsupportedError, match="would skip GlmOcrVisionAttention's k_norm, q_norm"):
+        portvlm.check(model)
