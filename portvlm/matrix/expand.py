@@ -56,6 +56,28 @@ def first_expectation(
     return None
 
 
+def expected_on(matrix: Matrix, arch_id: str, model_id: str, transformers: str,
+                torch: str | None = None) -> tuple[str, str | None]:
+    """``(outcome, reason)`` of ``model_id`` on ``arch_id`` where ``transformers`` (and ``torch``) are installed.
+
+    The cell of the arch's stack pinning that transformers (and torch, given; local tags like ``+cpu`` ignored) when
+    one is declared; otherwise the expectations whose selectors do not name a stack, evaluated for that version (a
+    venv no stack declares), with the reason saying so.
+    """
+    arch, model = matrix.arch(arch_id), matrix.model(model_id)
+    bare = None if torch is None else torch.split("+", 1)[0]
+    stacks = [matrix.stack(s) for s in arch.stacks]
+    for stack in stacks:
+        if stack.transformers == transformers and (bare is None or stack.torch == bare):
+            found = first_expectation(matrix.expectations, arch, model, stack)
+            return ("pass", None) if found is None else (found.outcome, f"{found.reason} ({stack.id})")
+    here = Stack(id="", python="", torch=bare or "", torch_variant="", transformers=transformers)
+    found = first_expectation((e for e in matrix.expectations if not e.stacks), arch, model, here)
+    if found is None:
+        return "pass", None
+    return found.outcome, f"{found.reason} (transformers {transformers}: no {arch_id} stack declares it)"
+
+
 def select(
     cells: Iterable[Cell],
     arch: str | Iterable[str] | None = None,

@@ -16,24 +16,31 @@ from portvlm.models import tiny  # noqa: E402
 from portvlm.suites import SuiteContext, run_suite, run_suites  # noqa: E402
 from portvlm.testing import tolerances  # noqa: E402
 
-MODELS = [pytest.param(m, marks=pytest.mark.skipif(bool(tiny.is_available(m)), reason="; ".join(tiny.is_available(m)) or "-")) for m in tiny.model_ids()]
-# The families declared this round have cells on cpu-tf5.23.0 and newer only (matrix.yaml); below that, skip, saying so.
-_NEW_FAMILIES = {"qwen2vl", "glm4v", "glm4v_moe", "glm_ocr", "qwen3vl_moe", "qwen3_5", "qwen3_5_moe"}
 
-
-def _declared_here(params):
+def _declared(params, *, xfail: bool):
+    """Each model's expected outcome on the installed stack, read from matrix.yaml (cpu arch): excluded -> skip and
+    (for the suites) xfail -> strict xfail, each with its declared reason; no list of models here."""
     import transformers
 
-    from portvlm.versions import parse
+    from portvlm.matrix.expand import expected_on
+    from portvlm.policy import packaged_matrix
 
-    if parse(transformers.__version__) >= parse("5.23.0"):
-        return params
-    skip = pytest.mark.skip(reason=f"cells declared on transformers >= 5.23 (matrix.yaml), found {transformers.__version__}")
-    return [pytest.param(*p.values, marks=(*p.marks, skip), id=p.id) if p.values[0] in _NEW_FAMILIES else p
-            for p in params]
+    out = []
+    for p in params:
+        outcome, reason = expected_on(packaged_matrix(), "cpu", p.values[0], transformers.__version__, torch.__version__)
+        marks = tuple(p.marks)
+        if outcome == "excluded":
+            marks += (pytest.mark.skip(reason=f"matrix.yaml excludes this cell: {reason}"),)
+        elif outcome == "xfail" and xfail:
+            marks += (pytest.mark.xfail(reason=f"matrix.yaml expects a failure: {reason}", strict=True),)
+        out.append(pytest.param(*p.values, marks=marks, id=p.id))
+    return out
 
 
-MODELS = _declared_here(MODELS)
+_BUILDABLE = [pytest.param(m, marks=pytest.mark.skipif(bool(tiny.is_available(m)), reason="; ".join(tiny.is_available(m)) or "-"), id=m)
+              for m in tiny.model_ids()]
+MODELS = _declared(_BUILDABLE, xfail=False)
+CELLS = _declared(_BUILDABLE, xfail=True)
 
 
 @pytest.mark.parametrize("model_id", MODELS)
@@ -123,45 +130,9 @@ def test_a_crashing_suite_is_error_and_an_unavailable_model_is_skipped(monkeypat
         run_suites(SuiteContext("llava", "cpu"), names=("nope",))
 
 
-# Families on which the from_pretrained lane's portvlm.check fails today (found by the lane on 5.25.0, 2026-12-03):
-# a gap of portvlm.check, not of the load. Held strictly: the suite must fail at that one check and nowhere else, so
-# fixing the checker makes this test fail until the entry goes.
-CHECK_GAPS = {
-    "qwen3_5": "portvlm.check applies no Family.tolerance_scale (the chunked delta rule: logits max abs 1.6e-4)",
-    "qwen3_5_moe": "portvlm.check applies no Family.tolerance_scale (the chunked delta rule: logits max abs 5.8e-5)",
-    "glm_ocr": "portvlm.check on GLM-OCR: vision packed_vs_alone 0.386 (its reference or the patch leaks across images)",
-}
-
-
-# Known open (issue #24): Qwen3.5's training trajectory vs its fp32 eager reference is 4.4e-4 against 3e-4 on the
-# CPU (5.24, 5.25); its DeltaNet layers amplify eager-vs-sdpa noise. Reported, not hidden: the cell results say fail.
-KNOWN_FAILURES = {"qwen3_5": "training trajectory 4.4e-4 vs 3e-4 (issue #24)",
-                  "qwen3_5_moe": "training trajectory 4.4e-4 vs 3e-4 (issue #24)"}
-
-
-def _with_known_failures(params):
-    import transformers
-
-    from portvlm.versions import parse
-
-    old = parse(transformers.__version__) < parse("5.23.0")
-    out = []
-    for p in params:
-        values, marks, pid = (p.values, tuple(p.marks), p.id) if hasattr(p, "values") else ((p,), (), None)
-        if values[0] == "qwen2vl" and old:  # matrix.yaml declares qwen2vl's cells on cpu-tf5.23.0 and newer only
-            marks += (pytest.mark.skip(reason="qwen2vl cells are declared on transformers >= 5.23 (matrix.yaml)"),)
-        if values[0] in KNOWN_FAILURES:
-            marks += (pytest.mark.xfail(reason=KNOWN_FAILURES[values[0]], strict=False),)
-        out.append(pytest.param(*values, marks=marks, id=pid))
-    return out
-
-
-@pytest.mark.parametrize("model_id", _with_known_failures(MODELS))
+@pytest.mark.parametrize("model_id", CELLS)
 def test_all_three_suites_pass(model_id):
     results = run_suites(SuiteContext(model_id, "cpu", fast=True, checker=portvlm.check))
-    if model_id in CHECK_GAPS:
-        fp = results.pop("from_pretrained")
-        assert fp.status == "fail" and [c.name for c in fp.checks if not c.ok] == ["portvlm.check"], CHECK_GAPS[model_id]
     for name, r in results.items():
         assert r.status == "pass", (name, r.status, r.reason, r.error, [c for c in r.checks if not c.ok])
         assert r.checks and all(c.ok for c in r.checks)

@@ -94,6 +94,30 @@ def test_expand_attaches_first_matching_expectation():
     assert cells["sm70--qwen3vl--volta-cu118-torch2.3.1-tf4.50.3"].reason == matrix.expectations[0].reason
 
 
+def test_expected_on_reads_the_installed_stacks_cell_else_the_version_wide_expectations():
+    """What tests/torch/test_suites.py marks each model with: matrix.yaml's outcome and reason, no list in the test."""
+    from portvlm.matrix.expand import expected_on
+
+    matrix = load_matrix(MATRIX)
+    cells = {c.id: c for c in expand(matrix)}
+    for stack in ("cpu-tf4.57.6", "cpu-tf5.10.4", "cpu-tf5.24.0"):
+        cell = cells[f"cpu--glm4v--{stack}"]
+        outcome, reason = expected_on(matrix, "cpu", "glm4v", matrix.stack(stack).transformers, "2.13.0+cpu")
+        assert outcome == cell.expected and (reason is None) == (cell.reason is None), stack
+        assert reason is None or (cell.reason in reason and stack in reason)
+    assert expected_on(matrix, "cpu", "glm4v", "5.10.4")[0] == "excluded"  # the stack's own expectation
+    # a version no cpu stack pins: only the expectations that name no stack, and the reason says so
+    assert expected_on(matrix, "cpu", "glm4v", "5.17.0") == ("pass", None)
+    outcome, reason = expected_on(matrix, "cpu", "qwen3_5", "5.2.0")
+    assert outcome == "excluded" and "5.4.0" in reason and "no cpu stack declares it" in reason
+    xfail = records.Expectation(outcome="xfail", reason="known gap", archs=("cpu",), models=("qwen3_5",),
+                                stacks=("cpu-tf5.25.0",))
+    assert expected_on(replace(matrix, expectations=(xfail, *matrix.expectations)), "cpu", "qwen3_5", "5.25.0") == (
+        "xfail", "known gap (cpu-tf5.25.0)")
+    with pytest.raises(KeyError, match="unknown model"):
+        expected_on(matrix, "cpu", "nope", "5.25.0")
+
+
 def test_select_filters_cells():
     cells = expand(load_matrix(MATRIX))
     picked = select(cells, arch="sm70", model="llava")
