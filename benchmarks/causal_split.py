@@ -12,7 +12,8 @@ sample of N tokens, all in one run on one GPU:
     python benchmarks/causal_split.py [--tokens 32768 8192] [--chunks 2 4 8]
 
 Prints one JSON line per variant (median ms of fwd+bwd, ratio to ``efficient``, max |out - efficient|) and writes
-``$OUT/causal_split.json`` (or benchmarks/results/) with the GPU, torch version and evidence.
+``causal_split.json`` (a ``portvlm.records.BenchmarkRecord``: the GPU, torch version and the sm70 policy's evidence
+here) to ``$OUT`` and benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from portvlm.testing import benchmark  # noqa: E402
 
 
 def attention(q, k, v, variant: str):
@@ -69,15 +74,13 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("causal_split: needs a CUDA GPU (the kernels timed here do not exist on the CPU)", file=sys.stderr)
         return 2
-    rows = []
+    # the sm70 policy's kernel family timed here: hardware on a V100 only, emulated (with the GPU named) elsewhere
+    rec = benchmark.record("causal_split", archs=["sm70"], device="cuda", heads=args.heads, head_dim=args.head_dim,
+                           dtype="float16")
     for tokens in args.tokens:
-        rows += measure(tokens, args)
-    gpu = torch.cuda.get_device_name()
-    doc = {"gpu": gpu, "torch": torch.__version__, "heads": args.heads, "head_dim": args.head_dim, "dtype": "float16",
-           "evidence": "emulated (sm70 policy's kernel family timed on " + gpu + ", not on a V100)", "rows": rows}
-    out = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    with open(os.path.join(out, "causal_split.json"), "w") as fh:
-        json.dump(doc, fh, indent=1)
+        rec.rows += measure(tokens, args)
+        benchmark.write(rec, "causal_split.json")  # after every length: a run cut short keeps what it measured
+    rows = rec.rows
     bad = [f"{r['tokens']} {r['variant']}" for r in rows if not math.isfinite(r["max_abs_diff_vs_efficient"])]
     if bad:  # a non-finite output is a failure, never a figure (issue #22)
         print("FAIL: non-finite output in", ", ".join(bad), file=sys.stderr)

@@ -42,7 +42,6 @@ Parts (Qwen2.5-VL at 7B widths, Qwen3-VL at 8B widths, few layers, random weight
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -65,6 +64,8 @@ from portvlm.distributed import enable_activation_checkpointing, make_mesh, pack
 from portvlm.models import inputs as model_inputs  # noqa: E402
 from portvlm.models import qwen, tiny  # noqa: E402
 from portvlm.shims import model_io  # noqa: E402
+from portvlm.testing import benchmark  # noqa: E402
+from portvlm.testing.distributed import plant_inf, straddles  # noqa: E402
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "V100": 125.0}  # dense bf16/fp16 tensor-core peaks
 QWEN25_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
@@ -76,7 +77,6 @@ QWEN3_8B_TEXT = dict(hidden_size=4096, intermediate_size=12288, num_attention_he
 QWEN3_8B_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
                        num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])
 MROPE = {"qwen2_5vl": [16, 24, 24], "qwen3vl": [24, 20, 20]}
-TOL = {"bfloat16": 3e-2, "float16": 1e-2, "float32": 1e-4}  # dp/size: loss, relative (the bf16/fp16 rows of the table)
 POLICIES = ("sm90", "sm70")
 # The packed-row text kernel per policy on a GPU (--text-backend auto): every policy's own text choice is sdpa_masked,
 # whose dense [S, S] mask (40 GB at 200k tokens) would decide the longest row, for SP=1 and SP=N alike (each SP rank
@@ -201,45 +201,32 @@ def gather_rows(obj, world):
     return out
 
 
-def write(name: str, doc: dict, rank: int, out_dir: str | None) -> None:
-    if rank:
-        return
-    for d in filter(None, (out_dir, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))):
-        os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, name + ".tmp")
-        with open(tmp, "w") as fh:
-            json.dump(doc, fh, indent=1)
-        os.replace(tmp, os.path.join(d, name))  # a reader never sees half a file
-
-
-def header(world, device, smoke, topology):
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"torch": torch.__version__, "transformers": __import__("transformers").__version__, "gpu": gpu,
-            "world_size": world, "topology": topology.as_dict(), "smoke": smoke,
-            "evidence": "cpu-smoke" if smoke else "hardware", "date": datetime.datetime.now(datetime.UTC).isoformat()}
+PART_POLICIES = {"scaler": ("sm70",), "fp16rows": ("sm70",)}  # the parts that run one policy whatever the host
 
 
 class Report:
-    """One part's JSON: rows appended and written at once (rank 0), so a run cut short keeps every finished row."""
+    """One part's ``BenchmarkRecord``: rows appended and written at once (rank 0), so a run cut short keeps every
+    finished row. Evidence is the policies' own match of this host (``portvlm.testing.benchmark``)."""
 
     def __init__(self, part, args, rank, world, device, kind, topology):
         self.rank, self.args = rank, args
         where = ("shared1gpu" if topology.shared_device else f"{world}gpu") if kind == "cuda" else f"{world}proc"
         self.name = f"distributed_{part}_{where}{'_smoke' if args.smoke else ''}.json"
-        self.doc = header(world, device, args.smoke, topology) | {"part": part, "argv": sys.argv[1:], "rows": []}
-        if topology.note:
-            self.doc["evidence_note"] = topology.note
+        archs = PART_POLICIES.get(part) or policies_for(kind, args)
+        self.rec = benchmark.record("distributed_train", archs=archs, device=device, smoke=args.smoke,
+                                    world_size=world, topology=topology, part=part, argv=sys.argv[1:])
 
     def add(self, row: dict) -> dict:
         row = {k: v for k, v in row.items()}
-        self.doc["rows"].append(row)
+        self.rec.rows.append(row)
         self.flush()
         if self.rank == 0:
             print(json.dumps({k: v for k, v in row.items() if k not in ("trace", "per_rank")}), flush=True)
         return row
 
     def flush(self):
-        write(self.name, self.doc, self.rank, self.args.out)
+        # --out (default $OUT), and benchmarks/results/ unless a smoke (a CPU smoke leaves the checkout as it was)
+        benchmark.write(self.rec, self.name, out_dir=self.args.out, rank=self.rank)
 
 
 class Budget:
@@ -282,13 +269,10 @@ def policy_evidence(arch: str, device) -> str:
 
 
 def tolerances_for(arch, device, dtype):
-    """``(loss (atol, rtol), grad rtol)`` from portvlm's tolerance table for this policy on this device."""
-    from portvlm.testing import tolerances
-
-    # an emulated policy is held to the tolerance of the device it runs on (its kernels round as the host's do)
-    real = "sm{}{}".format(*torch.cuda.get_device_capability(device)) if device.type == "cuda" else "cpu"
-    kind = tolerances.device_kind(real, device.type)
-    return tolerances.loss_tolerance(dtype), tolerances.tolerance(kind, dtype, None, "bwd")[1]
+    """``(loss (atol, rtol), grad rtol)`` from portvlm's tolerance table for this policy on this device (an emulated
+    policy is held to the tolerance of the device it runs on: its kernels round as the host's do)."""
+    loss = benchmark.loss_tolerance(dtype)
+    return (loss["atol"], loss["rtol"]), benchmark.tolerance(arch, dtype, "bwd", device=device)["rtol"]
 
 
 def one_process(model_id, cfg, arch, rows, device, *, dtype=None, ckpt=False, grads=True, seed=0):
@@ -484,7 +468,6 @@ def video_row(model_id, frames, grid_hw, text_tokens, seed):
 
 def cuts(row, sp):
     """Where the SP split cuts the row: through samples and through vision-token runs (``straddles``)."""
-    from portvlm.suites.distributed_checks import straddles
 
     return straddles(row, sp)
 
@@ -714,7 +697,6 @@ def part_scaler(args, rank, world, device, kind, report, budget):
 
 
 def scaler_one(args, arch, dims, rank, world, device):
-    from portvlm.suites.distributed_checks import _plant_inf
 
     model_id = "qwen2_5vl"
     cfg = model_config(model_id, args)
@@ -732,7 +714,7 @@ def scaler_one(args, arch, dims, rank, world, device):
     for step in range(2):
         out = pmodel(**row)
         scaler.scale(out.loss).backward()
-        planted = _plant_inf(pmodel) if step == 0 and rank == plant else None
+        planted = plant_inf(pmodel) if step == 0 and rank == plant else None
         before = [p.detach().to_local().clone() for p in pmodel.parameters()]
         scale = float(scaler.get_scale())
         scaler.step(opt)
@@ -1223,7 +1205,7 @@ def part_sp(args, rank, world, device, kind, report, budget):
     cfg = model_config(model_id, args)
     cap = None
     if kind == "cuda":
-        frac = report.doc["topology"].get("memory_fraction_per_rank") or 1.0
+        frac = report.rec.topology.get("memory_fraction_per_rank") or 1.0
         cap = round(torch.cuda.get_device_properties(device).total_memory * frac / 2**30, 2)
     policies = list(policies_for(kind, args))
     for i, arch in enumerate(policies):
@@ -1271,12 +1253,12 @@ def summary(reports) -> str:
     """The short table printed last: one line per row."""
     lines = [f"{'part':8} {'check':18} {'model':10} {'policy':6} {'mesh':5} {'status':8} figure"]
     for rep in reports:
-        for r in rep.doc["rows"]:
+        for r in rep.rec.rows:
             mesh = r.get("mesh") or {}
             fig = next((f"{k}={r[k]:.3g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in (
                 "ratio_longest_sp_over_sp1", "grad_ratio", "loss_abs_err", "skipped_on_ranks", "error", "reason")
                 if r.get(k) is not None), "")
-            lines.append(f"{rep.doc['part']:8} {r.get('check', '-'):18} {r.get('model', '-'):10} "
+            lines.append(f"{rep.rec.figures['part']:8} {r.get('check', '-'):18} {r.get('model', '-'):10} "
                          f"{r.get('arch_policy', '-'):6} {mesh.get('dp', 1)}x{mesh.get('sp', 1):<3} "
                          f"{r.get('status', '?'):8} {fig[:120]}")
     return "\n".join(lines)
@@ -1327,18 +1309,18 @@ def main() -> int:
             t0 = time.time()
             if part == "size":  # issue 12's part: one result document, rows derived for the exit code
                 body = part_size(part_args, rank, world, device, kind)
-                report.doc["result"] = body
-                report.doc["rows"] = [dict(v, check=f"size/{k}") for k, v in body.get("runs", {}).items()]
+                report.rec.figures["result"] = body
+                report.rec.rows = [dict(v, check=f"size/{k}") for k, v in body.get("runs", {}).items()]
             else:
                 {"dp": part_dp, "grads": part_grads, "scaler": part_scaler, "fp16rows": part_fp16rows,
                  "sp": part_sp}[part](part_args, rank, world, device, kind, report, budget)
-            report.doc["wall_s"] = round(time.time() - t0, 1)
+            report.rec.figures["wall_s"] = round(time.time() - t0, 1)
             report.flush()
     finally:
         for report in reports:
             report.flush()
         dist.destroy_process_group()
-    rows = [r for rep in reports for r in rep.doc["rows"]]
+    rows = [r for rep in reports for r in rep.rec.rows]
     if rank == 0:
         print(summary(reports), flush=True)
         print(f"topology: {json.dumps(topology.as_dict())}", flush=True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -41,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import portvlm  # noqa: E402
 from portvlm import models  # noqa: E402
+from portvlm.testing import benchmark  # noqa: E402
 from portvlm.testing.tolerances import budget, device_kind, tolerance  # noqa: E402
 
 GRIDS = [(1, 16, 16), (1, 24, 32), (1, 32, 16)]  # three images, patches (t, h, w): 256 + 768 + 512 rows
@@ -144,18 +144,18 @@ def run_case(family: str, arch: str, args, device: str) -> dict:
         getattr(cfg, sub)._attn_implementation = "eager"
     ref = transformers.AutoModelForImageTextToText.from_config(cfg).to(device).eval()
     test = copy.deepcopy(ref)
-    record = {"family": family, "arch": arch, "transformers": transformers.__version__, "torch": torch.__version__,
-              "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-              "widths": "tiny" if args.tiny else "config defaults (released checkpoint widths)",
-              "text_layers": args.text_layers, "vision_depth": args.vision_depth,
-              "text_hidden": cfg.text_config.hidden_size, "vision_hidden": cfg.vision_config.hidden_size}
+    # evidence from the policy's own match of this host (hardware on the arch itself, else emulated and why)
+    rec = benchmark.record("families_gpu", archs=[arch], device=device, smoke=args.tiny, family=family, arch=arch,
+                           widths="tiny" if args.tiny else "config defaults (released checkpoint widths)",
+                           text_layers=args.text_layers, vision_depth=args.vision_depth,
+                           text_hidden=cfg.text_config.hidden_size, vision_hidden=cfg.vision_config.hidden_size)
+    record = rec.figures  # the figures below go into the record's header
     handle = portvlm.patch(test, arch=arch)
     try:
         dtype = handle.dtype
         test.to(dtype)
         rep = handle.report
-        record.update(dtype=rep.dtype, evidence="emulated" if rep.emulation else "hardware", emulation=rep.emulation,
-                      vision_backend=rep.vision_backend.name, text_backend=rep.text_backend.name,
+        record.update(dtype=rep.dtype, vision_backend=rep.vision_backend.name, text_backend=rep.text_backend.name,
                       shims=sorted(rep.shim_names()))
         kind = device_kind(arch, device)
         grids = TINY_GRIDS if args.tiny else GRIDS
@@ -216,7 +216,7 @@ def run_case(family: str, arch: str, args, device: str) -> dict:
         control |= compare(leaked, alone, *tight(kind, rep.dtype)) | {"vs_fp32_max_abs_err": compare(
             leaked, want, *tb)["max_abs_err"]}
         record["negative_control"] = control
-    return record
+    return rec
 
 
 def failures(rec: dict) -> list[str]:
@@ -267,15 +267,15 @@ def main() -> int:
             t0 = time.perf_counter()
             try:
                 rec = run_case(family, arch, args, args.device)
-                rec["failures"] = failures(rec)
+                rec.figures["failures"] = failures(rec.figures)
             except Exception as exc:  # noqa: BLE001 - recorded as a failure, never a figure
-                rec = {"family": family, "arch": arch, "failures": [f"{type(exc).__name__}: {exc}"],
-                       "traceback": traceback.format_exc()}
-            rec["seconds"] = round(time.perf_counter() - t0, 1)
-            failed += bool(rec["failures"])
-            with open(os.path.join(args.out, f"families_gpu_{family}_{arch}.json"), "w") as fh:
-                json.dump(rec, fh, indent=1, default=str)
-            rows.append(rec)
+                rec = benchmark.record("families_gpu", archs=[arch], device=args.device, smoke=args.tiny, family=family,
+                                       arch=arch, failures=[f"{type(exc).__name__}: {exc}"],
+                                       traceback=traceback.format_exc())
+            rec.figures["seconds"] = round(time.perf_counter() - t0, 1)
+            failed += bool(rec.figures["failures"])
+            benchmark.write(rec, f"families_gpu_{family}_{arch}.json", out_dir=args.out, results=False)
+            rows.append(rec.figures | {"evidence": rec.evidence})
             if args.device == "cuda":
                 torch.cuda.empty_cache()
     print(f"\n{'family':8} {'arch':5} {'dtype':8} {'evidence':9} {'vision vs fp32':>16} {'vision pack':>11} "

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -39,7 +38,7 @@ from portvlm.errors import FP16OverflowError  # noqa: E402
 from portvlm.models import inputs as model_inputs  # noqa: E402
 from portvlm.models import tiny  # noqa: E402
 from portvlm.shims.fp16.scan import scan  # noqa: E402
-from portvlm.testing import compare, tolerances  # noqa: E402
+from portvlm.testing import benchmark, compare  # noqa: E402
 from portvlm.testing.outliers import plant  # noqa: E402
 
 PEAK = 1.2e5  # planted fp32 peak of each residual channel (> 65504)
@@ -134,18 +133,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    import transformers
-
     t0 = time.perf_counter()
     failures: list[str] = []
-    policy = portvlm.resolve_policy("sm70")
-    result: dict = {
-        "benchmark": "fp16_guard", "torch": torch.__version__, "transformers": transformers.__version__,
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-        "evidence": "emulated", "emulation": policy.emulation,
-        "model": "tiny qwen2_5vl" if args.tiny else "Qwen2.5-VL-7B widths, 4/28 text layers, 4/32 vision blocks, random weights",
-        "planted": [], "tiny": args.tiny,
-    }
+    # evidence from the sm70 policy's own match of this host (emulated off a V100, the reason in evidence_notes)
+    rec = benchmark.record(
+        "fp16_guard", archs=["sm70"], device=device, smoke=args.tiny, tiny=args.tiny, planted=[],
+        model="tiny qwen2_5vl" if args.tiny else "Qwen2.5-VL-7B widths, 4/28 text layers, 4/32 vision blocks, random weights")
+    result: dict = rec.figures  # every figure below goes into the record's header
     if args.tiny:
         model = tiny.build("qwen2_5vl").to(device)
         geo = tiny.geometry("qwen2_5vl")
@@ -181,7 +175,8 @@ def main(argv=None) -> int:
         except FP16OverflowError as exc:
             result["guard"] = {"raised": True, "module": exc.module, "peak": exc.peak, "message": str(exc)}
     before = {k: v.clone() for k, v in m16.state_dict().items()}
-    atol, rtol = tolerances.tolerance("sm70", "float16", None, "fwd")
+    tol = rec.tolerances["sm70_logits"] = benchmark.tolerance("sm70", "float16", "fwd", device=device)  # the suites'
+    atol, rtol = tol["atol"], tol["rtol"]
     t_patch = time.perf_counter()
     with portvlm.patch(m16, arch="sm70", calibration=calib) as handle:
         patch_s = time.perf_counter() - t_patch
@@ -239,13 +234,11 @@ def main(argv=None) -> int:
     result["failures"] = failures
     result["ok"] = not failures
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "fp16_guard" + ("_tiny" if args.tiny else "") + ".json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    (path,) = benchmark.write(rec, "fp16_guard" + ("_tiny" if args.tiny else "") + ".json", out_dir=args.out,
+                              results=False)
 
     sp = result["sm70_policy"]
-    print(f"\nwrote {path}  ({result['model']}, {result['tokens']} tokens, {result['device']}, evidence emulated)")
+    print(f"\nwrote {path}  ({result['model']}, {result['tokens']} tokens, {rec.environment['gpu'] or 'cpu'}, evidence {rec.evidence})")
     print(f"{'row':34} {'result':>44}")
     print(f"{'fp32 reference':34} {'finite' if finite(ref) else 'NON-FINITE':>44}")
     print(f"{'unpatched fp16 (control)':34} {'non-finite ' + format(result['unpatched_fp16']['non_finite_fraction'], '.0%') if not result['unpatched_fp16']['finite'] else 'FINITE (control failed)':>44}")

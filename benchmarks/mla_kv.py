@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 from portvlm.mla.cache import stored_bytes  # noqa: E402
 from portvlm.mla.conversion import Geometry, MLASpec, convert, kv_figures  # noqa: E402
 from portvlm.shims.kv_cache import cache_kwargs  # noqa: E402
+from portvlm.testing import benchmark  # noqa: E402
 
 IMAGE_TOKEN = 32000
 FULL = dict(
@@ -166,13 +167,12 @@ def main(argv=None) -> int:
         print("error: the full run needs a CUDA GPU (LLaVA-1.5-7B in fp16); use --smoke on a CPU", file=sys.stderr)
         return 2
     dtype = getattr(torch, cfg["dtype"])
-    import transformers
-
     import portvlm
 
-    result = {"benchmark": "mla_kv", "smoke": a.smoke, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "torch": torch.__version__, "transformers": transformers.__version__, "dtype": cfg["dtype"],
-              "config": {k: cfg[k] for k in ("tokens", "decode", "rank", "rope_dims", "svd")} | {"text": cfg["text"]}}
+    arch = a.arch or portvlm.resolve_policy().arch.id  # the policy patch() applies: --arch, else the host's
+    rec = benchmark.record("mla_kv", archs=[arch], device=device, smoke=a.smoke, dtype=cfg["dtype"],
+                           config={k: cfg[k] for k in ("tokens", "decode", "rank", "rope_dims", "svd")} | {"text": cfg["text"]})
+    result = rec.figures  # the figures below go into the record's header
     t_all = time.perf_counter()
     log(f"building LLaVA ({cfg['text']['num_hidden_layers']} layers, hidden {cfg['text']['hidden_size']}) on {device}")
     model, image_tokens, image_id = build(cfg, device, dtype)
@@ -226,18 +226,15 @@ def main(argv=None) -> int:
     )
     result["wall_s"] = round(time.perf_counter() - t_all, 1)
     print(json.dumps(result["summary"], indent=1), flush=True)
+    # written before any verdict: a failing run keeps its figures
+    for path in benchmark.write(rec, "mla_kv.json", path=a.out):  # $OUT, and --out or benchmarks/results/ (not a smoke)
+        log(f"wrote {path}")
     if a.smoke and not result["smoke_checks"]["cached_equals_no_cache"]:
         print("error: smoke: cached decoding differs from the no-cache forward", file=sys.stderr)
         return 1
     if not result["summary"]["bytes_per_token_match_declared"]:
         print("error: measured KV bytes per token differ from the declared formula", file=sys.stderr)
         return 1
-    out = a.out or (None if a.smoke else os.path.join(HERE, "results", "mla_kv.json"))
-    for path in [p for p in (out, os.path.join(os.environ["OUT"], "mla_kv.json") if os.environ.get("OUT") else None) if p]:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        log(f"wrote {path}")
     return 0
 
 

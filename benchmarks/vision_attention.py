@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from portvlm.backends import backend_reasons, select  # noqa: E402
 from portvlm.backends import kernels as K  # noqa: E402
+from portvlm.testing import benchmark  # noqa: E402
 
 FULL = dict(
     vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
@@ -398,23 +399,22 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    import transformers
-
     t0 = time.perf_counter()
-    header = {"torch": torch.__version__, "transformers": transformers.__version__, "device": device,
-              "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "smoke": args.smoke,
-              "iters": conf["iters"], "warmup": conf["warmup"]}
-    print(json.dumps(header), flush=True)
+    rec = benchmark.record("vision_attention", archs=("sm70", "sm90"), device=device, smoke=args.smoke,
+                           iters=conf["iters"], warmup=conf["warmup"])
+    print(json.dumps(rec.to_json()), flush=True)
     dtypes = (torch.float16, torch.bfloat16) if device == "cuda" else (torch.float32,)
     if args.smoke and device == "cpu":
         dtypes = (torch.float32,)
     rows = vision_rows(conf, device, dtypes)
     text = [] if args.no_text else text_rows(conf, device)
     r = ratios(rows)
-    result = {**header, **{k: r[k] for k in ("nonflash_vs_flash_varlen", "speedup_vs_transformers_sdpa")},
-              "ratios": r, "targets": {k: f"{op} {v}" for k, (op, v) in TARGETS.items()}, "met": verdicts(r),
-              "anchors_ms": {"transformers_sdpa": {"float16": 700, "bfloat16": 743}, "flash_varlen_registry": {"float16": 305, "bfloat16": 311}},
-              "vision": rows, "text": text, "wall_s": round(time.perf_counter() - t0, 1)}
+    rec.figures.update({k: r[k] for k in ("nonflash_vs_flash_varlen", "speedup_vs_transformers_sdpa")}, ratios=r,
+                       targets={k: f"{op} {v}" for k, (op, v) in TARGETS.items()}, met=verdicts(r),
+                       anchors_ms={"transformers_sdpa": {"float16": 700, "bfloat16": 743},
+                                   "flash_varlen_registry": {"float16": 305, "bfloat16": 311}},
+                       vision=rows, text=text, wall_s=round(time.perf_counter() - t0, 1))
+    result = rec.figures
 
     print(f"\n{'dtype':9} {'mode':18} {'fwd+bwd ms':>11} {'peak GiB':>9} {'rel diff':>9} {'syncs pv/cuda':>14}  note")
     for row in rows:
@@ -437,17 +437,8 @@ def main(argv=None) -> int:
         print(f"{key:50} {('-' if value is None else value)!s:>7}  {target:>7}   {'-' if met is None else ('yes' if met else 'NO')}")
     print(f"wall {result['wall_s']} s")
 
-    paths = []
-    if args.out:
-        paths.append(args.out)
-    elif not args.smoke:
-        paths.append(os.path.join(HERE, "results", "vision_attention.json"))
-    if os.environ.get("OUT"):
-        paths.append(os.path.join(os.environ["OUT"], "vision_attention" + ("_smoke" if args.smoke else "") + ".json"))
-    for path in paths:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+    name = "vision_attention" + ("_smoke" if args.smoke else "") + ".json"
+    for path in benchmark.write(rec, name, path=args.out):  # $OUT, and --out or benchmarks/results/ (not a smoke)
         print("wrote", path)
     # A non-finite forward is a failure, never a figure (issue #22): exit non-zero after the results are written.
     bad = [f"{row['dtype']} {row['mode']}" for row in rows if "error" not in row and not row.get("finite", True)]

@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Any
 
 SCHEMA = "portvlm.cell-result/1"
+BENCHMARK_SCHEMA = "portvlm.benchmark/1"
 
 
 class StrEnum(str, Enum):
@@ -178,3 +179,33 @@ class CellReport:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         suites = {k: suite_from_json(v) for k, v in known.pop("suites", {}).items()}
         return cls(**known, suites=suites)
+
+
+@dataclass
+class BenchmarkRecord:
+    """One benchmark run's JSON (``benchmarks/*.py``): where it ran, what its figures prove, what they were held to.
+
+    ``evidence`` is the policy's own match of the host (``portvlm.testing.benchmark.evidence``: ``hardware`` on the
+    arch, ``emulated`` elsewhere, with what differed in ``evidence_notes``), never a benchmark's own word; a smoke
+    (tiny sizes, wiring only) says so in ``smoke`` and a note. ``tolerances`` are the suites' table entries the rows
+    are held to, by name. ``figures`` are the benchmark's own header fields, ``rows`` its measurements.
+    """
+
+    benchmark: str
+    evidence: str  # an Evidence
+    evidence_notes: list[str] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)  # torch, transformers, python, device, gpu
+    smoke: bool = False
+    world_size: int = 1
+    topology: dict[str, Any] | None = None  # portvlm.distributed.launch.Topology.as_dict() for multi-process runs
+    tolerances: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> {"atol": .., "rtol": ..}
+    figures: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    date: str = ""
+    schema: str = BENCHMARK_SCHEMA
+
+    def to_json(self) -> dict[str, Any]:
+        """The file's content: the record's fields, with ``environment`` and ``figures`` at the top level too (the
+        readers of files written before this record, ``portvlm.publish.distributed``, read ``gpu``, ``part`` ...)."""
+        doc = asdict(self)
+        return {**doc.pop("environment"), **doc.pop("figures"), **doc}

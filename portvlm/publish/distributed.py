@@ -159,12 +159,13 @@ def _peak(r: dict):
 
 
 def from_benchmarks(directory: Path) -> tuple[list[DistRow], list[str]]:
-    """Rows from ``distributed_*.json`` / ``fsdp2_*.json`` in ``directory``; problems as text."""
+    """Rows from ``distributed_*.json`` (``portvlm.records.BenchmarkRecord`` files, and older headers) in
+    ``directory``; problems as text."""
     rows, problems = [], []
     if not directory.is_dir():
         return rows, problems
     for path in sorted(directory.glob("*.json")):
-        if not path.name.startswith(("distributed_", "fsdp2_")) or path.stem.endswith("_smoke"):
+        if not path.name.startswith("distributed_") or path.stem.endswith("_smoke"):
             continue
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
@@ -175,7 +176,7 @@ def from_benchmarks(directory: Path) -> tuple[list[DistRow], list[str]]:
         gpu = doc.get("gpu", "?")
         topo = topology_text(doc)
         body = doc.get("result") or {}
-        for r in doc.get("rows") or []:  # dp / fsdp2_train rows, and every part of the shared-device benchmark
+        for r in doc.get("rows") or []:  # every part's rows (dp, grads, scaler, fp16rows, sp)
             if r.get("check", "").startswith("size/"):
                 continue  # shown from the size result below
             status = r.get("status") or ("pass" if r.get("ok") else "fail")
@@ -183,8 +184,7 @@ def from_benchmarks(directory: Path) -> tuple[list[DistRow], list[str]]:
             if "check" in r:
                 what = _check_what(r)
             else:
-                what = ("same batch on every rank: losses vs one process (fsdp2_train.py)" if "mesh" not in r
-                        else "different rows per rank: loss + parameters after a step vs one process on the union"
+                what = ("different rows per rank: loss + parameters after a step vs one process on the union"
                         if (world or 1) > 1 else "world size 1 (FSDP2 plumbing on one GPU): loss + parameters after a "
                         "step vs one unsharded process")
             rows.append(DistRow(r.get("arch_policy", "?"), _mesh(r.get("mesh"), world), r.get("model", "?"), status,

@@ -11,6 +11,20 @@ import torch
 from portvlm.shims.kv_cache import cache_kwargs
 
 
+def _next(model, logits: torch.Tensor) -> torch.Tensor:
+    """The greedy token, never the image placeholder: a random-weight model may rank it first, and a prompt with one
+    more placeholder than images is refused by the no-cache forward ("Image features and image tokens do not match")."""
+    from portvlm.shims import model_io
+
+    try:
+        image = model_io.image_token_id(model.config)
+    except AttributeError:  # a text-only model: no placeholder
+        return logits.argmax(-1, keepdim=True)
+    masked = logits.clone()
+    masked[..., image] = float("-inf")
+    return masked.argmax(-1, keepdim=True)
+
+
 @torch.no_grad()
 def greedy_cached(model, inputs: dict, steps: int, cache) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy decoding through ``cache``: the prompt once, then one token per step with explicit positions."""
@@ -19,7 +33,7 @@ def greedy_cached(model, inputs: dict, steps: int, cache) -> tuple[list[int], li
     tokens = []
     n = inputs["input_ids"].shape[1]
     for step in range(steps):
-        tok = logits[-1].argmax(-1, keepdim=True)
+        tok = _next(model, logits[-1])
         tokens.append(int(tok[0, 0]))
         if step == steps - 1:
             break
@@ -40,7 +54,7 @@ def greedy_full(model, inputs: dict, steps: int) -> tuple[list[int], list[torch.
         kw = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(n)[None].to(ids.device))
         last = model(**kw, use_cache=False).logits[:, -1].float()
         logits.append(last)
-        tok = last.argmax(-1, keepdim=True)
+        tok = _next(model, last)
         tokens.append(int(tok[0, 0]))
         ids = torch.cat((ids, tok), 1)
     return tokens, logits

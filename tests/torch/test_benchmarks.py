@@ -1,7 +1,8 @@
 """Every benchmark script runs: the CPU-capable ones at their tiny size, the GPU-only ones refuse a CPU clearly.
 
 A benchmark is a client of portvlm's public API; a refactor that breaks one must fail here, not on the GPU host.
-Runs on the newest CI stack only (the benchmarks' own stack is newer still): each script costs a process start.
+Runs on the newest CI stack only (the benchmarks' own stack is newer still): each script costs a process start
+(about 2 CI minutes in all, on one stack).
 """
 
 from __future__ import annotations
@@ -31,12 +32,35 @@ def _run(args: list[str], out: Path, timeout: int = 600) -> subprocess.Completed
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("script", ["mla_kv.py", "vision_attention.py"])
-def test_benchmark_smoke_runs_on_cpu(script, tmp_path):
-    proc = _run([f"benchmarks/{script}", "--smoke"], tmp_path)
+# each benchmark that writes JSON, at its tiny size (the fewest rounds / cases / parts that still run every path)
+SMOKES = {
+    "mla_kv.py": ["benchmarks/mla_kv.py", "--smoke"],
+    "vision_attention.py": ["benchmarks/vision_attention.py", "--smoke"],
+    "fp16_guard.py": ["benchmarks/fp16_guard.py", "{out}", "--tiny", "--rounds", "1", "--steps", "1"],
+    "families_gpu.py": ["benchmarks/families_gpu.py", "--tiny", "--device", "cpu", "--families", "qwen3_5",
+                        "--archs", "sm70", "--out", "{out}"],
+    "distributed_train.py": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "benchmarks/distributed_train.py",
+                             "dp", "--smoke", "--out", "{out}"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(SMOKES))
+def test_benchmark_smoke_runs_on_cpu_and_writes_a_benchmark_record(script, tmp_path):
+    from portvlm.records import BENCHMARK_SCHEMA, EVIDENCE
+
+    before = _tracked_results()
+    proc = _run([a.format(out=tmp_path) for a in SMOKES[script]], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     docs = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
-    assert docs, f"{script} --smoke wrote no JSON under $OUT"
+    assert docs, f"{script} wrote no JSON under $OUT"
+    for doc in docs:  # portvlm.records.BenchmarkRecord: evidence from the policy, a smoke says so
+        assert doc["schema"] == BENCHMARK_SCHEMA and doc["evidence"] in EVIDENCE and doc["smoke"] is True, doc
+        assert any(n.startswith("smoke:") for n in doc["evidence_notes"]), doc["evidence_notes"]
+    assert _tracked_results() == before, "a smoke wrote into benchmarks/results/"
+
+
+def _tracked_results() -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in (ROOT / "benchmarks" / "results").glob("*.json")}
 
 
 @pytest.mark.parametrize("script", ["causal_split.py", "gpu_backend_check.py"])

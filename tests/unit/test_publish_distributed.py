@@ -12,16 +12,37 @@ def test_rows_from_benchmarks_skip_smoke_and_mark_emulation(tmp_path):
         {"model": "qwen2_5vl", "arch_policy": "sm70", "mesh": {"dp": 2, "sp": 1}, "status": "fail", "evidence": "emulated",
          "peak_GiB": 3.5}]}
     old = {"world_size": 1, "gpu": "NVIDIA H100 80GB HBM3", "evidence": "hardware", "rows": [
-        {"model": "qwen3vl", "arch_policy": "sm70", "ok": True, "fsdp_peak_GiB": 11.4}]}
+        {"model": "qwen3vl", "arch_policy": "sm70", "mesh": {"dp": 1, "sp": 1}, "ok": True, "fsdp_peak_GiB": 11.4}]}
     (tmp_path / "distributed_dp_2gpu.json").write_text(json.dumps(dp))
-    (tmp_path / "fsdp2_1gpu.json").write_text(json.dumps(old))
+    (tmp_path / "distributed_dp_1gpu.json").write_text(json.dumps(old))
+    (tmp_path / "fsdp2_1gpu.json").write_text(json.dumps(old))  # the deleted fsdp2_train.py's: not read any more
     (tmp_path / "distributed_dp_2proc_smoke.json").write_text(json.dumps(dp | {"rows": [dict(dp["rows"][0], status="pass")]}))
     rows, problems = distributed.from_benchmarks(tmp_path)
     assert not problems
     assert [(r.source, r.mesh, r.status, r.evidence) for r in rows] == [
+        ("distributed_dp_1gpu.json", "1×1", "pass", "emulated"),  # the old file said hardware for sm70 on an H100
         ("distributed_dp_2gpu.json", "2×1", "fail", "emulated"),
-        ("fsdp2_1gpu.json", "1×1", "pass", "emulated"),  # the old file said hardware for an sm70 policy on an H100
     ]
+
+
+def test_a_benchmark_record_is_read_as_written(tmp_path):
+    """``BenchmarkRecord.to_json`` (what benchmarks/distributed_train.py writes) is what the table reads."""
+    from portvlm.records import BenchmarkRecord
+
+    topo = {"world_size": 2, "devices": 2, "transport": "nccl", "device_type": "cuda", "shared_device": False,
+            "memory_fraction_per_rank": None, "note": None}
+    rec = BenchmarkRecord("distributed_train", "emulated", ["policy of sm70 emulated on NVIDIA H200"],
+                          environment={"torch": "2.11.0", "gpu": "NVIDIA H200", "device": "cuda"}, world_size=2,
+                          topology=topo, figures={"part": "dp", "policies": {"sm70": "emulated"}}, rows=[
+                              {"model": "qwen2_5vl", "arch_policy": "sm70", "mesh": {"dp": 2, "sp": 1},
+                               "status": "pass", "evidence": "emulated", "peak_GiB": 3.5}])
+    doc = rec.to_json()
+    assert doc["schema"] == "portvlm.benchmark/1" and doc["gpu"] == "NVIDIA H200" and doc["part"] == "dp"
+    (tmp_path / "distributed_dp_2gpu.json").write_text(json.dumps(doc))
+    rows, problems = distributed.from_benchmarks(tmp_path)
+    assert not problems
+    assert [(r.mesh, r.status, r.evidence, r.peak_gib, r.topology) for r in rows] == [
+        ("2×1", "pass", "emulated", 3.5, "2 ranks · 2 GPUs · nccl")]
 
 
 def test_shared_device_rows_show_their_topology_and_what_they_measured(tmp_path):
