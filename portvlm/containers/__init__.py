@@ -55,7 +55,6 @@ from portvlm.containers.spec import (
     CPU_BASE,
     CPU_IMAGE,
     CPU_SLUG,
-    CPU_STACK,
     DISTRO_PYTHON,
     OUT_DIR,
     PYTHON_PLATFORM,
@@ -65,6 +64,7 @@ from portvlm.containers.spec import (
     USER,
     UV_IMAGE,
     ImageSpec,
+    cpu_stack,
     find_spec,
     image_specs,
 )

@@ -17,10 +17,10 @@ UV_IMAGE = "ghcr.io/astral-sh/uv:0.13.9"
 USER, UID = "portvlm", 10001
 
 # The CPU image: not in matrix.yaml (the cpu arch runs on the host); one image carries ONE transformers,
-# so it takes the newest CPU stack and labels the cells it serves. Its base is made locally with
-# `debootstrap --variant=minbase bookworm` + `podman import` (scripts/bootstrap-podman.sh): no registry needed.
+# so it takes the newest CPU stack it can install as pinned (``cpu_stack``) and labels the cells it serves. Its
+# base is made locally with `debootstrap --variant=minbase bookworm` + `podman import`
+# (scripts/bootstrap-podman.sh): no registry needed.
 CPU_SLUG = "cpu"
-CPU_STACK = "cpu-tf5.23.0"
 CPU_IMAGE = "portvlm/cpu-torch2.13.0"
 CPU_BASE = "localhost/debian-base:bookworm"
 
@@ -30,6 +30,18 @@ DISTRO_PYTHON = {"debian12": "3.11", "ubuntu22.04": "3.10", "ubuntu24.04": "3.12
 # torch < 2.4 was built against NumPy 1.x and fails to import its C extension under NumPy 2
 # ("A module that was compiled using NumPy 1.x cannot be run in NumPy 2.0"; pytorch issue #107302 line).
 TORCH_CONSTRAINTS = (("<2.4", ("numpy<2",)),)
+
+
+def cpu_stack(matrix: Matrix) -> Stack:
+    """The CPU image's stack: the newest CI CPU stack of ``matrix`` (by transformers) with no declared override, as
+    an image installs the stack's pins as they are (an override, e.g. cpu-tf5.25.0 leaving out ``kernels``, is
+    the host venv's ``uv --excludes``, which the image's lock does not carry)."""
+    from portvlm.versions import parse
+
+    stacks = [s for s in matrix.ci_cpu_stacks() if not s.overrides]
+    if not stacks:
+        raise ValueError("matrix.yaml has no CI CPU stack without overrides for the CPU image to carry")
+    return max(stacks, key=lambda s: parse(s.transformers))
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,7 @@ def image_specs(matrix: Matrix) -> tuple[ImageSpec, ...]:
         return ImageSpec(slug=slug, stack=stack, arch_ids=archs, cells=ids)
 
     specs = [spec(s, s.image.rsplit("/", 1)[-1], "container") for s in matrix.stacks if s.image and s.base_image]
-    cpu = dataclasses.replace(matrix.stack(CPU_STACK), image=CPU_IMAGE, base_image=CPU_BASE)
+    cpu = dataclasses.replace(cpu_stack(matrix), image=CPU_IMAGE, base_image=CPU_BASE)
     specs.append(spec(cpu, CPU_SLUG, "host"))
     return tuple(specs)
 

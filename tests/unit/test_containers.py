@@ -33,8 +33,21 @@ def _dockerfile(spec) -> str:
     return (OUT / spec.slug / "Dockerfile").read_text()
 
 
+def test_the_cpu_image_carries_the_newest_ci_cpu_stack_it_can_install_as_pinned(matrix):
+    """Derived from matrix.yaml, never a hard-coded id: the newest CI CPU stack without a declared override."""
+    from dataclasses import replace
+
+    from portvlm.versions import parse
+
+    plain = [s for s in matrix.ci_cpu_stacks() if not s.overrides]
+    assert C.cpu_stack(matrix) == max(plain, key=lambda s: parse(s.transformers))
+    assert all(s.overrides for s in matrix.ci_cpu_stacks() if parse(s.transformers) > parse(C.cpu_stack(matrix).transformers))
+    newer = replace(plain[-1], id="cpu-tf9.0.0", transformers="9.0.0")  # a newer plain stack takes over
+    assert C.cpu_stack(replace(matrix, stacks=(*matrix.stacks, newer))).id == "cpu-tf9.0.0"
+
+
 def test_one_image_per_containerised_stack_plus_cpu(matrix, specs):
-    want = {s.id for s in matrix.stacks if s.image and s.base_image} | {C.CPU_STACK}
+    want = {s.id for s in matrix.stacks if s.image and s.base_image} | {C.cpu_stack(matrix).id}
     assert {s.stack.id for s in specs} == want
     assert len({s.slug for s in specs}) == len(specs)
     assert [s.slug for s in specs if not s.is_gpu] == [C.CPU_SLUG]
@@ -223,7 +236,8 @@ def test_no_engine_says_so_and_records_nothing(monkeypatch, tmp_path, capsys):
 
 
 def test_find_spec_accepts_slug_stack_and_image(matrix):
-    for name in ("cpu", "cpu-tf5.23.0", "portvlm/cpu-torch2.13.0", "portvlm/cpu-torch2.13.0:tf5.23.0"):
+    stack = C.cpu_stack(matrix)
+    for name in ("cpu", stack.id, "portvlm/cpu-torch2.13.0", f"portvlm/cpu-torch2.13.0:tf{stack.transformers}"):
         assert C.find_spec(matrix, name).slug == "cpu"
     with pytest.raises(KeyError, match="known: "):
         C.find_spec(matrix, "nope")
