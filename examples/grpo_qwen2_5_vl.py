@@ -14,13 +14,12 @@ checkpointing, TRL's default) and the reference's log-probs all run through port
 
 from __future__ import annotations
 
-import argparse
-import math
 import sys
-import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _offline beside this file, whatever the cwd
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, _offline beside this file, whatever the cwd
+
+import _common  # noqa: E402
 
 PROMPTS = ("what colour is the square", "describe the image", "is the square red", "what is in the image")
 
@@ -42,47 +41,24 @@ def dataset(n: int, images):
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="a Qwen2.5-VL checkpoint (hub id or directory)")
-    p.add_argument("--tiny", action="store_true", help="a tiny random Qwen2.5-VL built offline instead of --model")
-    p.add_argument("--arch", default=None, help="portvlm arch policy (sm70, gfx942, ...; default: this host's)")
-    p.add_argument("--out", default=None, help="output directory (default: a temporary one)")
-    p.add_argument("--steps", type=int, default=2)
+    p = _common.parser(__doc__, steps=2)
     p.add_argument("--beta", type=float, default=0.04, help="KL weight; > 0 makes TRL build a reference model")
-    a = p.parse_args(argv)
-    if not a.tiny and not a.model:
-        p.error("give --model or --tiny")
-    return a
+    return _common.parse(p, argv)
 
 
 def build(args):
     """The policy (patched), the trainer, and the ``TrainerPatch`` over the models the trainer built."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    import _offline
     from trl import GRPOConfig, GRPOTrainer
 
     import portvlm
 
-    out = Path(args.out or tempfile.mkdtemp(prefix="grpo-"))
-    import _offline
-
-    if args.tiny:
-        model_id, processor = _offline.save_tiny(out / "tiny-qwen2_5_vl"), _offline.processor()
-    else:
-        model_id, processor = args.model, AutoProcessor.from_pretrained(args.model)
+    out, policy, processor, dtype = _common.load(args, "grpo-")  # fp32 weights; dtype: the trainer's mixed precision
     images = _offline.images(8)  # synthetic red / blue squares: replace with your dataset
-    # fp32 weights, the arch's compute dtype through the trainer's mixed precision (fp16 on sm70: the Trainer's
-    # GradScaler needs fp32 master weights; loading in fp16 makes it refuse to unscale fp16 gradients)
-    dtype = getattr(torch, portvlm.resolve_policy(args.arch).dtype)
-    policy = AutoModelForImageTextToText.from_pretrained(model_id, dtype=torch.float32, attn_implementation="sdpa")
     policy_handle = portvlm.patch(policy, arch=args.arch)  # 1. right after loading
 
-    config = GRPOConfig(
-        output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=2, num_generations=2,
-        max_completion_length=8, beta=args.beta, learning_rate=1e-4, logging_steps=1, save_strategy="no",
-        report_to="none", use_cpu=not torch.cuda.is_available(), fp16=dtype == torch.float16,
-        bf16=dtype == torch.bfloat16, seed=0, disable_tqdm=True, dataloader_num_workers=0,
-    )
+    config = GRPOConfig(**_common.trainer_settings(out, args.steps, dtype), per_device_train_batch_size=2,
+                        num_generations=2, max_completion_length=8, beta=args.beta, learning_rate=1e-4)
     trainer = GRPOTrainer(model=policy, reward_funcs=reward_short_answer, args=config,
                           train_dataset=dataset(8, images), processing_class=processor)
     patched = portvlm.patch_trainer(trainer, arch=args.arch)  # 2. the reference model TRL built in __init__
@@ -99,14 +75,12 @@ def main(argv=None, *, hook=None) -> dict:
         if hook is not None:
             hook(trainer)
         trainer.train()
-        losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-        summary = {"losses": losses, "policy_calls": dict(policy_handle.state.calls),
+        summary = {"losses": _common.losses(trainer), "policy_calls": dict(policy_handle.state.calls),
                    "handles": {name: h.attn_name for name, h in patched.handles.items()},
                    "calls": {name: dict(h.state.calls) for name, h in patched.handles.items()},
                    "skipped": dict(patched.skipped)}
     print(summary)
-    if not losses or not all(math.isfinite(v) for v in losses):
-        raise SystemExit(f"GRPO loss not finite: {losses}")
+    _common.require_finite(summary["losses"], "GRPO")
     return summary
 
 
