@@ -41,6 +41,16 @@ TINY_TEXT = dict(
 TINY_MROPE = [2, 3, 3]  # t/h/w sections of head_dim/2 = 8
 
 
+def standard_anchors(module: str, attention: str, top: str) -> dict[str, tuple[str, ...]]:
+    """The anchors of a patch-layout family the shims reach the standard way: its ``top`` ForConditionalGeneration
+    class (kv_cache, layer_paths) and ``module``'s vision rotary and ``attention`` class (vision_varlen)."""
+    return {
+        "kv_cache": (f"transformers.{top}.forward",),
+        "layer_paths": (f"transformers.{top}",),
+        "vision_varlen": (f"{module}.apply_rotary_pos_emb_vision", f"{module}.{attention}.forward"),
+    }
+
+
 @dataclass(frozen=True)
 class Variant:
     """Another matrix model built from a family's tiny model (``llava_mla``: LLaVA converted to MLA by portvlm)."""

@@ -9,7 +9,7 @@ names: ``image_start_token_id`` / ``image_end_token_id`` around the image tokens
 
 from __future__ import annotations
 
-from portvlm.models.family import IMG, TINY_TEXT, VEND, VID, VSTART, Family
+from portvlm.models.family import IMG, TINY_TEXT, VEND, VID, VSTART, Family, standard_anchors
 
 MERGE = 2
 TEMPORAL_PATCH = 2
@@ -76,11 +76,7 @@ def glm_ocr_config():
 
 
 def _anchors(module: str, prefix: str, top: str) -> dict[str, tuple[str, ...]]:
-    return {
-        "kv_cache": (f"transformers.{top}.forward",),
-        "layer_paths": (f"transformers.{top}",),
-        "vision_varlen": (f"{module}.apply_rotary_pos_emb_vision", f"{module}.{prefix}VisionAttention.forward"),
-    }
+    return standard_anchors(module, f"{prefix}VisionAttention", top)
 
 
 GLM4V_FAMILY = Family(

@@ -7,7 +7,7 @@ windows), Qwen3-VL's deepstack indexes and learned position grid.
 
 from __future__ import annotations
 
-from portvlm.models.family import IMG, TINY_MROPE, TINY_TEXT, VEND, VID, VSTART, Family
+from portvlm.models.family import IMG, TINY_MROPE, TINY_TEXT, VEND, VID, VSTART, Family, standard_anchors
 
 MERGE = 2
 TEMPORAL_PATCH = 2
@@ -34,9 +34,27 @@ def geometry(cfg, *, frames_apart: bool = False):
     )
 
 
-def _qwen3_geometry(cfg):
-    # Qwen3-VL separates video frames by timestamps: <vs> frame <ve> per temporal patch, each with grid t=1.
+def qwen3_geometry(cfg):
+    """The Qwen3-VL lineage's geometry (Qwen3-VL, -MoE, Qwen3.5): video frames apart, <vs> frame <ve> each (t=1)."""
     return geometry(cfg, frames_apart=True)
+
+
+# The Qwen3-VL lineage's tiny tower (Qwen3-VL, Qwen3-VL-MoE, Qwen3.5): 4 blocks, head_dim 16, an 8×8 learned
+# position grid interpolated to each image; Qwen3-VL's deepstack taps are added where the family has them.
+QWEN3_TINY_VISION = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
+                         temporal_patch_size=TEMPORAL_PATCH, spatial_merge_size=MERGE,
+                         out_hidden_size=TINY_TEXT["hidden_size"], num_position_embeddings=64)
+QWEN3_TINY_ROPE = {"rope_type": "default", "mrope_section": TINY_MROPE, "mrope_interleaved": True}
+
+
+def require(config_name: str, model_id: str) -> None:
+    """``UnsupportedError`` (``tiny.unsupported``) when the installed transformers has no ``config_name``."""
+    import transformers
+
+    if not hasattr(transformers, config_name):
+        from portvlm.models.tiny import unsupported
+
+        raise unsupported(model_id)
 
 
 def _build(cls_name: str, vision: dict, text: dict):
@@ -68,21 +86,9 @@ def qwen2_5_vl_config():
 
 def qwen3_vl_config():
     """Tiny Qwen3-VL: 4 ViT blocks with deepstack taps at 1 and 2, an 8×8 learned position grid."""
-    import transformers
-
-    if not hasattr(transformers, "Qwen3VLConfig"):
-        from portvlm.models.tiny import unsupported
-
-        raise unsupported("qwen3vl")
-    vision = dict(
-        depth=4, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
-        patch_size=16, temporal_patch_size=TEMPORAL_PATCH, spatial_merge_size=MERGE,
-        out_hidden_size=TINY_TEXT["hidden_size"],
-        num_position_embeddings=64,  # an 8×8 learned grid, interpolated to each image
-        deepstack_visual_indexes=[1, 2],  # fed into text layers 0 and 1
-    )
-    text = dict(TINY_TEXT, head_dim=16, rope_theta=10000.0,
-                rope_scaling={"rope_type": "default", "mrope_section": TINY_MROPE, "mrope_interleaved": True})
+    require("Qwen3VLConfig", "qwen3vl")
+    vision = dict(QWEN3_TINY_VISION, deepstack_visual_indexes=[1, 2])  # fed into text layers 0 and 1
+    text = dict(TINY_TEXT, head_dim=16, rope_theta=10000.0, rope_scaling=QWEN3_TINY_ROPE)
     return _build("Qwen3VLConfig", vision, text)
 
 
@@ -96,9 +102,7 @@ QWEN2_5_VL = Family(
     head_dims=(80, 128),  # Qwen2.5-VL-7B: ViT 1280 / 16 heads; text 128
     sequence_parallel=True,
     anchors={
-        "kv_cache": ("transformers.Qwen2_5_VLForConditionalGeneration.forward",),
-        "layer_paths": ("transformers.Qwen2_5_VLForConditionalGeneration",),
-        "vision_varlen": (f"{QWEN25}.apply_rotary_pos_emb_vision", f"{QWEN25}.Qwen2_5_VLVisionAttention.forward"),
+        **standard_anchors(QWEN25, "Qwen2_5_VLVisionAttention", "Qwen2_5_VLForConditionalGeneration"),
         "vision_dense_mask": (f"{QWEN25}.Qwen2_5_VisionTransformerPretrainedModel._prepare_attention_mask",),
         "text_classes": (f"{QWEN25}.QWEN2_5_VL_ATTENTION_CLASSES", f"{QWEN25}.apply_multimodal_rotary_pos_emb"),
         # shims.model_io: the text model portvlm.distributed feeds inputs_embeds + positions by keyword
@@ -112,14 +116,12 @@ QWEN3_VL = Family(
     model_id="qwen3vl",
     model_class="Qwen3VLForConditionalGeneration",
     tiny_config=qwen3_vl_config,
-    geometry=_qwen3_geometry,
+    geometry=qwen3_geometry,
     layout="patches",
     head_dims=(72, 128),  # Qwen3-VL-8B: ViT 1152 / 16 heads; text 128
     sequence_parallel=True,
     anchors={
-        "kv_cache": ("transformers.Qwen3VLForConditionalGeneration.forward",),
-        "layer_paths": ("transformers.Qwen3VLForConditionalGeneration",),
-        "vision_varlen": (f"{QWEN3}.apply_rotary_pos_emb_vision", f"{QWEN3}.Qwen3VLVisionAttention.forward"),
+        **standard_anchors(QWEN3, "Qwen3VLVisionAttention", "Qwen3VLForConditionalGeneration"),
         # shims.model_io.deepstack_kwargs: visual_pos_masks / deepstack_visual_embeds are taken by keyword
         "model_io": (f"{QWEN3}.Qwen3VLTextModel.forward",),
     },

@@ -10,10 +10,9 @@ fallbacks ignore ``cu_seqlens`` (silently to 5.17, refused from 5.23), so packed
 
 from __future__ import annotations
 
-from portvlm.models.family import TINY_MROPE, TINY_TEXT, Family
-from portvlm.models.qwen import TEMPORAL_PATCH, _build, geometry
+from portvlm.models.family import TINY_TEXT, Family, standard_anchors
+from portvlm.models.qwen import QWEN3_TINY_ROPE, QWEN3_TINY_VISION, _build, qwen3_geometry, require
 
-MERGE = 2
 QWEN35 = "transformers.models.qwen3_5.modeling_qwen3_5"
 QWEN35_MOE = "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe"
 
@@ -22,10 +21,7 @@ TINY_LINEAR = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_
                    linear_conv_kernel_dim=4, layer_types=["linear_attention", "full_attention"])
 TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
                 decoder_sparse_step=1, mlp_only_layers=[])
-TINY_VISION = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
-                   temporal_patch_size=TEMPORAL_PATCH, spatial_merge_size=MERGE, out_hidden_size=TINY_TEXT["hidden_size"],
-                   num_position_embeddings=64)  # an 8×8 learned grid, interpolated to each image
-TINY_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": TINY_MROPE, "mrope_interleaved": True}
+TINY_ROPE = dict(QWEN3_TINY_ROPE, rope_theta=10000.0)  # the tower is Qwen3-VL's tiny one (QWEN3_TINY_VISION)
 
 
 # Qwen3.5's DeltaNet layers end in a gated RMSNorm over each 16-wide head of the delta rule's output
@@ -44,33 +40,19 @@ DELTANET_TRAJECTORY = ("5 AdamW steps amplify the gated-norm noise: upstream alo
                        "4.5e-4 apart (Qwen3.5) and 0.10 apart (Qwen3.5-MoE, a top-k routing flip, inferred)")
 
 
-def _qwen3_geometry(cfg):
-    # Qwen3-VL lineage: video frames are separated (<vs> frame <ve> per temporal patch, each with grid t=1)
-    return geometry(cfg, frames_apart=True)
-
-
-def _require(config_name: str, model_id: str):
-    import transformers
-
-    if not hasattr(transformers, config_name):
-        from portvlm.models.tiny import unsupported
-
-        raise unsupported(model_id)
-
-
 def qwen3_5_config():
     """Tiny Qwen3.5: a DeltaNet layer then a full-attention layer (head_dim 16), a 4-block ViT."""
-    _require("Qwen3_5Config", "qwen3_5")
+    require("Qwen3_5Config", "qwen3_5")
     text = dict(TINY_TEXT, head_dim=16, rope_parameters=TINY_ROPE, partial_rotary_factor=1.0, **TINY_LINEAR)
-    return _build("Qwen3_5Config", dict(TINY_VISION), text)
+    return _build("Qwen3_5Config", dict(QWEN3_TINY_VISION), text)
 
 
 def qwen3_5_moe_config():
     """Tiny Qwen3.5-MoE: Qwen3.5's layers with 4 experts (2 per token) and a shared expert."""
-    _require("Qwen3_5MoeConfig", "qwen3_5_moe")
+    require("Qwen3_5MoeConfig", "qwen3_5_moe")
     text = dict(TINY_TEXT, head_dim=16, rope_parameters=TINY_ROPE, partial_rotary_factor=1.0, **TINY_LINEAR,
                 **TINY_MOE)
-    return _build("Qwen3_5MoeConfig", dict(TINY_VISION), text)
+    return _build("Qwen3_5MoeConfig", dict(QWEN3_TINY_VISION), text)
 
 
 def _linear_anchors(module: str, prefix: str) -> tuple[str, ...]:
@@ -82,13 +64,11 @@ QWEN3_5 = Family(
     model_id="qwen3_5",
     model_class="Qwen3_5ForConditionalGeneration",
     tiny_config=qwen3_5_config,
-    geometry=_qwen3_geometry,
+    geometry=qwen3_geometry,
     layout="patches",
     head_dims=(72, 256),  # Qwen3.5 (config defaults): ViT 1152 / 16 heads; text head_dim 256
     anchors={
-        "kv_cache": ("transformers.Qwen3_5ForConditionalGeneration.forward",),
-        "layer_paths": ("transformers.Qwen3_5ForConditionalGeneration",),
-        "vision_varlen": (f"{QWEN35}.apply_rotary_pos_emb_vision", f"{QWEN35}.Qwen3_5VisionAttention.forward"),
+        **standard_anchors(QWEN35, "Qwen3_5VisionAttention", "Qwen3_5ForConditionalGeneration"),
         "linear_attention_packed": _linear_anchors(QWEN35, "Qwen3_5"),
     },
     description="Qwen3.5 (hybrid Gated DeltaNet / full-attention text, Qwen3-VL-style ViT)",
@@ -102,14 +82,11 @@ QWEN3_5_MOE = Family(
     model_id="qwen3_5_moe",
     model_class="Qwen3_5MoeForConditionalGeneration",
     tiny_config=qwen3_5_moe_config,
-    geometry=_qwen3_geometry,
+    geometry=qwen3_geometry,
     layout="patches",
     head_dims=(72, 256),  # Qwen3.5-MoE (config defaults): ViT 1152 / 16 heads; text head_dim 256
     anchors={
-        "kv_cache": ("transformers.Qwen3_5MoeForConditionalGeneration.forward",),
-        "layer_paths": ("transformers.Qwen3_5MoeForConditionalGeneration",),
-        "vision_varlen": (f"{QWEN35_MOE}.apply_rotary_pos_emb_vision",
-                          f"{QWEN35_MOE}.Qwen3_5MoeVisionAttention.forward"),
+        **standard_anchors(QWEN35_MOE, "Qwen3_5MoeVisionAttention", "Qwen3_5MoeForConditionalGeneration"),
         "linear_attention_packed": _linear_anchors(QWEN35_MOE, "Qwen3_5Moe"),
     },
     description="Qwen3.5-MoE (Qwen3.5 with a sparse MoE text model)",

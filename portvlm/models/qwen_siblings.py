@@ -6,16 +6,20 @@ over a sparse MoE text model. Both need only a declaration on the stacks they ar
 
 from __future__ import annotations
 
-from portvlm.models.family import TINY_MROPE, TINY_TEXT, Family
-from portvlm.models.qwen import TEMPORAL_PATCH, _build, geometry
+from portvlm.models.family import TINY_MROPE, TINY_TEXT, Family, standard_anchors
+from portvlm.models.qwen import (
+    QWEN3_TINY_ROPE,
+    QWEN3_TINY_VISION,
+    TEMPORAL_PATCH,
+    _build,
+    geometry,
+    qwen3_geometry,
+    require,
+)
 
 MERGE = 2
 QWEN2 = "transformers.models.qwen2_vl.modeling_qwen2_vl"
 QWEN3_MOE = "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe"
-
-
-def _qwen3_geometry(cfg):
-    return geometry(cfg, frames_apart=True)  # Qwen3-VL: <vs> frame <ve> per temporal patch
 
 
 def qwen2_vl_config():
@@ -29,18 +33,10 @@ def qwen2_vl_config():
 
 def qwen3_vl_moe_config():
     """Tiny Qwen3-VL-MoE: Qwen3-VL's tower (deepstack taps at 1 and 2) over a 4-expert text model."""
-    import transformers
-
-    if not hasattr(transformers, "Qwen3VLMoeConfig"):
-        from portvlm.models.tiny import unsupported
-
-        raise unsupported("qwen3vl_moe")
-    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
-                  temporal_patch_size=TEMPORAL_PATCH, spatial_merge_size=MERGE, out_hidden_size=TINY_TEXT["hidden_size"],
-                  num_position_embeddings=64, deepstack_visual_indexes=[1, 2])
+    require("Qwen3VLMoeConfig", "qwen3vl_moe")
+    vision = dict(QWEN3_TINY_VISION, deepstack_visual_indexes=[1, 2])
     text = dict(TINY_TEXT, head_dim=16, rope_theta=10000.0, num_experts=4, num_experts_per_tok=2,
-                moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[],
-                rope_scaling={"rope_type": "default", "mrope_section": TINY_MROPE, "mrope_interleaved": True})
+                moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[], rope_scaling=QWEN3_TINY_ROPE)
     return _build("Qwen3VLMoeConfig", vision, text)
 
 
@@ -52,11 +48,7 @@ QWEN2_VL = Family(
     geometry=geometry,
     layout="patches",
     head_dims=(80, 128),  # Qwen2-VL-7B: ViT 1280 / 16 heads; text 128
-    anchors={
-        "kv_cache": ("transformers.Qwen2VLForConditionalGeneration.forward",),
-        "layer_paths": ("transformers.Qwen2VLForConditionalGeneration",),
-        "vision_varlen": (f"{QWEN2}.apply_rotary_pos_emb_vision", f"{QWEN2}.VisionAttention.forward"),
-    },
+    anchors=standard_anchors(QWEN2, "VisionAttention", "Qwen2VLForConditionalGeneration"),
     description="Qwen2-VL",
 )
 
@@ -65,13 +57,9 @@ QWEN3_VL_MOE = Family(
     model_id="qwen3vl_moe",
     model_class="Qwen3VLMoeForConditionalGeneration",
     tiny_config=qwen3_vl_moe_config,
-    geometry=_qwen3_geometry,
+    geometry=qwen3_geometry,
     layout="patches",
     head_dims=(72, 128),  # Qwen3-VL-30B-A3B (config defaults): ViT 1152 / 16 heads; text 128
-    anchors={
-        "kv_cache": ("transformers.Qwen3VLMoeForConditionalGeneration.forward",),
-        "layer_paths": ("transformers.Qwen3VLMoeForConditionalGeneration",),
-        "vision_varlen": (f"{QWEN3_MOE}.apply_rotary_pos_emb_vision", f"{QWEN3_MOE}.Qwen3VLMoeVisionAttention.forward"),
-    },
+    anchors=standard_anchors(QWEN3_MOE, "Qwen3VLMoeVisionAttention", "Qwen3VLMoeForConditionalGeneration"),
     description="Qwen3-VL-MoE (Qwen3-VL with a sparse MoE text model)",
 )
