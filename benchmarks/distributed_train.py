@@ -268,6 +268,23 @@ def policy_evidence(arch: str, device) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def timed_step(pmodel, row, device, dtype, ref, allowed, rank, world):
+    """One forward + backward of the parallel model on this rank's ``row`` (peak memory counted from here), timed,
+    and its gradients against the reference's: ``(out, seconds, (diffs, missing, max rel, worst ratio, its name))``."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    out = pmodel(**to(row, device, dtype))
+    out.loss.backward()
+    sync(device)
+    step = time.perf_counter() - t0
+    diffs, missing = sharded_diffs(pmodel, ref["grads"], rank, world)
+    grad_rel, _ = worst_ratio(diffs)
+    grad_err, grad_worst = worst_ratio(diffs, allowed)
+    return out, step, (diffs, missing, grad_rel, grad_err, grad_worst)
+
+
 def tolerances_for(arch, device, dtype):
     """``(loss (atol, rtol), grad rtol)`` from portvlm's tolerance table for this policy on this device (an emulated
     policy is held to the tolerance of the device it runs on: its kernels round as the host's do)."""
@@ -554,17 +571,8 @@ def dp_one(args, model_id, arch, rank, world, device):
         model_id, cfg, arch, all_rows, device, dtype=torch.float32)["grads"], g_rtol), world)
     free(device)
     pmodel, handle = parallel_model(model_id, cfg, arch, device, (world, 1))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
-    t0 = time.perf_counter()
-    out = pmodel(**to(all_rows[rank], device, dtype))
-    out.loss.backward()
-    sync(device)
-    step = time.perf_counter() - t0
-    diffs, missing = sharded_diffs(pmodel, ref["grads"], rank, world)
-    grad_rel, _ = worst_ratio(diffs)
-    grad_err, grad_worst = worst_ratio(diffs, allowed)
+    out, step, (diffs, missing, grad_rel, grad_err, grad_worst) = timed_step(pmodel, all_rows[rank], device, dtype,
+                                                                              ref, allowed, rank, world)
     # the parallel model starts from the reference's weights (the seeded builds agree), or nothing is compared
     start, _ = sharded_diffs(pmodel, ref["params"], rank, world, of=lambda p: p.detach())
     start_err, start_worst = worst_ratio(start)
@@ -654,17 +662,8 @@ def sp_grads_one(args, model_id, arch, rank, world, device, fault):
         model_id, cfg, arch, [row], device, dtype=torch.float32)["grads"], g_rtol), world)
     free(device)
     pmodel, handle = parallel_model(model_id, cfg, arch, device, (1, world), fault=fault)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
-    t0 = time.perf_counter()
-    out = pmodel(**to(row, device, dtype))
-    out.loss.backward()
-    sync(device)
-    step = time.perf_counter() - t0
-    diffs, missing = sharded_diffs(pmodel, ref["grads"], rank, world)
-    grad_rel, _ = worst_ratio(diffs)
-    grad_err, grad_worst = worst_ratio(diffs, allowed)
+    out, step, (diffs, missing, grad_rel, grad_err, grad_worst) = timed_step(pmodel, row, device, dtype, ref, allowed,
+                                                                              rank, world)
     close(pmodel, handle, device)
     del ref["grads"], ref["params"]
     loss, ref_loss = float(out.loss_value), ref["loss"]
