@@ -16,7 +16,7 @@ What runs, per family x policy:
   kind, dtype, backend, "fwd") and, for text, the family's declared ``tolerance_scale`` (Qwen3.5: its DeltaNet
   gated RMSNorm amplifies rounding ~85x, so bf16's distance to fp32 is too; 0.16 on one H200 against an unscaled
   0.1); and packed vs the same patched model on each item alone in the same dtype (the leak check: the dtype's
-  table budget, no scale); the evidence (``hardware`` or ``emulated`` + what differs) is the patch report's;
+  table budget with no scale, or twice the model's own distance to fp32 on each item alone where larger); the evidence (``hardware`` or ``emulated`` + what differs) is the patch report's;
 - Qwen3.5 negative control: the unpatched model in the policy dtype over the packed row without portvlm (upstream's
   torch fallback: silent mixing up to 5.17, a ValueError from 5.23) against the model on each alone: it must miss the
   leak check's bound (otherwise that check could not see a leak).
@@ -96,21 +96,24 @@ def image_features(model, pixels, grid):
     return list(out)
 
 
-def tight(kind: str, dtype: str) -> tuple[float, float]:
+def tight(kind: str, dtype: str, floor: float) -> tuple[float, float]:
     """The leak check's bound: packed vs each alone through the SAME patched model in the SAME dtype.
 
-    No fp32 reference is in it, so no family scale either (the scale budgets how a family amplifies the distance to
-    fp32): the table's entry for the policy dtype as it is. Only kernel shapes differ between the two runs (one
-    block-diagonal call vs one call per item), and a leak across items moves outputs by O(1) (the negative
-    control: ~5 on Qwen3.5), which this bound must see.
+    Only kernel shapes differ between the two runs (one block-diagonal call vs one call per item), so what may differ
+    is the policy dtype's rounding: the table's entry for that dtype (no family scale), or twice the rounding this
+    very model shows on each item alone against fp32 (``floor``, measured in the same run) where that is larger —
+    Qwen3.5's DeltaNet gated RMSNorm amplifies any rounding difference ~85x, shape-dependent ones in bf16 too. A leak
+    across items moves outputs by O(1) (the negative control: ~5 on Qwen3.5), which this bound must see.
     """
-    return tolerance(kind, dtype, None, "fwd")
+    atol, rtol = tolerance(kind, dtype, None, "fwd")
+    return max(atol, 2 * floor), rtol
 
 
-def tight_figures(kind: str, dtype: str) -> dict:
-    atol, rtol = tight(kind, dtype)
-    return {"atol": atol, "rtol": rtol, "bound": f"the table's {dtype} budget ({kind}), no family scale: same model, "
-                                                 "same dtype, packed vs each alone"}
+def tight_figures(kind: str, dtype: str, floor: float) -> dict:
+    atol, rtol = tight(kind, dtype, floor)
+    return {"atol": atol, "rtol": rtol, "alone_vs_fp32_max_abs_err": floor,
+            "bound": f"the table's {dtype} budget ({kind}, no family scale) or 2x this model's own distance to fp32 "
+                     "on each item alone, the larger: same model, same dtype, packed vs each alone"}
 
 
 def text_states(model, ids, positions, **packed):
@@ -177,8 +180,9 @@ def run_case(family: str, arch: str, args, device: str) -> dict:
             record["vision_s"] = time.perf_counter() - t0
         vb = budget(kind, rep.dtype, rep.vision_backend.name, "fwd", family=family_record, output="vision")
         record["vision"] = compare(torch.cat(got), torch.cat(want), *vb) | vb.figures()
-        record["vision_packing"] = compare(torch.cat(got), torch.cat(alone), *tight(kind, rep.dtype)) | tight_figures(
-            kind, rep.dtype)
+        floor = compare(torch.cat(alone), torch.cat(want), *vb)["max_abs_err"]
+        record["vision_packing"] = compare(torch.cat(got), torch.cat(alone), *tight(kind, rep.dtype, floor)) | (
+            tight_figures(kind, rep.dtype, floor))
 
         # text: three samples packed in one row (cu_seq_lens_q) vs each alone
         vocab = cfg.text_config.vocab_size
@@ -197,7 +201,9 @@ def run_case(family: str, arch: str, args, device: str) -> dict:
         # gated RMSNorm amplifies the policy dtype's rounding as it does fp32's; portvlm.testing.tolerances.budget)
         tb = budget(kind, rep.dtype, rep.text_backend.name, "fwd", family=family_record, output="text")
         record["text"] = compare(got, want, *tb) | tb.figures()
-        record["text_packing"] = compare(got, alone, *tight(kind, rep.dtype)) | tight_figures(kind, rep.dtype)
+        floor = compare(alone, want, *tb)["max_abs_err"]
+        record["text_packing"] = compare(got, alone, *tight(kind, rep.dtype, floor)) | tight_figures(kind, rep.dtype,
+                                                                                                      floor)
         record["calls"] = dict(handle.state.calls)  # portvlm's vision / text / linear-attention calls seen
     finally:
         handle.revert()
@@ -213,7 +219,7 @@ def run_case(family: str, arch: str, args, device: str) -> dict:
             with torch.no_grad():
                 leaked = text_states(test, row, positions)  # no boundaries at all: what a packed row would do
         # held to the same tight bound as portvlm's packed row against the same model alone: it must miss it
-        control |= compare(leaked, alone, *tight(kind, rep.dtype)) | {"vs_fp32_max_abs_err": compare(
+        control |= compare(leaked, alone, *tight(kind, rep.dtype, floor)) | {"vs_fp32_max_abs_err": compare(
             leaked, want, *tb)["max_abs_err"]}
         record["negative_control"] = control
     return rec
@@ -286,7 +292,7 @@ def main() -> int:
               f"{_err(r.get('vision_packing', {})):>11} {_fig(t):>16} {_err(r.get('text_packing', {})):>10} "
               f"{_err(c):>9} {r['seconds']:5.0f}  " + ("PASS" if not r["failures"] else "FAIL: " + "; ".join(r["failures"])))
     print("vs fp32: the policy dtype's table budget (text x the family's declared scale); pack: packed vs the same "
-          "patched model on each alone, the dtype's budget unscaled; control: upstream's fallback on the packed row vs "
+          "patched model on each alone, the dtype's budget unscaled or 2x the model's own alone-vs-fp32 distance; control: upstream's fallback on the packed row vs "
           "alone (must miss that bound)")
     return 1 if failed else 0
 
