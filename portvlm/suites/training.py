@@ -313,12 +313,6 @@ def _gloo_skip_reason(ctx, fast_what: str, check: str) -> str | None:
     return None
 
 
-def _gloo_failure(rec, name: str, err) -> None:
-    """A gloo check whose ranks failed (``RankError``: raised, died or hung, named) fails, with the ranks' words;
-    the suite's other checks stand."""
-    rec.check(name, False, detail=str(err)[-2000:])
-
-
 def run(ctx):
     rec = Recorder("training")
     timer = Timer()
@@ -438,41 +432,46 @@ def run(ctx):
         rec.check("frozen_vision.text_trains", t_moved > 0 and f_losses[-1] < f_losses[0], detail=f"{t_moved} of {len(before_t)} trainable parameters moved; loss {f_losses[0]:.4f} -> {f_losses[-1]:.4f}")
 
     # 4. FSDP2 across 2 gloo processes: loss equal to the single-process run (fp32)
-    reason = _gloo_skip_reason(ctx, "FSDP2 over 2 processes not run", "FSDP2 check runs")
-    if reason:
-        skipped["fsdp2"] = reason
-    else:
-        with timer("fsdp2"):
-            try:
-                got = fsdp_losses(ctx, state_dict)
-            except RankError as err:
-                got = None
-                _gloo_failure(rec, "fsdp2.loss_equals_single_process", err)
-            single = _fresh(ref, mid, ctx).train()
-            with patched(single, ctx):
-                single_losses, _ = train_steps(single, batch(mid, torch.float32, seed=ctx.seed), FSDP_STEPS, torch.float32)
-        if got is not None:
-            rec.figures["fsdp2"] = {"losses": got["losses"], "single_process_losses": single_losses,
-                                    "wrapped_layers": got["wrapped"], "layer_classes": got["classes"]}
-            c = compare(torch.tensor(got["losses"]), torch.tensor(single_losses), 1e-5, 1e-5)
-            rec.add(check_from("fsdp2.loss_equals_single_process", c, what=f"{FSDP_WORLD} gloo processes, parallelize: "
-                               f"fully_shard on {got['wrapped']} {got['classes']} + root, {FSDP_STEPS} steps; "))
     # 5. sp: Ulysses SP=2 (2 gloo processes, one packed row cut through a sample and an image) vs one process;
     #    LLaVA has no SP (data parallel only): DP=2 on different rows vs one process on their union instead.
-    reason = _gloo_skip_reason(ctx, "the SP=2 check over 2 processes not run", "the sp check runs")
-    if reason:
-        skipped["sp"] = reason
-    else:
-        with timer("sp"):
+    sp_name = "sp.loss_and_grads_equal_one_process" if _has_sp(ctx) else "sp.dp2_equals_union"
+    for key, name, run_check, fast_what, runs in (
+        ("fsdp2", "fsdp2.loss_equals_single_process", lambda: _fsdp2_check(rec, ctx, ref, state_dict),
+         "FSDP2 over 2 processes not run", "FSDP2 check runs"),
+        ("sp", sp_name, lambda: _sp_check(rec, ctx), "the SP=2 check over 2 processes not run", "the sp check runs"),
+    ):
+        reason = _gloo_skip_reason(ctx, fast_what, runs)
+        if reason:
+            skipped[key] = reason
+            continue
+        with timer(key):
             try:
-                _sp_check(rec, ctx)
-            except RankError as err:
-                sp = models.by_id(ctx.model_id).model_type in models.sequence_parallel_types()
-                _gloo_failure(rec, "sp.loss_and_grads_equal_one_process" if sp else "sp.dp2_equals_union", err)
+                run_check()
+            except RankError as err:  # a rank raised, died or hung (named): this check fails, the others stand
+                rec.check(name, False, detail=str(err)[-2000:])
     if skipped:
         rec.figures["skipped"] = skipped
     rec.figures["times_s"] = timer.t
     return rec.result()
+
+
+def _has_sp(ctx) -> bool:
+    """Whether the cell's family has Ulysses SP (else its sp check is DP=2 vs the union)."""
+    return models.by_id(ctx.model_id).model_type in models.sequence_parallel_types()
+
+
+def _fsdp2_check(rec, ctx, ref, state_dict) -> None:
+    """FSDP2 through ``parallelize`` over 2 gloo processes vs the same steps in one process (fp32)."""
+    got = fsdp_losses(ctx, state_dict)
+    single = _fresh(ref, ctx.model_id, ctx).train()
+    with patched(single, ctx):
+        single_losses, _ = train_steps(single, batch(ctx.model_id, torch.float32, seed=ctx.seed), FSDP_STEPS,
+                                       torch.float32)
+    rec.figures["fsdp2"] = {"losses": got["losses"], "single_process_losses": single_losses,
+                            "wrapped_layers": got["wrapped"], "layer_classes": got["classes"]}
+    c = compare(torch.tensor(got["losses"]), torch.tensor(single_losses), 1e-5, 1e-5)
+    rec.add(check_from("fsdp2.loss_equals_single_process", c, what=f"{FSDP_WORLD} gloo processes, parallelize: "
+                       f"fully_shard on {got['wrapped']} {got['classes']} + root, {FSDP_STEPS} steps; "))
 
 
 def _sp_check(rec, ctx) -> None:
