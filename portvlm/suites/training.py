@@ -469,7 +469,10 @@ def _fsdp2_check(rec, ctx, ref, state_dict) -> None:
                                        torch.float32)
     rec.figures["fsdp2"] = {"losses": got["losses"], "single_process_losses": single_losses,
                             "wrapped_layers": got["wrapped"], "layer_classes": got["classes"]}
-    c = compare(torch.tensor(got["losses"]), torch.tensor(single_losses), 1e-5, 1e-5)
+    # fp32 losses after FSDP_STEPS steps: the loss budget, the family's declared scale on top (Qwen3.5: FSDP's gradient
+    # reduction order is rounding its gated RMSNorm amplifies, 1.7e-4 after one step like upstream's eager vs sdpa)
+    c = compare(torch.tensor(got["losses"]), torch.tensor(single_losses),
+                *tolerances.loss_budget(torch.float32, family=models.by_id(ctx.model_id)))
     rec.add(check_from("fsdp2.loss_equals_single_process", c, what=f"{FSDP_WORLD} gloo processes, parallelize: "
                        f"fully_shard on {got['wrapped']} {got['classes']} + root, {FSDP_STEPS} steps; "))
 
