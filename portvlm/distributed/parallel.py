@@ -229,9 +229,11 @@ class ParallelModel(torch.nn.Module):
         dim = model_io.vision_channels(vc) * temporal * vc.patch_size**2
         dtype = next(p for p in tower.parameters()).dtype
         grid = torch.tensor([[1, merge, merge]], device=device)
-        merged, _ = model_io.tower_outputs(tower(torch.zeros(merge * merge, dim, device=device, dtype=dtype),
-                                                 grid_thw=grid))
-        return vision.zero_anchor(merged)
+        merged, deep = model_io.tower_outputs(tower(torch.zeros(merge * merge, dim, device=device, dtype=dtype),
+                                                    grid_thw=grid))
+        # the deepstack mergers too (Qwen3-VL-MoE, DP only): without them a text-only rank reduces fewer gradients
+        # than a rank with images and gloo aborts ("Received data size doesn't match expected size")
+        return sum((vision.zero_anchor(d) for d in deep), vision.zero_anchor(merged))
 
     def _llava_dummy(self, device):
         """An exact zero from the tower and projector on one blank image (FSDP gathers their weights on every rank)."""

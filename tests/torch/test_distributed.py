@@ -36,7 +36,20 @@ def _run(model_id, kind, dp, sp, faults=()):
                   for name, res in got.items()}
 
 
-@pytest.mark.parametrize("model_id", [pytest.param("qwen2_5vl"), pytest.param("llava")])
+def _newest_stack_only():
+    """CI minutes: a family's DP check on the newest CI CPU stack only (matrix.yaml)."""
+    import transformers
+
+    from portvlm.policy import packaged_matrix
+
+    newest = packaged_matrix().ci_cpu_stacks()[-1].transformers
+    return pytest.mark.skipif(transformers.__version__ != newest, reason=f"run on the newest CI stack ({newest}) only")
+
+
+# qwen3vl_moe: deepstack, DP only; rank 1's text-only row once reduced fewer gradients (its dummy frame left the
+# deepstack mergers out) and gloo aborted ("Received data size doesn't match expected size")
+@pytest.mark.parametrize("model_id", [pytest.param("qwen2_5vl"), pytest.param("llava"),
+                                      pytest.param("qwen3vl_moe", marks=(_needs("qwen3vl_moe"), _newest_stack_only()))])
 def test_dp2_step_equals_one_process_on_the_union(model_id):
     faults = ("average_gradients",) if model_id == "qwen2_5vl" else ()
     rows, res = _run(model_id, "dp", dp=2, sp=1, faults=faults)
