@@ -248,11 +248,12 @@ def finite(x) -> bool:
     return x is not None and math.isfinite(float(x))
 
 
-def free(device):
+def free(device=None):
+    """Collect garbage and return cached CUDA blocks (``device`` None: whatever this process has)."""
     import gc
 
     gc.collect()
-    if device.type == "cuda":
+    if (device.type == "cuda") if device is not None else torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
@@ -502,7 +503,7 @@ def together(fn, world):
     bad = [(r, e) for r, e in enumerate(errors) if e is not None]
     if bad:
         value = None
-        free(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        free()
         raise RuntimeError("; ".join(f"rank {r}: {e}" for r, e in bad))
     return value
 
@@ -531,7 +532,7 @@ def run_rows(report, budget, items, fn, world):
             report.add(failed_row(base, exc))
         # after the except block has dropped the traceback (whose frames hold the row's models and activations):
         # a row that ran out of memory must not leave its memory to the next row
-        free(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        free()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -686,7 +687,7 @@ def sp_grads_one(args, model_id, arch, rank, world, device, fault):
 
 
 def part_scaler(args, rank, world, device, kind, report, budget):
-    arch = "sm70" if kind == "cuda" else "sm70"  # the fp16 policy (emulated off Volta; on the CPU too)
+    arch = "sm70"  # the fp16 policy (emulated off Volta; on the CPU too)
     items = []
     for dims in ((world, 1), (1, world)):
         base = {"check": "grad_scaler_skip", "model": "qwen2_5vl", "arch_policy": arch, "world_size": world,
