@@ -172,35 +172,51 @@ def _efficient_bwd(*args, **kwargs):
     return torch.ops.aten._efficient_attention_backward(*args, **kwargs)
 
 
+def _sum_groups(grad: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient of ``repeat_interleave(groups, dim=2)`` on ``[1, S, H, D]``: each kv head's group summed (fp32)."""
+    b, s, h, d = grad.shape
+    if h == kv_heads:
+        return grad
+    return grad.view(b, s, kv_heads, h // kv_heads, d).sum(3, dtype=torch.float32).to(dtype)
+
+
 class _EfficientVarlen(torch.autograd.Function):
+    """The one-call varlen kernel with GQA outside it: K/V are saved unexpanded (``[S, H_kv, D]``, not the query's
+    ``H``) and re-expanded in the backward, so a 7:1 GQA model saves 1/7 of the K/V it would after a repeat."""
+
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal):
         q4, k4, v4 = (t.contiguous().unsqueeze(0) for t in (q, k, v))  # [1, S, H, D]; cu_seqlens marks segments
+        groups = q.shape[1] // k.shape[1]
+        ke, ve = (t.repeat_interleave(groups, dim=2) if groups > 1 else t for t in (k4, v4))
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
         mask_type = 1 if causal else 0  # 1 = CausalFromTopLeft, per segment (q and k lengths are equal)
         need_lse = any(ctx.needs_input_grad[:3])
         out, lse, seed, offset, mq, mk = _efficient_fwd(
-            q4, k4, v4, None, cu, cu, max_seqlen, max_seqlen, 0.0, mask_type, need_lse, scale=scale
+            q4, ke, ve, None, cu, cu, max_seqlen, max_seqlen, 0.0, mask_type, need_lse, scale=scale
         )
         if need_lse:
             ctx.save_for_backward(q4, k4, v4, out, lse, cu, seed, offset)
-            ctx.meta = (int(mq), int(mk), mask_type, scale)
+            ctx.meta = (int(mq), int(mk), mask_type, scale, groups)
         return out[0]
 
     @staticmethod
     def backward(ctx, grad_out):
         q4, k4, v4, out, lse, cu, seed, offset = ctx.saved_tensors
-        mq, mk, mask_type, scale = ctx.meta
+        mq, mk, mask_type, scale, groups = ctx.meta
+        ke, ve = (t.repeat_interleave(groups, dim=2) if groups > 1 else t for t in (k4, v4))
         dq, dk, dv, _ = _efficient_bwd(
-            grad_out.contiguous().unsqueeze(0), q4, k4, v4, None, out, cu, cu, mq, mk,
+            grad_out.contiguous().unsqueeze(0), q4, ke, ve, None, out, cu, cu, mq, mk,
             _aligned_lse(lse), 0.0, seed, offset, mask_type, False, scale=scale,
         )
-        return dq[0], dk[0], dv[0], None, None, None, None
+        del ke, ve
+        kv = k4.shape[2]
+        return dq[0], _sum_groups(dk, kv, k4.dtype)[0], _sum_groups(dv, kv, v4.dtype)[0], None, None, None, None
 
 
 def _efficient_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal):
-    """torch's mem-efficient (cutlass / AOTriton) kernel over cu_seqlens: one call, any arch from sm50."""
-    k, v = _repeat_kv(q, k, v)  # the kernel has no GQA; autograd sums the repeated heads' grads back
+    """torch's mem-efficient (cutlass / AOTriton) kernel over cu_seqlens: one call, any arch from sm50. The kernel has
+    no GQA: the Function repeats K/V per call and keeps only the unexpanded K/V for the backward."""
     return _EfficientVarlen.apply(q, k, v, cu_seqlens, int(max_seqlen), float(scale), bool(causal))
 
 

@@ -204,9 +204,24 @@ def emulated_efficient_ops(monkeypatch):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 def test_efficient_varlen_autograd_wiring(emulated_efficient_ops, heads, kv_heads, causal):
     check_against_reference("efficient_varlen", heads=heads, kv_heads=kv_heads, causal=causal, atol=1e-5)
+
+
+def test_efficient_varlen_saves_gqa_kv_unexpanded(emulated_efficient_ops):
+    """The backward keeps K/V at their own head count (a 7:1 GQA model used to save 7x its K/V per layer: the
+    memory that capped sm70's longest SP row); only q and the output are saved at the query's head count."""
+    heads, kv_heads, dim = 8, 2, 16
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(heads, kv_heads, dim))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = K.varlen_attention(q, k, v, cu_tensor(), K.max_seqlen(cu_tensor()), backend="efficient_varlen")
+    total = CU[-1]
+    assert sorted(s for s in saved if len(s) == 4) == sorted(
+        [(1, total, heads, dim)] * 2 + [(1, total, kv_heads, dim)] * 2), saved
+    out.sum().backward()  # and the re-expanded backward still runs
+    assert k.grad.shape == k.shape and v.grad.shape == v.shape
 
 
 def test_efficient_varlen_root_cause_of_the_lse_error(emulated_efficient_ops):
