@@ -12,7 +12,9 @@ Every rank on ONE GPU (shared-device mode, ``portvlm.distributed.launch``: gloo,
 ``PORTVLM_SHARED_DEVICE=1`` does the same as the flag). Numerics are those of N ranks; times are NOT NCCL times:
 
     torchrun --nproc_per_node 2 benchmarks/distributed_train.py dp grads scaler fp16rows --shared-device   # ~5 min
-    torchrun --nproc_per_node 2 benchmarks/distributed_train.py sp --shared-device                         # ~7 min
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \\
+    torchrun --nproc_per_node 2 benchmarks/distributed_train.py sp --shared-device --search-start 131072 \\
+        --budget-s 460                                                                                 # <= 9 min
 
     torchrun --nproc_per_node 2 benchmarks/distributed_train.py dp grads scaler fp16rows sp --smoke   # CPU, gloo, tiny
 
@@ -31,9 +33,13 @@ Parts (Qwen2.5-VL at 7B widths, Qwen3-VL at 8B widths, few layers, random weight
   loss finite and within the fp16 loss tolerance of an fp32 one-process reference (issue 22's NaN rows).
 - ``sp``: per policy, the longest packed row (Qwen2.5-VL, 4 text layers, 8 vision blocks at 7B widths; 1–4 images of
   256 tokens per ~n/8-token sample) that trains one step with SP=1 (mesh (N,1): each rank the whole row) and with
-  SP=N (mesh (1,N)) at equal per-rank memory, with per-rank peak memory: a coarse doubling search (32k × 1, 2, 4, 8,
-  16) refined once halfway between the last row that trained and the first that did not; and the loss of SP=N vs
-  SP=1 on the searches' first (~36k-token) row.
+  SP=N (mesh (1,N)) at equal per-rank memory, with per-rank peak memory and the allocator's settings (topology):
+  a bracketing search — ``--search-start`` tokens, doubling until a row does not train, then geometric bisection
+  until the shortest row that did not train is within ``--search-precision`` (5%) of the longest that did or the
+  search's time share (SP=1 ~40% of the policy's, SP=N the rest) is spent. SP=N probes 1.8 × SP=1's shortest failing
+  row right after its first row, so one probe decides the 1.8× target (it trains: pass; it does not: the
+  bisection runs below it). The verdict comes from both searches' bounds, never from the midpoint. And the loss of
+  SP=N vs SP=1 on the searches' first row (``--search-start`` tokens).
 - ``size``: Qwen2.5-VL-7B dimensions, FSDP2 + activation checkpointing: sm70 vs flash vs padded sdpa (issue 12).
 
 ``--budget-s`` (default 450) bounds one command: what does not fit is recorded ``not_run`` (exit 3), never passed.
@@ -1083,13 +1089,23 @@ def part_size(args, rank, world, device, kind):
 
 
 def sp_row(model_id, n, smoke):
-    """About ``n`` tokens: samples of ~n/8 text tokens with 1–4 images each (seeded, the same row for every rank)."""
+    """``n`` tokens (a few more where two of a sample's image cuts coincide): samples of ~n/8 text tokens with 1–4
+    images each (seeded, the same row for every rank). The last sample is drawn again to fill what is left: kept
+    whole it would overshoot ``n`` by up to a sample (~12%), coarser than the longest-row search's precision."""
     rng = random.Random(5)
     grids = [(1, 8, 8)] if smoke else [(1, 32, 32)]
     per = max(64, n // 8)
     ss, tot, i = [], 0, 0
     while tot < n:
+        state = rng.getstate()
         s = sample(model_id, rng, (per // 2, per), (1, 4), grids, i)
+        if tot + s["input_ids"].shape[1] > n:  # the last sample: the images that fit (at least one), text for the rest
+            n_img = int(s["image_grid_thw"].shape[0])
+            each = (int(s["input_ids"].shape[1]) - int((s["labels"] != -100).sum())) // n_img  # tokens per image
+            left = n - tot
+            k = max(1, min(n_img, (left - 1) // each))
+            rng.setstate(state)
+            s = sample(model_id, rng, (max(1, left - k * each),) * 2, (k, k), grids, i)
         ss.append(s)
         tot += int(s["input_ids"].shape[1])
         i += 1
@@ -1138,40 +1154,98 @@ def sp_step(args, model_id, cfg, arch, device, dims, row, world, held=None):
             "error": next((r["error"] for r in per_rank if "error" in r), None)}, held
 
 
-def search_longest(args, model_id, cfg, arch, device, dims, world, until):
-    """Doubling from ``--search-start`` tokens until a row does not train, then one step halfway back (coarse)."""
-    tried, ok, bad, held, why = [], None, None, None, None
-    sizes = []
-    n = args.search_start
-    while n <= args.search_max:
-        sizes.append(n)
-        n *= 2
+def search_longest(step, start: int, *, until: float, maximum: int, precision: float = 0.05, aim: int | None = None,
+                   tokens=None, clock=time.monotonic, agree=bool) -> dict:
+    """The longest row that trains, bracketed: ``start`` first, ``aim`` next (when given), then doubling until a row
+    does not train, then geometric bisection between the longest row that trained and the shortest that did not
+    until ``shortest / longest <= 1 + precision``; both bounds are recorded however the search stops.
+
+    ``step(n)`` probes the row requested as ``n`` tokens and returns ``{"tokens", "fits", "trains", "loss", ...}``;
+    bounds are its actual ``tokens``, which ``tokens(n)`` tells before the probe (default: ``n``). The search stops
+    early, saying why in ``stopped``, when ``clock()`` reaches ``until`` (checked before each probe, so one probe may
+    overrun it), when a row fits with a non-finite loss, or when a probe would repeat a size already tried.
+    ``aim`` (SP=N: the target × SP=1's ``shortest_that_does_not``) is probed right after the first row (requested
+    so that the row has at least ``aim`` tokens): if it trains the target is met whatever follows, if not the
+    bisection runs below it. ``agree(flag)``: every rank's flag, so that all ranks take the same branch.
+    """
+    tokens = tokens or (lambda n: n)
+    tried = []
+    out = {"longest_that_trains": None, "shortest_that_does_not": None, "stopped": None, "tried": tried}
+    best = {}  # the request of the longest row that trained (doubling goes on from it)
+
+    def probe(n: int) -> str | None:
+        """Probe the row requested as ``n`` tokens; why the search stops here, or None."""
+        if not agree(clock() < until):
+            return "the time share for this search was spent"
+        actual = tokens(n)
+        if any(t["tokens"] == actual for t in tried):
+            return f"the next row ({n} tokens requested) has {actual} tokens, a size already tried"
+        r = dict(step(n), requested=n)
+        tried.append(r)
+        if r["fits"] and not r["trains"]:
+            return f"loss {r['loss']} is not finite at {r['tokens']} tokens"
+        lo, hi = out["longest_that_trains"], out["shortest_that_does_not"]
+        if r["trains"] and (lo is None or r["tokens"] > lo):
+            out["longest_that_trains"], best["request"] = r["tokens"], n
+        elif not r["trains"] and (hi is None or r["tokens"] < hi):
+            out["shortest_that_does_not"] = r["tokens"]
+        return None
+
+    why = probe(start)
+    if why is None and out["longest_that_trains"] is None:
+        why = f"the first row ({out['shortest_that_does_not']} tokens) did not train: lower --search-start"
+    if aim is not None:
+        out["aim"] = {"tokens": aim, "row_tokens": None, "trains": None}
+        if why is None and out["longest_that_trains"] >= aim:  # the first row already decided it
+            out["aim"] |= {"row_tokens": out["longest_that_trains"], "trains": True}
+        elif why is None:
+            n = aim if tokens(aim) >= aim else 2 * aim - tokens(aim)  # a row of fewer tokens: step up once
+            before = len(tried)
+            why = probe(n)
+            if len(tried) > before:
+                out["aim"] |= {"row_tokens": tried[-1]["tokens"], "trains": tried[-1]["trains"]}
+    while why is None and out["shortest_that_does_not"] is None:  # doubling
+        if best["request"] >= maximum:
+            why = f"every row up to --search-max ({maximum} tokens) trained"
+            break
+        why = probe(min(2 * best["request"], maximum))
+    while why is None:  # bisection
+        lo, hi = out["longest_that_trains"], out["shortest_that_does_not"]
+        if hi <= lo * (1 + precision):
+            why = f"bracketed to {hi / lo - 1:.1%} (--search-precision {precision:g})"
+            break
+        n = round(math.sqrt(lo * hi))
+        if not lo < tokens(n) < hi:
+            why = f"no row strictly between {lo} and {hi} tokens (requested {n}: {tokens(n)} tokens)"
+            break
+        why = probe(n)
+    out["stopped"] = why
+    return out
+
+
+def sp_search(args, model_id, cfg, arch, device, dims, world, until, aim=None) -> dict:
+    """``search_longest`` over mesh ``dims`` with ``sp_step`` probes (the model is kept while rows fit)."""
+    held, rows = [None], {}
+
+    def row(n):
+        if n not in rows:  # built once for tokens() and step(): ~1 s at 200k tokens
+            rows.clear()
+            rows[n] = sp_row(model_id, n, args.smoke)
+        return rows[n]
+
+    def step(n):
+        r, held[0] = sp_step(args, model_id, cfg, arch, device, dims, row(n), world, held[0])
+        rows.clear()
+        return r
+
     try:
-        queue = list(sizes)
-        refined = False
-        while queue:
-            n = queue.pop(0)
-            if not agree(time.monotonic() < until, world):
-                why = "the time share for this search was spent"
-                break
-            r, held = sp_step(args, model_id, cfg, arch, device, dims, sp_row(model_id, n, args.smoke), world, held)
-            tried.append(r)
-            if r["fits"] and not r["trains"]:
-                why = f"loss {r['loss']} is not finite at {r['tokens']} tokens"
-                break
-            if r["trains"]:
-                ok = r["tokens"]
-                continue
-            bad = r["tokens"]
-            if ok is None or refined:
-                break
-            refined, queue = True, [(ok + bad) // 2]  # one step halfway between the bounds
-        if why is None and bad is None:
-            why = f"every row up to --search-max {args.search_max} trained"
+        found = search_longest(step, args.search_start, until=until, maximum=args.search_max,
+                               precision=args.search_precision, aim=aim,
+                               tokens=lambda n: int(row(n)["input_ids"].shape[1]), agree=lambda f: agree(f, world))
     finally:
-        if held is not None:
-            close(*held, device)
-    return tried, ok, bad, why
+        if held[0] is not None:
+            close(*held[0], device)
+    return {"mesh": {"dp": dims[0], "sp": dims[1]}} | found
 
 
 def longest_verdict(sp1: dict, spn: dict, target: float) -> dict:
@@ -1213,21 +1287,26 @@ def part_sp(args, rank, world, device, kind, report, budget):
                 "world_size": world, "evidence": policy_evidence(arch, device), "activation_checkpointing": True,
                 "memory_cap_GiB_per_rank": cap}
         policy_end = time.monotonic() + budget.left() / (len(policies) - i)  # this policy's share of the budget
-        # (b) the longest row that trains at equal per-rank memory, SP=1 then SP=N; each policy gets its time share
-        row = base | {"check": "longest_row", "mesh": {"dp": 1, "sp": world}, "target_ratio": 1.8,
-                      "search": "coarse: doubling, then one step halfway between the last row that trained and the "
-                                "first that did not; both bounds are recorded"}
+        # (b) the longest row that trains at equal per-rank memory: SP=1 (~40% of the policy's time: its steps are
+        # shorter), then SP=N aiming first at the target × SP=1's upper bound, so that one probe decides the target
+        target = 1.8
+        row = base | {"check": "longest_row", "mesh": {"dp": 1, "sp": world}, "target_ratio": target,
+                      "search": f"bracketing: --search-start, then doubling until a row does not train, then "
+                                f"geometric bisection between the longest row that trained and the shortest that did "
+                                f"not until they are within {args.search_precision:.0%} or the time share is spent; "
+                                f"SP={world} probes {target} × SP=1's shortest_that_does_not (aim) right after its "
+                                "first row; both bounds are recorded"}
         try:
             found = {}
-            for name, dims, frac in (("sp1", (world, 1), 0.35), (f"sp{world}", (1, world), 1.0)):
-                until = time.monotonic() + frac * max(0.0, policy_end - time.monotonic())  # SP=1 steps are short
-                tried, ok, bad, why = search_longest(args, model_id, cfg, arch, device, dims, world, until)
-                found[name] = {"mesh": {"dp": dims[0], "sp": dims[1]}, "longest_that_trains": ok,
-                               "shortest_that_does_not": bad, "stopped": why, "tried": tried}
-            row |= found | longest_verdict(found["sp1"], found[f"sp{world}"], row["target_ratio"])
-        except Exception as exc:  # noqa: BLE001
+            until = time.monotonic() + 0.4 * max(0.0, policy_end - time.monotonic())
+            found["sp1"] = sp_search(args, model_id, cfg, arch, device, (world, 1), world, until)
+            hi = found["sp1"]["shortest_that_does_not"]
+            found[f"sp{world}"] = sp_search(args, model_id, cfg, arch, device, (1, world), world, policy_end,
+                                            aim=math.ceil(target * hi) if hi else None)
+            row |= found | longest_verdict(found["sp1"], found[f"sp{world}"], target)
+        except Exception as exc:  # noqa: BLE001 - the row says why, with the searches that finished
+            row = failed_row(row | found, exc)
             found = {}
-            row = failed_row(row, exc)
         # (a) the loss of the searches' first row (the same seeded row): SP=N vs SP=1 (mesh (N,1): each rank all of it)
         first = [f["tried"][0] for f in found.values() if f.get("tried")]
         loss_row = base | {"check": "sp_loss", "mesh": {"dp": 1, "sp": world}}
@@ -1285,6 +1364,8 @@ def main() -> int:
                          "(each policy's own: sdpa_masked, a dense mask), or one backend name for every policy")
     ap.add_argument("--search-start", type=int, default=32768, help="sp: the search's first row (tokens)")
     ap.add_argument("--search-max", type=int, default=524288, help="sp: the search's last row (tokens)")
+    ap.add_argument("--search-precision", type=float, default=0.05,
+                    help="sp: bisect until shortest_that_does_not / longest_that_trains <= 1 + this")
     args = ap.parse_args()
     if args.smoke:
         args.search_start, args.search_max = 300, 2400

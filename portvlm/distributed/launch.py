@@ -37,6 +37,7 @@ class Topology:
     shared_device: bool = False
     memory_fraction_per_rank: float | None = None
     note: str | None = None
+    allocator: str | None = None  # CUDA: the caching allocator's settings (``allocator_setting``); CPU: None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +52,21 @@ class Ranks:
     local_rank: int
     device: object  # torch.device
     topology: Topology
+
+
+# The caching allocator's settings (https://pytorch.org/docs/stable/notes/cuda.html#memory-management). Which name
+# wins when several are set changed between torch releases (c10/core/AllocatorConfig.h), so every one set is recorded.
+ALLOC_ENVS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
+
+
+def allocator_setting(environ=None) -> str:
+    """The GPU allocator's settings from the environment (``"default"`` when none): a longest-row figure depends on
+    them (``expandable_segments:True`` avoids the fragmentation that fails a large request below the cap)."""
+    env = os.environ if environ is None else environ
+    found = {name: env[name].strip() for name in ALLOC_ENVS if env.get(name, "").strip()}
+    if len(set(found.values())) == 1:
+        return next(iter(found.values()))
+    return "; ".join(f"{name}={value}" for name, value in found.items()) or "default"
 
 
 def shared_device_requested(flag: bool | None = None, environ=None) -> bool:
@@ -181,7 +197,7 @@ def init_ranks(*, shared_device: bool | None = None, backend: str | None = None,
             raise UnsupportedError(f"shared-device mode: torch {torch.__version__}'s gloo cannot run what "
                                    "portvlm.distributed needs on a GPU: " + "; ".join(reasons) +
                                    "; use one GPU per rank (NCCL, without the flag) or a torch whose gloo has them")
-        topo = Topology(world, 1, "gloo", "cuda", True, round(share, 6), NOTE)
+        topo = Topology(world, 1, "gloo", "cuda", True, round(share, 6), NOTE, allocator_setting(env))
         return Ranks(rank, world, local_rank, device, topo)
     if backend not in (None, "nccl", "gloo"):
         raise ValueError(f"backend {backend!r}: portvlm.distributed runs on 'nccl' (one GPU per rank) or 'gloo'")
@@ -190,7 +206,8 @@ def init_ranks(*, shared_device: bool | None = None, backend: str | None = None,
         torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device, timeout=timeout)
-        return Ranks(rank, world, local_rank, device, Topology(world, world, "nccl", "cuda"))
+        return Ranks(rank, world, local_rank, device,
+                     Topology(world, world, "nccl", "cuda", allocator=allocator_setting(env)))
     if backend == "nccl":
         raise UnsupportedError("backend 'nccl' needs CUDA, and torch sees no CUDA device; use gloo on the CPU")
     if not dist.is_initialized():

@@ -92,7 +92,19 @@ def test_the_collective_probe_names_what_gloo_lacks_and_keeps_ranks_in_step(tmp_
 
 
 def test_topology_is_what_every_result_records():
-    t = launch.Topology(2, 1, "gloo", "cuda", True, 0.5, launch.NOTE)
+    t = launch.Topology(2, 1, "gloo", "cuda", True, 0.5, launch.NOTE, "expandable_segments:True")
     assert t.as_dict() == {"world_size": 2, "devices": 1, "transport": "gloo", "device_type": "cuda",
                            "shared_device": True, "memory_fraction_per_rank": 0.5,
-                           "note": "ranks share one GPU; collectives go through the host; times are not NCCL times"}
+                           "note": "ranks share one GPU; collectives go through the host; times are not NCCL times",
+                           "allocator": "expandable_segments:True"}
+
+
+def test_the_allocator_setting_is_recorded_whichever_variable_sets_it():
+    assert launch.allocator_setting({}) == "default"
+    assert launch.allocator_setting({"PYTORCH_CUDA_ALLOC_CONF": " "}) == "default"
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        assert launch.allocator_setting({name: "expandable_segments:True"}) == "expandable_segments:True"
+    # torch releases disagree on which name wins: two different settings are both recorded
+    both = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "PYTORCH_ALLOC_CONF": "max_split_size_mb:128"}
+    assert launch.allocator_setting(both) == ("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; "
+                                              "PYTORCH_ALLOC_CONF=max_split_size_mb:128")
