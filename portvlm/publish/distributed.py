@@ -106,7 +106,9 @@ def topology_text(doc: dict) -> str:
     where = "CPU" if topo.get("device_type") == "cpu" else f"{devices} GPU{'s' if devices != 1 else ''}"
     if topo.get("shared_device"):
         where += " (shared; times are not NCCL times)"
-    return f"{n} rank{'s' if n != 1 else ''} · {where} · {topo.get('transport', '?')}"
+    text = f"{n} rank{'s' if n != 1 else ''} · {where} · {topo.get('transport', '?')}"
+    # a longest-row figure depends on the allocator (expandable segments or fragmentation): shown when not the default
+    return text + (f" · allocator {topo['allocator']}" if topo.get("allocator") not in (None, "default") else "")
 
 
 def _check_what(r: dict) -> str:
@@ -140,9 +142,15 @@ def _check_what(r: dict) -> str:
         return (f"longest row that trains at {r.get('memory_cap_GiB_per_rank')} GiB/rank: SP=1 {a} vs "
                 f"{(sp_key or 'sp?').upper()} {b} tokens ({r.get('ratio_longest_sp_over_sp1')}×"
                 + (f", between {bounds[0]}× and {bounds[1]}× by the searches' bounds" if bounds else "")
-                + f", target ≥ {r.get('target_ratio')}; coarse doubling search)"
+                + f", target ≥ {r.get('target_ratio')}; {_search_kind(r)})"
                 + (f"; {r['reason']}" if r.get("reason") else ""))
     return str(check or "?")
+
+
+def _search_kind(r: dict) -> str:
+    """How a longest-row row searched: the first word of its ``search`` text (files before it: coarse doubling)."""
+    kind = str(r.get("search") or "coarse").split(":")[0].strip()
+    return "coarse doubling search" if kind == "coarse" else f"{kind} search"
 
 
 def _g(x) -> str:

@@ -73,3 +73,25 @@ def test_shared_device_rows_show_their_topology_and_what_they_measured(tmp_path)
     assert "SP vs SP=1 on 8300 tokens, 16 images" in sp.what and sp.peak_gib == 20.5 and sp.evidence == "emulated"
     assert "SP=1 65536 vs SP2 196608 tokens (3.0×, target ≥ 1.8" in longest.what, longest.what
     assert longest.peak_gib == 61.5  # the longest SP=2 row that trained, its busiest rank
+    assert "coarse doubling search" in longest.what  # a file from before the row said how it searched
+
+
+def test_a_bracketing_search_and_its_allocator_are_shown(tmp_path):
+    topo = {"world_size": 2, "devices": 1, "transport": "gloo", "device_type": "cuda", "shared_device": True,
+            "memory_fraction_per_rank": 0.5, "note": "-", "allocator": "expandable_segments:True"}
+    row = {"check": "longest_row", "model": "qwen2_5vl", "arch_policy": "sm90", "mesh": {"dp": 1, "sp": 2},
+           "status": "pass", "evidence": "hardware", "memory_cap_GiB_per_rank": 69.9, "target_ratio": 1.8,
+           "ratio_longest_sp_over_sp1": 1.95, "ratio_bounds": [1.87, 2.05],
+           "search": "bracketing: --search-start, then doubling until a row does not train, then bisection",
+           "sp1": {"longest_that_trains": 180000, "tried": []}, "sp2": {"longest_that_trains": 351000, "tried": []}}
+    doc = {"world_size": 2, "gpu": "NVIDIA H200", "evidence": "hardware", "topology": topo, "rows": [row]}
+    (tmp_path / "distributed_sp_shared1gpu.json").write_text(json.dumps(doc))
+    (tmp_path / "distributed_dp_shared1gpu.json").write_text(json.dumps(
+        doc | {"topology": topo | {"allocator": "default"}, "rows": [row | {"search": None}]}))
+    rows, problems = distributed.from_benchmarks(tmp_path)
+    assert not problems
+    by = {r.source: r for r in rows}
+    sp, dp = by["distributed_sp_shared1gpu.json"], by["distributed_dp_shared1gpu.json"]
+    assert "target ≥ 1.8; bracketing search)" in sp.what, sp.what
+    assert sp.topology.endswith(" · gloo · allocator expandable_segments:True")
+    assert dp.topology.endswith(" · gloo") and "coarse doubling search" in dp.what
