@@ -10,8 +10,9 @@ Why (facts: ../shared/research/fp16.md): Qwen2/2.5-VL in fp16 overflows in the l
 projection (llama.cpp #17534: SwiGLU absmax ~4.3e3, then ``ffn_down`` = -inf), in text ``down_proj`` (vLLM #14126),
 and inside Qwen3-VL's vision ``linear_fc1`` (unsloth-zoo #787). Clamps change the function (transformers #35151) and do
 not help once the stream is NaN (vLLM #14126). Pre-norm blocks make the residual stream scale-invariant
-(``Norm(αx) = Norm(x)`` with eps × α²), so scaling every weight that writes the stream by a power of two α is exact
-and bitwise reversible; an overflow inside a block (before the down projection) needs an fp32 island instead.
+(``Norm(αx) = Norm(x)`` with eps × α²), so making every module that writes the stream compute α× its output (α a
+power of two: its input and bias scaled, its weights untouched, so training is unchanged) is exact; an overflow
+inside a block (before the down projection) needs an fp32 island instead.
 
 Nothing here imports torch at import time.
 """

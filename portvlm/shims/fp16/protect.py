@@ -3,12 +3,12 @@
 ``portvlm.patch(model, arch="sm70", calibration=batch)`` calls :func:`protect` when the policy's dtype is float16
 (sm70; the ROCm policies when they run fp16):
 
-- **rescaling** by a power of two α per tower (scan-chosen): every weight and bias that writes the residual stream
-  (text ``embed_tokens``/``o_proj``/``down_proj``; vision patch embedding, learned positions, attention ``proj``, MLP
-  down projection; the mergers' last linear at the *text* α, so image tokens enter the text stream at its scale) is
-  multiplied by α, every norm reading the stream gets eps × α². ``Norm(αx) = Norm(x)``, so the logits do not change
-  (up to fp16 rounding). A power of two is exact unless a weight falls into fp16's subnormals; such a tensor's
-  original is kept, every other one is divided back, so revert restores the weights bitwise.
+- **rescaling** by a power of two α per tower (scan-chosen): every module that writes the residual stream (text
+  ``embed_tokens``/``o_proj``/``down_proj``; vision patch embedding, learned positions, attention ``proj``, MLP down
+  projection; the mergers' last linear at the *text* α, so image tokens enter the text stream at its scale) computes
+  α× its output — its input and bias scaled by α, its weights untouched — and every norm reading the stream gets
+  eps × α². ``Norm(αx) = Norm(x)``, so the logits do not change (up to fp16 rounding), and since no parameter is
+  edited, gradients and any optimizer's trajectory are the unscaled model's (see :func:`rescale`).
 - **fp32 islands** where the overflow sits inside a block (an MLP intermediate before its down projection, Qwen3-VL's
   vision ``linear_fc1``, unsloth-zoo #787): that module runs on fp32 copies of its weights and hands fp16 on.
 - **the guard**: one max-|x| per block written into a device tensor (no host sync), one finiteness check per model
@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from portvlm.errors import FP16OverflowError
+from portvlm.errors import FP16OverflowError, UnsupportedError
 from portvlm.shims.fp16 import FP16_MAX
 from portvlm.shims.fp16.scan import ISLAND_ATTR, Layout, ScanReport, layout_of, scan
 from portvlm.shims.model_io import reset_rope_state
@@ -64,70 +64,76 @@ class Protection:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Rescaling (exact for powers of two)
+# Rescaling (exact for powers of two), on the activations: the parameters are never edited
 # --------------------------------------------------------------------------------------------------------------
+# Why not multiply the writers' weights by α (what anemll and NovelAI's t5 do for inference): the function is the
+# same, but training is not. Adam-family optimizers move every parameter by ~lr whatever its scale, so a weight
+# stored α× smaller learns 1/α× faster (SGD: 1/α²×), and a LoRA adapter beside an edited base layer writes at the
+# unscaled magnitude. Measured: at Qwen2.5-VL-7B widths one AdamW step (lr 1e-5) on the weight-edited model moved
+# the planted down_proj's peak from 1.5e4 to 7.9e4 on an H200 (and 4.3e3 -> 13 on the CPU at 3584/18944 widths),
+# where the unscaled model's step barely moves it. Scaling the writer's *input* (and its bias) by α instead gives
+# bitwise the same fp16 forward (a power of two scales every product and sum exactly, subnormals aside) and leaves
+# every parameter, its gradient and so any optimizer's trajectory exactly the unscaled model's.
 
 
-def _scale_module(module, a: float, undo: list) -> int:
-    """Multiply ``module``'s own parameters by ``a`` in place; keep an original only where that was not exact."""
+def _scaled_forward(module, a: float):
+    """A forward computing ``a`` × ``module``'s output with its parameters untouched, and how (for the report)."""
     import torch
+    import torch.nn.functional as F
 
-    kept = 0
-    with torch.no_grad():
-        for p in module.parameters(recurse=False):
-            if not p.is_floating_point():
-                continue
-            scaled = p.detach() * a
-            exact = bool(torch.equal(scaled * (1.0 / a), p.detach()))  # false when a weight lands in subnormals
-            original = None if exact else p.detach().clone()
-            kept += original is not None
-            p.copy_(scaled)
-            undo.append((p, a, original))
-    return kept
-
-
-def _unscale(undo: list) -> None:
-    import torch
-
-    with torch.no_grad():
-        while undo:
-            p, a, original = undo.pop()
-            if original is None:
-                p.mul_(1.0 / a)
-            else:
-                p.copy_(original)
+    inner = module.__dict__.get("forward")  # an instance forward already installed (another patch) or None
+    if inner is None and type(module) is torch.nn.Linear:
+        def linear(x):
+            return F.linear(x * a, module.weight, None if module.bias is None else module.bias * a)
+        return linear, "input and bias × α"
+    if inner is None and isinstance(module, torch.nn.modules.conv._ConvNd) and module.padding_mode == "zeros":
+        def conv(x):
+            return module._conv_forward(x * a, module.weight, None if module.bias is None else module.bias * a)
+        return conv, "input and bias × α"
+    base = inner or type(module).forward.__get__(module)
+    if isinstance(module, torch.nn.Embedding):
+        def embedding(*args, **kwargs):
+            return base(*args, **kwargs) * a  # a lookup: scaling what it returns is exact
+        return embedding, "output × α (a lookup)"
+    if any(n.rsplit(".", 1)[-1] == "bias" for n, _ in module.named_parameters()):
+        raise ValueError(f"{type(module).__name__} has a bias and no exact input scaling here")
+    def linear_map(x, *args, **kwargs):  # bias-free and linear in x (a PEFT-wrapped projection too): exact
+        return base(x * a, *args, **kwargs)
+    return linear_map, "input × α"
 
 
 def rescale(model, layout: Layout, alpha: dict[str, float], patcher) -> list[Change]:
-    """Scale each tower's stream writers by its α, the bridges by the text α, norms' eps by α²; undone by ``patcher``."""
+    """Each tower's stream writers compute α× their output (the bridges at the text α), norms' eps × α²; undone by
+    ``patcher``. No parameter changes: training sees the unscaled model's parameters and gradients."""
     from portvlm.shims.fp16.scan import _eps_attr
 
     changes: list[Change] = []
-    undo: list = []
-    patcher.on_restore(lambda: _unscale(undo))
+
+    def scale(path: str, a: float, what: str) -> None:
+        module = model.get_submodule(path)
+        try:
+            forward, how = _scaled_forward(module, a)
+        except ValueError as exc:
+            raise UnsupportedError(f"fp16 rescale of {path}: {exc}; portvlm.shims.fp16.protect._scaled_forward "
+                                   "needs a case for it (or run this model in float32)") from None
+        patcher.set_attr(module, "forward", forward)
+        changes.append(Change("rescale", path, f"{what}: output × 2^{int(math.log2(a))} ({how}; weights untouched)"))
+
     text_a = alpha.get("text", 1.0)
     for tower, a in alpha.items():
         if a == 1.0:
             continue
         k = int(math.log2(a))
         for path in layout.writers[tower]:
-            kept = _scale_module(model.get_submodule(path), a, undo)
-            note = f" ({kept} tensor(s) reach fp16 subnormals: originals kept for revert)" if kept else ""
-            changes.append(Change("rescale", path, f"writes the {tower} residual stream: weights × 2^{k}{note}"))
+            scale(path, a, f"writes the {tower} residual stream")
         for path in layout.norms[tower]:
             norm = model.get_submodule(path)
             attr = _eps_attr(norm)
             patcher.set_attr(norm, attr, getattr(norm, attr) * a * a)
             changes.append(Change("eps", path, f"reads the {tower} stream: {attr} × 2^{2 * k} (Norm(αx) = Norm(x))"))
     if text_a != 1.0:
-        k = int(math.log2(text_a))
         for path in layout.bridges:
-            _scale_module(model.get_submodule(path), text_a, undo)
-            changes.append(Change("rescale", path, f"writes image tokens into the text stream: weights × 2^{k}"))
-        if layout.tied_norm:
-            _scale_module(model.get_submodule(layout.tied_norm), 1.0 / text_a, undo)
-            changes.append(Change("rescale", layout.tied_norm, f"lm_head shares embed_tokens' weight (× 2^{k}): the "
-                                  f"final norm's weight × 2^{-k} keeps the logits"))
+            scale(path, text_a, "writes image tokens into the text stream")
     return changes
 
 
@@ -161,12 +167,12 @@ def island(module, why: str, patcher) -> None:
     """Make ``module`` compute in fp32 (fp32 copies of its weights, fp32 inputs) and hand on its input's dtype."""
     import torch
 
-    cls_forward = type(module).forward
+    own = module.__dict__.get("forward") or type(module).forward.__get__(module)  # a rescaled writer's, if any
     inside = [False]
 
     def forward(*args, **kwargs):
-        if inside[0]:  # functional_call below calls the module again: run the class's own forward
-            return cls_forward(module, *args, **kwargs)
+        if inside[0]:  # functional_call below calls the module again: run its own forward
+            return own(*args, **kwargs)
         dtype = _first_float_dtype(args, kwargs)
         state = {n: t.float() for n, t in (*module.named_parameters(), *module.named_buffers())
                  if t.is_floating_point()}

@@ -43,7 +43,6 @@ class Layout:
     bridges: tuple[str, ...]  # vision -> text: the mergers' last linear layers (× α_text: image tokens at text scale)
     bridge_owners: tuple[str, ...]  # the mergers themselves (an overflow inside one islands the merger)
     norms: dict[str, tuple[str, ...]]  # tower -> norms that read the stream (eps × α_tower²)
-    tied_norm: str | None = None  # the final text norm, when lm_head shares embed_tokens' weight (its weight × 1/α)
     fixed: dict[str, str] = field(default_factory=dict)  # tower -> why its α stays 1
 
     def tower_of(self, path: str) -> str | None:
@@ -131,8 +130,6 @@ def layout_of(model) -> Layout:
         text_norms += [sub(layer, "input_layernorm")[0], sub(layer, "post_attention_layernorm")[0]]
     final_norm = sub(text_model, "norm")[0]
     text_norms.append(final_norm)
-    lm_head = paths.lm_head
-    tied = lm_head.weight is embed.weight
 
     tower = paths.paths["vision_tower"]
     vblocks = tuple(f"{paths.paths['vision_blocks']}.{i}" for i in range(len(paths.vision_blocks)))
@@ -173,7 +170,6 @@ def layout_of(model) -> Layout:
         bridges=tuple(bridges),
         bridge_owners=tuple(owners),
         norms={"vision": tuple(vision_norms), "text": tuple(text_norms)},
-        tied_norm=final_norm if tied else None,
         fixed=fixed,
     )
 
