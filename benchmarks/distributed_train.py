@@ -217,7 +217,8 @@ class Report:
     def __init__(self, part, args, rank, world, device, kind, topology):
         self.rank, self.args = rank, args
         where = ("shared1gpu" if topology.shared_device else f"{world}gpu") if kind == "cuda" else f"{world}proc"
-        self.name = f"distributed_{part}_{where}{'_smoke' if args.smoke else ''}.json"
+        only = f"_{'-'.join(models_for(args))}" if args.models and part in ("dp", "grads", "fp16rows") else ""
+        self.name = f"distributed_{part}{only}_{where}{'_smoke' if args.smoke else ''}.json"
         archs = PART_POLICIES.get(part) or policies_for(kind, args)
         self.rec = benchmark.record("distributed_train", archs=archs, device=device, smoke=args.smoke,
                                     world_size=world, topology=topology, part=part, argv=sys.argv[1:])
@@ -548,7 +549,7 @@ def run_rows(report, budget, items, fn, world):
 
 def part_dp(args, rank, world, device, kind, report, budget):
     items = []
-    for model_id in MODELS:
+    for model_id in models_for(args):
         for arch in policies_for(kind, args):
             base = {"check": "dp_vs_union", "model": model_id, "arch_policy": arch, "world_size": world,
                     "mesh": {"dp": world, "sp": 1}, "evidence": policy_evidence(arch, device)}
@@ -627,7 +628,7 @@ def dp_one(args, model_id, arch, rank, world, device):
 
 def part_grads(args, rank, world, device, kind, report, budget):
     items = []
-    for model_id in MODELS:
+    for model_id in models_for(args):
         for arch in policies_for(kind, args):
             base = {"check": "sp_vs_sp1", "model": model_id, "arch_policy": arch, "world_size": world,
                     "mesh": {"dp": 1, "sp": world}, "evidence": policy_evidence(arch, device)}
@@ -752,7 +753,7 @@ def scaler_one(args, arch, dims, rank, world, device):
 
 def part_fp16rows(args, rank, world, device, kind, report, budget):
     items = []
-    for model_id in MODELS:
+    for model_id in models_for(args):
         for what in ("images", "video"):
             base = {"check": "fp16_row_vs_fp32", "model": model_id, "arch_policy": "sm70", "world_size": world,
                     "mesh": {"dp": 1, "sp": world}, "row": what, "evidence": policy_evidence("sm70", device)}
@@ -1328,6 +1329,17 @@ def part_sp(args, rank, world, device, kind, report, budget):
 PARTS = ("dp", "grads", "scaler", "fp16rows", "sp", "size")
 
 
+def models_for(args) -> tuple[str, ...]:
+    """dp, grads, fp16rows: the models ``--models`` names (default: all of MODELS)."""
+    if not args.models:
+        return MODELS
+    chosen = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    unknown = [m for m in chosen if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    return chosen
+
+
 def summary(reports) -> str:
     """The short table printed last: one line per row."""
     lines = [f"{'part':8} {'check':18} {'model':10} {'policy':6} {'mesh':5} {'status':8} figure"]
@@ -1358,6 +1370,7 @@ def main() -> int:
     ap.add_argument("--pad-batch", type=int, default=2, help="size: samples per padded sdpa batch")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--models", default=None, help=f"dp, grads, fp16rows: models, comma-separated (default: {','.join(MODELS)})")
     ap.add_argument("--arch", default=None, help="dp, grads, sp: policies, comma-separated (default: sm90,sm70 on a GPU)")
     ap.add_argument("--text-backend", default="auto",
                     help="packed-row text kernel on a GPU: auto (sm90 torch_varlen, sm70 efficient_varlen), policy "
