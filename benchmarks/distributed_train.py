@@ -218,6 +218,7 @@ class Report:
         self.rank, self.args = rank, args
         where = ("shared1gpu" if topology.shared_device else f"{world}gpu") if kind == "cuda" else f"{world}proc"
         only = f"_{'-'.join(models_for(args))}" if args.models and part in ("dp", "grads", "fp16rows") else ""
+        only += f"_{args.arch.replace(',', '-')}" if args.arch and part in ("dp", "grads", "sp") else ""
         self.name = f"distributed_{part}{only}_{where}{'_smoke' if args.smoke else ''}.json"
         archs = PART_POLICIES.get(part) or policies_for(kind, args)
         self.rec = benchmark.record("distributed_train", archs=archs, device=device, smoke=args.smoke,
@@ -516,8 +517,13 @@ def together(fn, world):
 
 
 def failed_row(row, exc):
-    return row | {"status": "fail", "error": f"{type(exc).__name__}: {str(exc)[:600]}",
-                  "trace": traceback.format_exc()[-1500:]}
+    """``row`` failed with ``exc``. Only rank 0 writes the record, so every rank also prints its own error and trace
+    to stderr: a rank that failed alone (the others then see gloo's "Connection closed by peer") names its cause."""
+    trace = traceback.format_exc()
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    print(f"[rank {rank}] {row.get('check', row.get('part', '?'))} {row.get('arch_policy', '')} failed: "
+          f"{type(exc).__name__}: {exc}\n{trace}", file=sys.stderr, flush=True)
+    return row | {"status": "fail", "error": f"{type(exc).__name__}: {str(exc)[:600]}", "trace": trace[-1500:]}
 
 
 def policies_for(kind, args=None):
@@ -1136,8 +1142,10 @@ def sp_step(args, model_id, cfg, arch, device, dims, row, world, held=None):
                "peak_GiB": peak_gib(device), "dtype": str(handle.dtype).removeprefix("torch."),
                "text_backend": handle.state.text_backend}
         del out
-    except torch.OutOfMemoryError as exc:
-        res = {"fits": False, "error": f"OutOfMemoryError: {str(exc)[:160]}", "peak_GiB": peak_gib(device)}
+    except (torch.OutOfMemoryError, RuntimeError) as exc:  # a CUDA OOM outside the caching allocator is a RuntimeError
+        if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc).lower():
+            raise
+        res = {"fits": False, "error": f"{type(exc).__name__}: {str(exc)[:160]}", "peak_GiB": peak_gib(device)}
     if held is not None:
         for p in held[0].parameters():
             p.grad = None
