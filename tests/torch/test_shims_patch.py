@@ -430,3 +430,25 @@ def test_patch_of_a_model_ignores_a_broken_portvlm_matrix_and_honours_its_own_ma
                                                 else x for x in m.models))
     with pytest.raises(UnsupportedError, match="llava needs transformers >=99.0"):
         portvlm.patch(model, arch="cpu", matrix=newer)
+
+
+@pytest.mark.parametrize("arch", ["cpu", "sm70"])  # sm70: the fp16 guard's hooks and its record of the last call
+def test_a_reverted_model_is_freed_while_its_handle_lives(arch):
+    """A patched-then-reverted model must be collectable: the handle registry is weak-keyed by the model, and a
+    handle that refers to its model (the fp16 guard did) kept the entry, the model and every weight alive for the
+    life of the process: a benchmark that closed a model after each out-of-memory probe grew by a model each time."""
+    import gc
+    import weakref
+
+    from portvlm.models import inputs as model_inputs
+    from portvlm.models import tiny
+
+    model = tiny.build("qwen2_5vl")
+    batch = model_inputs.build("qwen2_5vl", "text", torch.float32)
+    with portvlm.patch(model, arch=arch) as handle:
+        model(**batch, use_cache=False)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None, [type(r).__name__ for r in gc.get_referrers(ref())]
+    assert handle.reverted  # the handle (its report) is still the caller's to read

@@ -204,7 +204,9 @@ class Guard:
     """Per-block max |x| into one device tensor (no host sync), one finiteness check per forward of the model."""
 
     def __init__(self, model, layout: Layout, lm_head: str | None):
-        self.model = model
+        import weakref
+
+        self._model = weakref.ref(model)  # weak: the handle outlives a revert, and must not keep the model alive
         self.paths = [*layout.blocks["vision"], *layout.bridge_owners, *layout.blocks["text"]]
         if lm_head:
             self.paths.append(lm_head)
@@ -212,6 +214,10 @@ class Guard:
         self.handles: list = []
         self.checks = 0  # forwards checked (one host sync each)
         self._call = None
+
+    @property
+    def model(self):
+        return self._model()
 
     def install(self, patcher) -> None:
         for i, path in enumerate(self.paths):
