@@ -228,6 +228,34 @@ def test_rescale_leaves_gradients_and_the_adamw_trajectory_unchanged(mid, site, 
         torch.testing.assert_close(p, ref_params[n], rtol=1e-4, atol=1e-6, msg=lambda e, n=n: f"{n} after 3 steps: {e}")
 
 
+class _Adapter(torch.nn.Module):
+    """What PEFT's LoRA layer does to a target: hold it as ``base_layer`` and add its own output."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+        self.delta = torch.nn.Linear(base.in_features, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.delta(x)
+
+
+def test_a_writer_wrapped_after_the_rescale_is_refused_not_silently_unscaled():
+    _skip("qwen2_5vl")
+    model, batch, _ = _planted("qwen2_5vl", "text_down_proj", 1.2e5)
+    m16 = copy.deepcopy(model).half()
+    path = _path(model, "text_layers:1.mlp.down_proj")
+    parent_path, _, name = path.rpartition(".")
+    with portvlm.patch(m16, arch="sm70", calibration=batch, guard=False) as handle:
+        assert any(c.kind == "rescale" and c.target == path for c in handle.report.fp16)
+        parent = m16.get_submodule(parent_path)
+        setattr(parent, name, _Adapter(getattr(parent, name)).half())  # get_peft_model after the patch
+        with pytest.raises(portvlm.UnsupportedError, match=f"{path} was wrapped \\(_Adapter\\).*wrap first"):
+            _logits(m16, _half(batch))
+        setattr(parent, name, parent.get_submodule(name).base_layer)
+        assert torch.isfinite(_logits(m16, _half(batch))).all()
+
+
 def test_fp32_policy_changes_nothing_and_notes_unused_calibration():
     model = tiny.build("qwen2_5vl")
     batch = model_inputs.build("qwen2_5vl", "text", torch.float32)

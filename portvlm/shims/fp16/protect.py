@@ -102,6 +102,24 @@ def _scaled_forward(module, a: float):
     return linear_map, "input × α"
 
 
+def _unwrapped_only(model, path: str, module, forward):
+    """``forward``, refusing once ``module`` is no longer at ``path``: a wrapper installed after the rescale (PEFT's
+    LoRA layer holds the writer as its ``base_layer``) would add its own output unscaled, 1/α× too strong."""
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+
+    def checked(*args, **kwargs):
+        current = getattr(parent, attr, None)
+        if current is not module:
+            raise UnsupportedError(
+                f"fp16 rescale: {path} was wrapped ({type(current).__name__}) after portvlm.patch(..., calibration=...) "
+                "scaled its output; the wrapper's own output (a LoRA adapter's) would enter the residual stream "
+                "unscaled. Fix: wrap first (get_peft_model), then portvlm.patch; or revert, wrap, and patch again")
+        return forward(*args, **kwargs)
+
+    return checked
+
+
 def rescale(model, layout: Layout, alpha: dict[str, float], patcher) -> list[Change]:
     """Each tower's stream writers compute α× their output (the bridges at the text α), norms' eps × α²; undone by
     ``patcher``. No parameter changes: training sees the unscaled model's parameters and gradients."""
@@ -116,7 +134,7 @@ def rescale(model, layout: Layout, alpha: dict[str, float], patcher) -> list[Cha
         except ValueError as exc:
             raise UnsupportedError(f"fp16 rescale of {path}: {exc}; portvlm.shims.fp16.protect._scaled_forward "
                                    "needs a case for it (or run this model in float32)") from None
-        patcher.set_attr(module, "forward", forward)
+        patcher.set_attr(module, "forward", _unwrapped_only(model, path, module, forward))
         changes.append(Change("rescale", path, f"{what}: output × 2^{int(math.log2(a))} ({how}; weights untouched)"))
 
     text_a = alpha.get("text", 1.0)
