@@ -198,3 +198,30 @@ def test_check_cli_never_lets_a_raw_exception_out(monkeypatch, capsys):
     assert checker.main(["pkg:build"]) == 3
     err = capsys.readouterr().err
     assert "portvlm check failed on Qwen2_5_VLForConditionalGeneration with KeyError" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("site", "targets"), [("text_down_proj", ["o_proj", "down_proj"]),
+                                               ("vision_down_proj", ["attn.proj", "mlp.down_proj"])])
+def test_lora_on_rescaled_writers_under_the_calibrated_fp16_policy(site, targets):
+    """LoRA first, then the calibrated sm70 patch: each LoRA layer on a stream writer is scaled part by part (its
+    base layer, bias included, and each adapter), so fp16 logits match the fp32 LoRA model; LoRA after the patch
+    would add the adapters' output unscaled, and is refused at the next forward."""
+    from test_fp16 import ATOL, RTOL, _half, _logits, _planted
+
+    from portvlm.testing import compare
+
+    model, batch, _ = _planted("qwen2_5vl", site, 1.2e5)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    lora = peft.get_peft_model(copy.deepcopy(model), cfg)
+    ref = _logits(lora.base_model.model, batch)
+    l16 = copy.deepcopy(lora).half()
+    with portvlm.patch(l16, arch="sm70", calibration=batch, guard=False) as handle:
+        assert any("a LoRA layer" in c.why for c in handle.report.fp16), handle.report
+        c = compare(_logits(l16.base_model.model, _half(batch)), ref, ATOL, RTOL)
+        assert c.ok, f"max_abs={c.max_abs_err:.3g} vs atol={ATOL} rtol={RTOL}"
+
+    m16 = copy.deepcopy(model).half()
+    with portvlm.patch(m16, arch="sm70", calibration=batch, guard=False):
+        late = peft.get_peft_model(m16, cfg)
+        with pytest.raises(UnsupportedError, match="was wrapped .*wrap first"):
+            _logits(late.base_model.model, _half(batch))

@@ -96,10 +96,26 @@ def _scaled_forward(module, a: float):
             return base(*args, **kwargs) * a  # a lookup: scaling what it returns is exact
         return embedding, "output × α (a lookup)"
     if any(n.rsplit(".", 1)[-1] == "bias" for n, _ in module.named_parameters()):
-        raise ValueError(f"{type(module).__name__} has a bias and no exact input scaling here")
+        raise ValueError(f"{type(module).__module__}.{type(module).__name__} has a bias and no exact input scaling here")
+
     def linear_map(x, *args, **kwargs):  # bias-free and linear in x (a PEFT-wrapped projection too): exact
+        if not x.is_floating_point():  # token ids (a wrapped embedding): its output is table rows, scale those
+            return base(x, *args, **kwargs) * a
         return base(x * a, *args, **kwargs)
     return linear_map, "input × α"
+
+
+def _lora_parts(module):
+    """A PEFT LoRA layer's (base layer, its adapters' first projections) — each scaled on its own, which is exact with
+    a biased base layer too — or None (not a LoRA layer, or DoRA, whose weight norm is not linear in the weights)."""
+    import torch
+
+    base, first = getattr(module, "base_layer", None), getattr(module, "lora_A", None)
+    if not isinstance(base, torch.nn.Module) or not isinstance(first, torch.nn.ModuleDict) or not len(first):
+        return None
+    if len(getattr(module, "lora_magnitude_vector", None) or ()):
+        return None
+    return base, list(first.values())
 
 
 def _unwrapped_only(model, path: str, module, forward):
@@ -129,6 +145,16 @@ def rescale(model, layout: Layout, alpha: dict[str, float], patcher) -> list[Cha
 
     def scale(path: str, a: float, what: str) -> None:
         module = model.get_submodule(path)
+        lora = _lora_parts(module)
+        if lora is not None:  # base(x) + B(A(x))·s: α× each of base and A gives α× the sum, whatever base's bias
+            base, firsts = lora
+            for part in (base, *firsts):
+                forward, _ = _scaled_forward(part, a)
+                patcher.set_attr(part, "forward", forward)
+            patcher.set_attr(module, "forward", _unwrapped_only(model, path, module, module.forward))
+            changes.append(Change("rescale", path, f"{what}: output × 2^{int(math.log2(a))} (a LoRA layer: its base "
+                                  "layer's input and bias and each adapter's input × α; weights untouched)"))
+            return
         try:
             forward, how = _scaled_forward(module, a)
         except ValueError as exc:
