@@ -196,6 +196,10 @@ def peak_gib(device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
 
 
+def allocated_gib(device) -> float | None:
+    return round(torch.cuda.memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -1124,10 +1128,12 @@ def sp_step(args, model_id, cfg, arch, device, dims, row, world, held=None):
     rank ran out of memory), loss, per-rank peak memory. An OOM is an answer, not an error. ``held``: the model of
     the previous step of this search (reused after a step that fit on every rank; rebuilt after an OOM).
     Returns ``(result, held)``."""
-    res = {}
+    res, live = {}, {}
     try:
-        if held is None:
+        if held is None:  # what earlier probes left allocated (~0: a model closed after an OOM must be gone)
+            live["leftover_GiB"] = allocated_gib(device)
             held = parallel_model(model_id, cfg, arch, device, dims, ckpt=True)
+        live["resident_GiB"] = allocated_gib(device)  # the model, and anything else live, before the step
         pmodel, handle = held
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -1149,7 +1155,7 @@ def sp_step(args, model_id, cfg, arch, device, dims, row, world, held=None):
     if held is not None:
         for p in held[0].parameters():
             p.grad = None
-    per_rank = gather_rows(res, world)
+    per_rank = gather_rows(res | live, world)
     fits = all(r["fits"] for r in per_rank)
     if not fits and held is not None:  # every rank drops its model after an OOM anywhere: FSDP's state is suspect
         close(*held, device)
@@ -1160,6 +1166,8 @@ def sp_step(args, model_id, cfg, arch, device, dims, row, world, held=None):
             "trains": fits and finite(loss), "loss": loss, "step_s": per_rank[0].get("step_s"),
             "peak_GiB_per_rank": [r.get("peak_GiB") for r in per_rank], "dtype": per_rank[0].get("dtype"),
             "text_backend": per_rank[0].get("text_backend"),
+            "resident_GiB_per_rank": [r.get("resident_GiB") for r in per_rank],
+            "leftover_GiB_per_rank": [r.get("leftover_GiB") for r in per_rank],
             "error": next((r["error"] for r in per_rank if "error" in r), None)}, held
 
 
