@@ -42,3 +42,27 @@ def contains(spec: str | SpecifierSet, version: Version | str) -> bool:
 
 __all__ = ["InvalidSpecifier", "InvalidVersion", "SpecifierSet", "Version", "base_version", "contains", "parse",
            "parse_or_none", "specifier"]
+
+
+def source_revision() -> str | None:
+    """The portvlm commit this code came from: ``$PORTVLM_COMMIT`` when set (a copy of the tree without ``.git``, as
+    on a lent GPU machine), else this checkout's ``git rev-parse HEAD`` with ``+dirty`` when tracked files differ
+    from it; None when neither says (an installed wheel)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    if os.environ.get("PORTVLM_COMMIT"):
+        return os.environ["PORTVLM_COMMIT"]
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rev = head.stdout.strip()
+    return (rev + ("+dirty" if dirty.stdout.strip() else "")) if head.returncode == 0 and rev else None
+

@@ -146,8 +146,6 @@ def build(spec: ImageSpec, engine: Engine | None, *, out: Path = Path(OUT_DIR), 
 
 
 def _git_revision() -> str:
-    try:
-        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-    except OSError:
-        return "unknown"
-    return proc.stdout.strip() or "unknown"
+    from portvlm.versions import source_revision
+
+    return source_revision() or "unknown"

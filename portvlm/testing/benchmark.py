@@ -26,7 +26,7 @@ SMOKE_NOTE = "smoke: tiny sizes, a wiring check; the figures say nothing about s
 
 
 def environment(device=None) -> dict:
-    """torch, transformers, python, the device type and the GPU's name (None on the CPU)."""
+    """torch, transformers, python, the device type, the GPU's name (None on the CPU) and the portvlm commit."""
     import torch
 
     try:
@@ -37,8 +37,10 @@ def environment(device=None) -> dict:
         tf = None
     kind = getattr(device, "type", device) or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.get_device_name(device if getattr(device, "type", None) == "cuda" else 0) if kind == "cuda" else None
+    from portvlm.versions import source_revision
+
     return {"torch": torch.__version__, "transformers": tf, "python": _platform.python_version(), "device": kind,
-            "gpu": gpu}
+            "gpu": gpu, "commit": source_revision()}
 
 
 def evidence(archs, *, matrix=None) -> tuple[Evidence, list[str], dict[str, str]]:
