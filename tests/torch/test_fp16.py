@@ -256,6 +256,35 @@ def test_a_writer_wrapped_after_the_rescale_is_refused_not_silently_unscaled():
         assert torch.isfinite(_logits(m16, _half(batch))).all()
 
 
+@pytest.mark.parametrize(("mid", "site", "peak", "first"), [CASES[0], CASES[5]], ids=[IDS[0], IDS[5]])
+def test_the_lean_scan_casts_one_module_at_a_time_and_finds_the_same(mid, site, peak, first):
+    """A 7B model in fp16 on a 16 GB V100 cannot hold a second, fp32 copy for the scan: the lean scan casts each
+    module's own tensors around its forward. Same overflows, α and islands as the whole-model cast; never more than
+    one module's weights in fp32 at once; the fp16 weights bitwise as they were."""
+    _skip(mid)
+    model, batch, _ = _planted(mid, site, peak)
+    m16 = copy.deepcopy(model).half()
+    before = {k: v.clone() for k, v in m16.state_dict().items()}
+    full = scan(m16, batch, lean=False)
+    seen = []
+
+    def count(module, args):
+        seen.append(sum(p.numel() for p in m16.parameters() if p.dtype == torch.float32))
+    hooks = [m.register_forward_pre_hook(count) for m in m16.modules()]
+    try:
+        lean = scan(m16, batch, lean=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    biggest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in m16.modules())
+    assert seen and max(seen) <= biggest, (max(seen), biggest)
+    assert [o.path for o in lean.overflows] == [o.path for o in full.overflows] and lean.overflows
+    assert lean.alpha == full.alpha and lean.islands.keys() == full.islands.keys()
+    for o, f in zip(lean.overflows, full.overflows, strict=True):
+        assert o.peak == pytest.approx(f.peak, rel=1e-2)  # the lean path sees fp16-rounded model inputs
+    assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in m16.state_dict().items())
+
+
 def test_fp32_policy_changes_nothing_and_notes_unused_calibration():
     model = tiny.build("qwen2_5vl")
     batch = model_inputs.build("qwen2_5vl", "text", torch.float32)

@@ -272,10 +272,19 @@ class ScanReport:
 
 
 @contextlib.contextmanager
-def fp32_arithmetic(model):
-    """Cast ``model``'s floating parameters and buffers to fp32 in place, and back to their own dtypes on exit (exact)."""
+def fp32_arithmetic(model, *, lean: bool | None = None):
+    """Run ``model`` in fp32 arithmetic; its tensors return to their own dtypes on exit (fp16/bf16 -> fp32 -> back is
+    exact). ``lean`` False: the whole model is cast at once. True: each module's own tensors are cast just before its
+    forward (its floating inputs too) and back just after, so one module's fp32 copy exists at a time — a 7B model in
+    fp16 (15 GB) on a 16 GB V100 cannot hold a second, fp32 copy (30 GB). None: lean where the whole fp32 copy would
+    not fit in the device's free memory."""
     import torch
 
+    if lean is None:
+        lean = not _fp32_copy_fits(model)
+    if lean:
+        yield from _fp32_per_module(model)
+        return
     saved = []
     with torch.no_grad():
         for module in model.modules():
@@ -297,6 +306,73 @@ def fp32_arithmetic(model):
                     t.data = t.data.to(dtype)
                 else:
                     module._buffers[name] = t.to(dtype)
+
+
+def _low_precision_tensors(module):
+    """``(kind, name, tensor)`` of ``module``'s own floating parameters and buffers not in fp32."""
+    import torch
+
+    return [(kind, name, t) for kind in ("_parameters", "_buffers") for name, t in getattr(module, kind).items()
+            if t is not None and t.is_floating_point() and t.dtype != torch.float32]
+
+
+def _fp32_copy_fits(model) -> bool:
+    """Whether an fp32 copy of ``model``'s low-precision tensors fits in its device's free memory (CPU: assumed)."""
+    import torch
+
+    tensors = [t for m in model.modules() for _, _, t in _low_precision_tensors(m)]
+    if not tensors or tensors[0].device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(tensors[0].device)
+    extra = sum(t.numel() * (4 - t.element_size()) for t in tensors)  # fp32 replaces each in place, one at a time
+    return extra < 0.8 * free
+
+
+def _fp32_per_module(model):
+    """The lean path of :func:`fp32_arithmetic`: per-module casts around each forward (a module whose tensors a
+    parent reads, e.g. a dtype probe, sees its own dtype there; its inputs are cast to fp32 on the way in)."""
+    import torch
+
+    from portvlm.shims.fp16.protect import _cast
+
+    held: dict[int, list] = {}  # id(module) -> [(kind, name, dtype)] while its forward runs
+
+    def pre(module, args, kwargs):
+        own = _low_precision_tensors(module)
+        if own and id(module) not in held:
+            held[id(module)] = [(kind, name, t.dtype) for kind, name, t in own]
+            with torch.no_grad():
+                for kind, name, t in own:
+                    if kind == "_parameters":
+                        t.data = t.data.float()
+                    else:
+                        module._buffers[name] = t.float()
+        return _cast(args, torch.float32), {k: _cast(v, torch.float32) for k, v in kwargs.items()}
+
+    def restore(module):
+        with torch.no_grad():
+            for kind, name, dtype in held.pop(id(module), []):
+                t = getattr(module, kind)[name]
+                if kind == "_parameters":
+                    t.data = t.data.to(dtype)
+                else:
+                    module._buffers[name] = t.to(dtype)
+
+    def post(module, args, kwargs, out):
+        restore(module)
+
+    modules = [m for m in model.modules() if _low_precision_tensors(m)] + [model]
+    hooks = []
+    for m in dict.fromkeys(modules):
+        hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        hooks.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in model.modules():  # anything a failed forward left cast
+            restore(m)
 
 
 def _tensors(out):
@@ -327,7 +403,7 @@ def _to(value, device, float_dtype):
     return value
 
 
-def measure(model, batch) -> tuple[dict[str, tuple], int]:
+def measure(model, batch, *, lean: bool | None = None) -> tuple[dict[str, tuple], int]:
     """Run ``model`` on ``batch`` in fp32 arithmetic; per module path: (class, out peak, out rms, in peak or None)."""
     import torch
 
@@ -361,7 +437,7 @@ def measure(model, batch) -> tuple[dict[str, tuple], int]:
     was_training = model.training
     model.eval()
     try:
-        with fp32_arithmetic(model), torch.no_grad():
+        with fp32_arithmetic(model, lean=lean), torch.no_grad():
             for b in batches:
                 reset_rope_state(model)  # Qwen keeps rope deltas between calls
                 model(**{k: _to(v, device, torch.float32) for k, v in b.items()}, use_cache=False)
@@ -392,10 +468,12 @@ def _island_target(layout: Layout, path: str) -> str:
     return owner or path
 
 
-def scan(model, batch, *, layout: Layout | None = None, arch: str | None = None) -> ScanReport:
-    """Measure ``model`` on ``batch`` (forward kwargs; a dict or a list) in fp32 and plan the fp16 fix (pure of weights)."""
+def scan(model, batch, *, layout: Layout | None = None, arch: str | None = None,
+         lean: bool | None = None) -> ScanReport:
+    """Measure ``model`` on ``batch`` (forward kwargs; a dict or a list) in fp32 and plan the fp16 fix (pure of weights).
+    ``lean``: as :func:`fp32_arithmetic` (None: per-module fp32 casts where a whole fp32 copy would not fit)."""
     layout = layout or layout_of(model)
-    figures, n = measure(model, batch)
+    figures, n = measure(model, batch, lean=lean)
     return plan(layout, figures, n, arch=arch, islands_now=_islands_now(model))
 
 
