@@ -41,25 +41,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rendezvous_file() -> str:
+    """A fresh file path for one spawn's rendezvous (``torch.distributed.FileStore``): unlike a port that was free
+    a moment ago, nothing else on the machine can take it before rank 0 binds it (gloo's own connections take
+    ephemeral ports, and two test workers spawn at once)."""
+    import tempfile
+
+    return os.path.join(tempfile.mkdtemp(prefix="portvlm-rdzv-"), "store")
+
+
 @contextlib.contextmanager
-def gloo_group(rank: int, world: int, port: int, *, timeout_s: float = PG_TIMEOUT_S, threads: int = 1):
-    """This process as gloo rank ``rank`` of ``world`` (rendezvous on 127.0.0.1:``port``); destroyed on exit.
+def gloo_group(rank: int, world: int, port: int | str, *, timeout_s: float = PG_TIMEOUT_S, threads: int = 1):
+    """This process as gloo rank ``rank`` of ``world``, destroyed on exit. ``port``: the rendezvous — a file path
+    (what :func:`spawn` passes: race-free) or a TCP port on 127.0.0.1.
 
     ``threads``: torch's intra-op threads per rank (1: N ranks share the machine's cores without oversubscribing)."""
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if isinstance(port, str):
+        dist.init_process_group("gloo", init_method=f"file://{port}", rank=rank, world_size=world, timeout=timeout)
+    else:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     try:
         yield
     finally:
         dist.destroy_process_group()
 
 
-def spawn(fn, world: int, *args, timeout_s: float, what: str | None = None) -> None:
-    """Run ``fn(rank, world, port, *args)`` in ``world`` spawned processes; wait at most ``timeout_s`` seconds.
+def spawn(fn, world: int, *args, timeout_s: float, what: str | None = None, tcp: bool = False) -> None:
+    """Run ``fn(rank, world, rendezvous, *args)`` in ``world`` spawned processes (``rendezvous``: a fresh file path
+    for :func:`gloo_group`; with ``tcp``, a port free a moment ago, for code that rendezvouses through
+    ``MASTER_PORT`` as under torchrun); wait at most ``timeout_s`` seconds.
 
     Raises ``RankError`` naming the rank that raised (with its traceback), the rank that died without raising
     (exit code or signal), or the ranks still running at the deadline; the other ranks are ended first, so nothing
@@ -69,7 +85,8 @@ def spawn(fn, world: int, *args, timeout_s: float, what: str | None = None) -> N
     import torch.multiprocessing as mp
 
     name = what or getattr(fn, "__qualname__", repr(fn))
-    ctx = mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=False, start_method="spawn")
+    rdzv = free_port() if tcp else rendezvous_file()
+    ctx = mp.start_processes(fn, args=(world, rdzv, *args), nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=0.5, grace_period=GRACE_S):

@@ -74,7 +74,7 @@ def test_the_readme_recipe_trains_as_written(tmp_path):
     code = recipe()
     assert "GradScaler" in code and "parallelize(" in code and "init_ranks()" in code  # the block we mean
     out = str(tmp_path / "recipe.pt")
-    spawn(_worker, 2, out, timeout_s=300, what="the README recipe")
+    spawn(_worker, 2, out, timeout_s=300, what="the README recipe", tcp=True)  # init_ranks() reads MASTER_PORT
     got = load_result(out, "the README recipe")
     assert len(got["losses"]) == STEPS and all(math.isfinite(x) for x in got["losses"]), got
     assert got["dtypes"] == ["torch.float32"], got  # fp32 master shards under the fp16 policy
