@@ -40,10 +40,6 @@ def contains(spec: str | SpecifierSet, version: Version | str) -> bool:
     return spec.contains(version, prereleases=True)
 
 
-__all__ = ["InvalidSpecifier", "InvalidVersion", "SpecifierSet", "Version", "base_version", "contains", "parse",
-           "parse_or_none", "specifier"]
-
-
 def source_revision() -> str | None:
     """The portvlm commit this code came from: ``$PORTVLM_COMMIT`` when set (a copy of the tree without ``.git``, as
     on a lent GPU machine), else this checkout's ``git rev-parse HEAD`` with ``+dirty`` when tracked files differ
@@ -66,3 +62,7 @@ def source_revision() -> str | None:
     rev = head.stdout.strip()
     return (rev + ("+dirty" if dirty.stdout.strip() else "")) if head.returncode == 0 and rev else None
 
+
+
+__all__ = ["InvalidSpecifier", "InvalidVersion", "SpecifierSet", "Version", "base_version", "contains", "parse",
+           "parse_or_none", "source_revision", "specifier"]

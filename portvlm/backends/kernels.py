@@ -187,8 +187,7 @@ class _EfficientVarlen(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal):
         q4, k4, v4 = (t.contiguous().unsqueeze(0) for t in (q, k, v))  # [1, S, H, D]; cu_seqlens marks segments
-        groups = q.shape[1] // k.shape[1]
-        ke, ve = (t.repeat_interleave(groups, dim=2) if groups > 1 else t for t in (k4, v4))
+        ke, ve = (t.unsqueeze(0) for t in _repeat_kv(q4[0], k4[0], v4[0]))
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
         mask_type = 1 if causal else 0  # 1 = CausalFromTopLeft, per segment (q and k lengths are equal)
         need_lse = any(ctx.needs_input_grad[:3])
@@ -197,14 +196,14 @@ class _EfficientVarlen(torch.autograd.Function):
         )
         if need_lse:
             ctx.save_for_backward(q4, k4, v4, out, lse, cu, seed, offset)
-            ctx.meta = (int(mq), int(mk), mask_type, scale, groups)
+            ctx.meta = (int(mq), int(mk), mask_type, scale)
         return out[0]
 
     @staticmethod
     def backward(ctx, grad_out):
         q4, k4, v4, out, lse, cu, seed, offset = ctx.saved_tensors
-        mq, mk, mask_type, scale, groups = ctx.meta
-        ke, ve = (t.repeat_interleave(groups, dim=2) if groups > 1 else t for t in (k4, v4))
+        mq, mk, mask_type, scale = ctx.meta
+        ke, ve = (t.unsqueeze(0) for t in _repeat_kv(q4[0], k4[0], v4[0]))
         dq, dk, dv, _ = _efficient_bwd(
             grad_out.contiguous().unsqueeze(0), q4, ke, ve, None, out, cu, cu, mq, mk,
             _aligned_lse(lse), 0.0, seed, offset, mask_type, False, scale=scale,

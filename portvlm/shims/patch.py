@@ -608,7 +608,6 @@ class PatchHandle:
         self._hooks: list = []  # dispatch.Hook this handle holds
         self._owned: list = []  # weakrefs to the modules this handle owns (dispatch.OWNERS)
         self._configs: list[int] = []  # ids in _LIVE_CONFIGS
-        self._model = None  # weakref to the patched model (its _LIVE_HANDLES entry goes on revert)
         self.fp16 = None  # portvlm.shims.fp16.protect.Protection under an fp16 policy (its scans, α, islands, guard)
 
     @property
@@ -646,8 +645,7 @@ class PatchHandle:
 
     def own(self, model) -> None:
         """Make every module of ``model`` this handle's (the class dispatchers run portvlm's code for them)."""
-        self._model = weakref.ref(model)
-        for module in model.modules():
+        for module in model.modules():  # the model itself first: revert finds its _LIVE_HANDLES entry by it
             dispatch.OWNERS[module] = self.state
             self._owned.append(weakref.ref(module))
 
@@ -667,6 +665,7 @@ class PatchHandle:
     def revert(self) -> None:
         """Undo this patch (its modules, configs, registry name; class attributes once no live patch holds them)."""
         problems = []
+        model = self._owned[0]() if self._owned else None
         for ref in self._owned:
             module = ref()
             if module is not None and dispatch.OWNERS.get(module) is self.state:
@@ -679,7 +678,6 @@ class PatchHandle:
                 del _LIVE_CONFIGS[key]
         self._configs.clear()
         self._patcher.restore()
-        model = self._model() if self._model is not None else None
         if model is not None and _LIVE_HANDLES.get(model) is self:
             # A WeakKeyDictionary holds its values strongly: a handle that refers to its model (its report, an fp16
             # guard) would keep the entry, and so the model and all its weights, alive for the life of the process.

@@ -278,34 +278,17 @@ def fp32_arithmetic(model, *, lean: bool | None = None):
     forward (its floating inputs too) and back just after, so one module's fp32 copy exists at a time — a 7B model in
     fp16 (15 GB) on a 16 GB V100 cannot hold a second, fp32 copy (30 GB). None: lean where the whole fp32 copy would
     not fit in the device's free memory."""
-    import torch
-
     if lean is None:
         lean = not _fp32_copy_fits(model)
     if lean:
         yield from _fp32_per_module(model)
         return
-    saved = []
-    with torch.no_grad():
-        for module in model.modules():
-            for kind in ("_parameters", "_buffers"):
-                for name, t in getattr(module, kind).items():
-                    if t is not None and t.is_floating_point() and t.dtype != torch.float32:
-                        saved.append((module, kind, name, t.dtype))
-                        if kind == "_parameters":
-                            t.data = t.data.float()
-                        else:
-                            module._buffers[name] = t.float()
+    saved = [(module, _cast_own(module)) for module in model.modules()]
     try:
         yield
     finally:
-        with torch.no_grad():
-            for module, kind, name, dtype in reversed(saved):
-                t = getattr(module, kind)[name]
-                if kind == "_parameters":
-                    t.data = t.data.to(dtype)
-                else:
-                    module._buffers[name] = t.to(dtype)
+        for module, dtypes in reversed(saved):
+            _restore_own(module, dtypes)
 
 
 def _low_precision_tensors(module):
@@ -314,6 +297,34 @@ def _low_precision_tensors(module):
 
     return [(kind, name, t) for kind in ("_parameters", "_buffers") for name, t in getattr(module, kind).items()
             if t is not None and t.is_floating_point() and t.dtype != torch.float32]
+
+
+def _cast_own(module) -> list[tuple[str, str, object]]:
+    """Cast ``module``'s own low-precision tensors to fp32 in place; ``(kind, name, dtype)`` to restore them."""
+    import torch
+
+    own = _low_precision_tensors(module)
+    dtypes = [(kind, name, t.dtype) for kind, name, t in own]  # before the cast: a parameter's dtype follows .data
+    with torch.no_grad():
+        for kind, name, t in own:
+            if kind == "_parameters":
+                t.data = t.data.float()
+            else:
+                module._buffers[name] = t.float()
+    return dtypes
+
+
+def _restore_own(module, dtypes) -> None:
+    """Undo :func:`_cast_own` (fp16/bf16 -> fp32 -> back is exact)."""
+    import torch
+
+    with torch.no_grad():
+        for kind, name, dtype in dtypes:
+            t = getattr(module, kind)[name]
+            if kind == "_parameters":
+                t.data = t.data.to(dtype)
+            else:
+                module._buffers[name] = t.to(dtype)
 
 
 def _fp32_copy_fits(model) -> bool:
@@ -338,28 +349,12 @@ def _fp32_per_module(model):
     held: dict[int, list] = {}  # id(module) -> [(kind, name, dtype)] while its forward runs
 
     def pre(module, args, kwargs):
-        own = _low_precision_tensors(module)
-        if own and id(module) not in held:
-            held[id(module)] = [(kind, name, t.dtype) for kind, name, t in own]
-            with torch.no_grad():
-                for kind, name, t in own:
-                    if kind == "_parameters":
-                        t.data = t.data.float()
-                    else:
-                        module._buffers[name] = t.float()
+        if id(module) not in held:
+            held[id(module)] = _cast_own(module)
         return _cast(args, torch.float32), {k: _cast(v, torch.float32) for k, v in kwargs.items()}
 
-    def restore(module):
-        with torch.no_grad():
-            for kind, name, dtype in held.pop(id(module), []):
-                t = getattr(module, kind)[name]
-                if kind == "_parameters":
-                    t.data = t.data.to(dtype)
-                else:
-                    module._buffers[name] = t.to(dtype)
-
     def post(module, args, kwargs, out):
-        restore(module)
+        _restore_own(module, held.pop(id(module), []))
 
     modules = [m for m in model.modules() if _low_precision_tensors(m)] + [model]
     hooks = []
@@ -372,7 +367,7 @@ def _fp32_per_module(model):
         for h in hooks:
             h.remove()
         for m in model.modules():  # anything a failed forward left cast
-            restore(m)
+            _restore_own(m, held.pop(id(m), []))
 
 
 def _tensors(out):
