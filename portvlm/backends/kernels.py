@@ -114,12 +114,19 @@ def _repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch
 # --------------------------------------------------------------------------------------------------------------
 
 
+def scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · q kᵀ`` with the scale applied to q *before* the product: in fp16 the unscaled product overflows
+    where ``|q·k|`` passes 65504 although the logit (√d times smaller) is far inside the range — Qwen2-VL's
+    "!!!!" output (transformers #33294). Fused SDPA scales first too."""
+    return torch.matmul(q * scale, k.transpose(-1, -2))
+
+
 def _eager(q, k, v, cu_seqlens, max_seqlen, scale, causal):
     """matmul + float mask + fp32 softmax: the reference-grade path every device runs."""
     k, v = _repeat_kv(q, k, v)
     mask = block_diagonal_mask(cu_seqlens, q.shape[0], causal=causal)
     qh, kh, vh = (t.transpose(0, 1) for t in (q, k, v))  # [H, S, D]
-    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    scores = scaled_scores(qh, kh, scale)
     scores = scores.float().masked_fill(~mask, torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, vh).transpose(0, 1)

@@ -250,7 +250,7 @@ def make_text_attention(state: AttentionState):
         p = dropout if module.training else 0.0
         if state.text_backend == "eager":
             scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-            scores = torch.matmul(query, key.transpose(2, 3)) * scale
+            scores = kernels.scaled_scores(query, key, scale)
             if causal:
                 q_len, k_len = query.shape[2], key.shape[2]
                 keep = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)

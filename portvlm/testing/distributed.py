@@ -68,8 +68,13 @@ def gloo_group(rank: int, world: int, port: int | str, *, timeout_s: float = PG_
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     try:
         yield
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other ranks may never reach one (spawn ends them)
+        raise
+    # Every rank done before any tears its connections down: a peer that closes while another still reads its last
+    # collective ends that one with "terminate called without an active exception" (SIGABRT; seen once under load)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def spawn(fn, world: int, *args, timeout_s: float, what: str | None = None, tcp: bool = False) -> None:

@@ -13,17 +13,14 @@ import time
 import pytest
 
 pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 from _ranks import dies_or_hangs  # noqa: E402 - a light module: each spawned rank imports it
+from _stacks import newest_only  # noqa: E402
 
-from portvlm.policy import packaged_matrix  # noqa: E402
 from portvlm.testing.distributed import RankError, spawn  # noqa: E402
-from portvlm.versions import parse  # noqa: E402
 
-NEWEST = max((s.transformers for s in packaged_matrix().ci_cpu_stacks()), key=parse)
-pytestmark = pytest.mark.skipif(transformers.__version__ != NEWEST,
-                                reason=f"the spawn harness is tested on the newest CI stack (transformers {NEWEST})")
+pytestmark = newest_only("the spawn harness is torch's alone")
 
 
 def test_a_rank_that_dies_is_named_and_what_was_written_stays(tmp_path):

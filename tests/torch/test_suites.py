@@ -10,6 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from _stacks import newest_only  # noqa: E402
+
 import portvlm  # noqa: E402
 from portvlm.models import inputs as model_inputs  # noqa: E402
 from portvlm.models import tiny  # noqa: E402
@@ -131,7 +133,7 @@ def test_a_crashing_suite_is_error_and_an_unavailable_model_is_skipped(monkeypat
 
 
 @pytest.mark.parametrize("model_id", CELLS)
-def test_all_three_suites_pass(model_id):
+def test_every_suite_passes(model_id):
     results = run_suites(SuiteContext(model_id, "cpu", fast=True, checker=portvlm.check))
     for name, r in results.items():
         assert r.status == "pass", (name, r.status, r.reason, r.error, [c for c in r.checks if not c.ok])
@@ -165,19 +167,12 @@ def test_fsdp2_over_two_gloo_processes_matches_single_process():
     assert torch.allclose(torch.tensor(got["losses"]), torch.tensor(want), atol=1e-5, rtol=1e-5), (got, want)
 
 
+@newest_only("the suite's handling of a failed spawn is transformers-independent")
 def test_ranks_that_fail_fail_their_gloo_check_and_keep_the_suites_other_checks(monkeypatch):
     """A rank that died or hung (``RankError``, named by the spawn harness) fails the fsdp2 / sp check with its words;
     the training suite's other checks, already measured, stay in the result."""
-    import transformers
-
-    from portvlm.policy import packaged_matrix
     from portvlm.suites import training
     from portvlm.testing.distributed import RankError
-    from portvlm.versions import parse
-
-    newest = max((s.transformers for s in packaged_matrix().ci_cpu_stacks()), key=parse)
-    if transformers.__version__ != newest:
-        pytest.skip(f"the suite's handling of a failed spawn is transformers-independent: checked on {newest} only")
 
     def dead(*_a, **_k):
         raise RankError("steps_worker (llava, 2 gloo ranks): rank 1 of 2 died without a Python exception (exit code 3)", [1])
