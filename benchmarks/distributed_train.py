@@ -56,6 +56,7 @@ import statistics
 import sys
 import time
 import traceback
+import weakref
 
 for key, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
     os.environ.setdefault(key, value)
@@ -1123,6 +1124,9 @@ def sp_row(model_id, n, smoke):
     return pack(ss)
 
 
+_BUILT = weakref.WeakSet()  # every model sp_step built in this process: one still alive at a rebuild is a leak
+
+
 def sp_step(args, model_id, cfg, arch, device, dims, row, world, held=None):
     """One training step (forward + backward, activation checkpointing) of ``row`` over mesh ``dims``: fits (no
     rank ran out of memory), loss, per-rank peak memory. An OOM is an answer, not an error. ``held``: the model of
@@ -1131,8 +1135,14 @@ def sp_step(args, model_id, cfg, arch, device, dims, row, world, held=None):
     res, live = {}, {}
     try:
         if held is None:  # what earlier probes left allocated (~0: a model closed after an OOM must be gone)
+            # A closed model is cyclic garbage (FSDP's hooks hold their modules): only a collection frees it, and
+            # the caller dropped its last reference only now. Uncollected, it stayed allocated through the next
+            # probe (7.2 GiB per rank in the sm70 run of 2026-12-03, beside a 4.2 GiB model).
+            free(device)
             live["leftover_GiB"] = allocated_gib(device)
+            live["leftover_models"] = len(_BUILT)
             held = parallel_model(model_id, cfg, arch, device, dims, ckpt=True)
+            _BUILT.add(held[0])
         live["resident_GiB"] = allocated_gib(device)  # the model, and anything else live, before the step
         pmodel, handle = held
         if device.type == "cuda":
@@ -1168,6 +1178,7 @@ def sp_step(args, model_id, cfg, arch, device, dims, row, world, held=None):
             "text_backend": per_rank[0].get("text_backend"),
             "resident_GiB_per_rank": [r.get("resident_GiB") for r in per_rank],
             "leftover_GiB_per_rank": [r.get("leftover_GiB") for r in per_rank],
+            "leftover_models_per_rank": [r.get("leftover_models") for r in per_rank],
             "error": next((r["error"] for r in per_rank if "error" in r), None)}, held
 
 
@@ -1262,6 +1273,8 @@ def sp_search(args, model_id, cfg, arch, device, dims, world, until, aim=None) -
     finally:
         if held[0] is not None:
             close(*held[0], device)
+            held[0] = None
+            free(device)  # closed and unreferenced: collected before the next search builds its model
     return {"mesh": {"dp": dims[0], "sp": dims[1]}} | found
 
 
@@ -1271,6 +1284,8 @@ def longest_verdict(sp1: dict, spn: dict, target: float) -> dict:
     (``pass``) only when the lower bound reaches it, missed (``fail``) when the upper bound does not, and
     ``inconclusive`` between — a coarse search is never read as more than it measured."""
     nonfinite = [t for f in (sp1, spn) for t in f["tried"] if t["fits"] and not t["trains"]]
+    # a probe that ran beside an earlier probe's model measured less memory than the cap: not the same budget
+    beside = [t["tokens"] for f in (sp1, spn) for t in f["tried"] if any(t.get("leftover_models_per_rank") or ())]
     a, b = sp1["longest_that_trains"], spn["longest_that_trains"]
     a_hi, b_hi = sp1["shortest_that_does_not"], spn["shortest_that_does_not"]
     ratio = round(b / a, 3) if a and b else None
@@ -1280,6 +1295,9 @@ def longest_verdict(sp1: dict, spn: dict, target: float) -> dict:
     if nonfinite or ratio is None:
         return out | {"status": "fail", "reason": "a row fit but its loss was not finite" if nonfinite
                       else "a search found no row that trains"}
+    if beside:
+        return out | {"status": "fail", "reason": f"the probes at {beside} tokens ran beside an earlier probe's model "
+                                                  "still allocated: their memory was not the cap (a leak)"}
     if lower is not None and lower >= target:
         return out | {"meets_target": True, "status": "pass"}
     if upper is not None and upper < target:

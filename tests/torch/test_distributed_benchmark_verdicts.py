@@ -52,6 +52,17 @@ def test_a_row_that_fits_with_a_non_finite_loss_fails_whatever_the_ratio(bench):
     assert bench.longest_verdict(search(66615, 98391), nan, 1.8)["status"] == "fail"
 
 
+def test_a_probe_beside_an_earlier_model_still_alive_cannot_decide_it(bench):
+    # sm70, 2026-12-03: the failing probes ran with the previous probe's model uncollected (7.2 GiB per rank)
+    leak = search(333656, 343215, [{"tokens": 343215, "fits": False, "trains": False,
+                                    "leftover_models_per_rank": [1, 1]}])
+    v = bench.longest_verdict(search(177505, 185364), leak, 1.8)
+    assert v["status"] == "fail" and "[343215]" in v["reason"] and "leak" in v["reason"], v
+    clean = search(333656, 343215, [{"tokens": 343215, "fits": False, "trains": False,
+                                     "leftover_models_per_rank": [0, 0]}])
+    assert bench.longest_verdict(search(177505, 185364), clean, 1.8)["status"] == "pass"
+
+
 def test_together_raises_naming_the_rank_and_its_error(bench):
     assert bench.together(lambda: 3, 1) == 3
 
