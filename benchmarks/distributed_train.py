@@ -57,6 +57,7 @@ import sys
 import time
 import traceback
 import weakref
+from pathlib import Path
 
 for key, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
     os.environ.setdefault(key, value)
@@ -1309,6 +1310,25 @@ def longest_verdict(sp1: dict, spn: dict, target: float) -> dict:
                             "(a longer --budget-s) to decide the target"}
 
 
+def sp1_from(path: str, arch: str, base: dict, torch_version: str) -> tuple[dict, dict]:
+    """The SP=1 search of ``arch``'s longest_row row in the record ``path`` (``--sp1-from``): its search dict and
+    where it came from. Refused unless that row ran the same model, policy, world size and per-rank memory cap on
+    the same torch, so that only the SP=N search runs here (one device budget may not hold both)."""
+    doc = json.loads(Path(path).read_text())
+    rows = [r for r in doc.get("rows", []) if r.get("check") == "longest_row" and r.get("arch_policy") == arch]
+    if len(rows) != 1 or not (rows[0].get("sp1") or {}).get("tried"):
+        raise SystemExit(f"--sp1-from {path}: no longest_row row of policy {arch} with an SP=1 search in it")
+    row = rows[0]
+    keys = ("model", "model_desc", "world_size", "memory_cap_GiB_per_rank", "activation_checkpointing")
+    differ = [f"{k}: {row.get(k)!r} there, {base.get(k)!r} here" for k in keys if row.get(k) != base.get(k)]
+    if doc.get("torch") != torch_version:
+        differ.append(f"torch: {doc.get('torch')!r} there, {torch_version!r} here")
+    if differ:
+        raise SystemExit(f"--sp1-from {path}: its SP=1 search is not comparable with this run ({'; '.join(differ)})")
+    return row["sp1"], {"file": Path(path).name, "commit": doc.get("commit"), "date": doc.get("date"),
+                        "argv": doc.get("argv")}
+
+
 def part_sp(args, rank, world, device, kind, report, budget):
     model_id = "qwen2_5vl"
     cfg = model_config(model_id, args)
@@ -1334,7 +1354,10 @@ def part_sp(args, rank, world, device, kind, report, budget):
         try:
             found = {}
             until = time.monotonic() + 0.4 * max(0.0, policy_end - time.monotonic())
-            found["sp1"] = sp_search(args, model_id, cfg, arch, device, (world, 1), world, until)
+            if args.sp1_from:  # SP=1's bounds from an earlier run of this commit's code: only SP=N runs here
+                found["sp1"], row["sp1_from"] = sp1_from(args.sp1_from, arch, base, torch.__version__)
+            else:
+                found["sp1"] = sp_search(args, model_id, cfg, arch, device, (world, 1), world, until)
             hi = found["sp1"]["shortest_that_does_not"]
             found[f"sp{world}"] = sp_search(args, model_id, cfg, arch, device, (1, world), world, policy_end,
                                             aim=math.ceil(target * hi) if hi else None)
@@ -1352,6 +1375,10 @@ def part_sp(args, rank, world, device, kind, report, budget):
                                    "sp1_loss": first[0]["loss"], "sp_loss": first[1]["loss"], "loss_abs_err": err,
                                    "loss_tolerance": [l_atol, l_rtol],
                                    "status": "pass" if err <= l_atol + l_rtol * abs(first[0]["loss"]) else "fail"})
+        elif len(first) == 2 and first[0]["tokens"] != first[1]["tokens"]:  # --sp1-from, another --search-start
+            report.add(loss_row | {"status": "not_run", "reason": f"the searches' first rows differ ({first[0]['tokens']}"
+                                                                  f" vs {first[1]['tokens']} tokens): no SP=1 loss to "
+                                                                  "compare with"})
         else:
             report.add(loss_row | {"status": "fail" if first else "not_run",
                                    "reason": "the first row of both searches did not train: " +
@@ -1409,13 +1436,16 @@ def main() -> int:
     ap.add_argument("--text-backend", default="auto",
                     help="packed-row text kernel on a GPU: auto (sm90 torch_varlen, sm70 efficient_varlen), policy "
                          "(each policy's own: sdpa_masked, a dense mask), or one backend name for every policy")
-    ap.add_argument("--search-start", type=int, default=32768, help="sp: the search's first row (tokens)")
-    ap.add_argument("--search-max", type=int, default=524288, help="sp: the search's last row (tokens)")
+    ap.add_argument("--search-start", type=int, default=None, help="sp: the search's first row (tokens; 32768, smoke 300)")
+    ap.add_argument("--search-max", type=int, default=None, help="sp: the search's last row (tokens; 524288, smoke 2400)")
+    ap.add_argument("--sp1-from", default=None,
+                    help="sp: take the SP=1 search from this earlier record (same model, policy, world and memory "
+                         "cap) and run only the SP=N search")
     ap.add_argument("--search-precision", type=float, default=0.05,
                     help="sp: bisect until shortest_that_does_not / longest_that_trains <= 1 + this")
     args = ap.parse_args()
-    if args.smoke:
-        args.search_start, args.search_max = 300, 2400
+    args.search_start = args.search_start or (300 if args.smoke else 32768)
+    args.search_max = args.search_max or (2400 if args.smoke else 524288)
     if args.text_backend == "policy":
         TEXT_BACKENDS.clear()
     elif args.text_backend != "auto":

@@ -9,6 +9,7 @@ The longest-row search itself runs against a fake GPU (a row trains iff it has a
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -168,3 +169,21 @@ def test_sp_rows_have_the_tokens_the_search_asks_for(bench):
     # the search's bounds are row sizes: a row that overshot by a whole last sample (~12%) would make its 5% moot
     for n in (600, 713, 1284, 2400):
         assert n <= bench.sp_row("qwen2_5vl", n, True)["input_ids"].shape[1] <= n + 4
+
+
+def test_sp1_from_takes_a_comparable_sp1_search_and_refuses_any_other(bench, tmp_path):
+    base = {"model": "qwen2_5vl", "model_desc": "7B widths", "world_size": 2, "memory_cap_GiB_per_rank": 69.9,
+            "activation_checkpointing": True}
+    sp1 = {"longest_that_trains": 185364, "shortest_that_does_not": 193571, "tried": [{"tokens": 131072}]}
+    doc = {"torch": "2.11.0+cu130", "commit": "abc", "date": "2026-12-03", "argv": ["sp"],
+           "rows": [base | {"check": "longest_row", "arch_policy": "sm70", "sp1": sp1}]}
+    path = tmp_path / "rec.json"
+    path.write_text(json.dumps(doc))
+    got, where = bench.sp1_from(str(path), "sm70", base, "2.11.0+cu130")
+    assert got == sp1 and where == {"file": "rec.json", "commit": "abc", "date": "2026-12-03", "argv": ["sp"]}
+    with pytest.raises(SystemExit, match="memory_cap_GiB_per_rank: 69.9 there, 60.0 here"):
+        bench.sp1_from(str(path), "sm70", base | {"memory_cap_GiB_per_rank": 60.0}, "2.11.0+cu130")
+    with pytest.raises(SystemExit, match="torch: '2.11.0\\+cu130' there, '2.13.0' here"):
+        bench.sp1_from(str(path), "sm70", base, "2.13.0")
+    with pytest.raises(SystemExit, match="no longest_row row of policy sm90"):
+        bench.sp1_from(str(path), "sm90", base, "2.11.0+cu130")
