@@ -7,6 +7,7 @@ are tiny-config plumbing checks, never shown."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,18 +134,31 @@ def _check_what(r: dict) -> str:
         return (f"fp16 on {shape} ({r.get('row_tokens')} tokens): loss {_g(r.get('loss'))} vs fp32 "
                 f"{_g(r.get('fp32_reference_loss'))}")
     if check == "sp_loss":
+        if r.get("loss_abs_err") is None:
+            return f"SP vs SP=1 loss: {r.get('status', 'not run')} — {r.get('reason') or 'no figure recorded'}"
         return f"SP vs SP=1 loss on {r.get('row_tokens')} tokens: Δ {_g(r.get('loss_abs_err'))}"
     if check == "longest_row":
-        sp_key = next((k for k in r if k.startswith("sp") and k != "sp1" and isinstance(r[k], dict)), None)
+        sp_key = _sp_key(r)
         a = (r.get("sp1") or {}).get("longest_that_trains")
         b = (r.get(sp_key) or {}).get("longest_that_trains") if sp_key else None
-        bounds = r.get("ratio_bounds")
-        return (f"longest row that trains at {r.get('memory_cap_GiB_per_rank')} GiB/rank: SP=1 {a} vs "
+        lower, upper = r.get("ratio_bounds") or (None, None)
+        bounds = (f", between {lower}× and {upper}×" if lower is not None and upper is not None
+                  else f", at least {lower}×" if lower is not None else f", at most {upper}×" if upper is not None
+                  else "")
+        src = r.get("sp1_from")
+        sp1 = (f" (SP=1's search from {src.get('file')}, commit {str(src.get('commit'))[:7]}, {src.get('date')})"
+               if src else "")
+        return (f"longest row that trains at {r.get('memory_cap_GiB_per_rank')} GiB/rank: SP=1 {a}{sp1} vs "
                 f"{(sp_key or 'sp?').upper()} {b} tokens ({r.get('ratio_longest_sp_over_sp1')}×"
-                + (f", between {bounds[0]}× and {bounds[1]}× by the searches' bounds" if bounds else "")
+                + (f"{bounds} by the searches' bounds" if bounds else "")
                 + f", target ≥ {r.get('target_ratio')}; {_search_kind(r)})"
                 + (f"; {r['reason']}" if r.get("reason") else ""))
     return str(check or "?")
+
+
+def _sp_key(r: dict) -> str | None:
+    """The SP=N search of a longest_row row (``sp2``, ``sp4``…; not ``sp1``, not ``sp1_from``)."""
+    return next((k for k in r if re.fullmatch(r"sp\d+", k) and k != "sp1" and isinstance(r[k], dict)), None)
 
 
 def _search_kind(r: dict) -> str:
@@ -159,7 +173,7 @@ def _g(x) -> str:
 
 def _peak(r: dict):
     if r.get("check") == "longest_row":
-        sp_key = next((k for k in r if k.startswith("sp") and k != "sp1" and isinstance(r[k], dict)), None)
+        sp_key = _sp_key(r)
         tried = [t for t in ((r.get(sp_key) or {}).get("tried") or []) if t.get("trains")]
         peaks = [p for p in (tried[-1].get("peak_GiB_per_rank") or []) if p is not None] if tried else []
         return max(peaks) if peaks else None
@@ -195,6 +209,10 @@ def from_benchmarks(directory: Path) -> tuple[list[DistRow], list[str]]:
                 what = ("different rows per rank: loss + parameters after a step vs one process on the union"
                         if (world or 1) > 1 else "world size 1 (FSDP2 plumbing on one GPU): loss + parameters after a "
                         "step vs one unsharded process")
+            review = r.get("review")  # a flaw found after the run: the recorded status stays, the table shows this
+            if review:
+                what += f" — recorded {status}, reviewed {review.get('date', '?')}: {review.get('why', '')}"
+                status = review.get("status", status)
             rows.append(DistRow(r.get("arch_policy", "?"), _mesh(r.get("mesh"), world), r.get("model", "?"), status,
                                 evidence, None, _peak(r), f"{gpu}; {what}", path.name, topo))
         for key, run in (body.get("runs") or {}).items():  # size

@@ -95,3 +95,21 @@ def test_a_bracketing_search_and_its_allocator_are_shown(tmp_path):
     assert "target ≥ 1.8; bracketing search)" in sp.what, sp.what
     assert sp.topology.endswith(" · gloo · allocator expandable_segments:True")
     assert dp.topology.endswith(" · gloo") and "coarse doubling search" in dp.what
+
+
+def test_a_reviewed_row_shows_the_review_status_beside_the_recorded_one_and_sp1_from_is_named(tmp_path):
+    row = {"check": "longest_row", "model": "qwen2_5vl", "arch_policy": "sm90", "mesh": {"dp": 1, "sp": 2},
+           "status": "pass", "evidence": "hardware", "memory_cap_GiB_per_rank": 69.9, "target_ratio": 1.8,
+           "ratio_longest_sp_over_sp1": 1.96, "ratio_bounds": [1.8, 2.46], "search": "bracketing: …",
+           "sp1": {"longest_that_trains": 169980, "tried": []}, "sp2": {"longest_that_trains": 333656, "tried": []},
+           "review": {"status": "inconclusive", "date": "2026-12-03", "why": "a probe ran beside garbage"}}
+    later = row | {"arch_policy": "sm70", "review": None, "ratio_bounds": [1.8, None],
+                   "sp1_from": {"file": "rec.json", "commit": "e3865a52b57", "date": "2026-12-03T22:00"}}
+    doc = {"world_size": 2, "gpu": "NVIDIA H200", "evidence": "hardware", "rows": [row, later]}
+    (tmp_path / "distributed_sp_shared1gpu.json").write_text(json.dumps(doc))
+    rows, _ = distributed.from_benchmarks(tmp_path)
+    by = {r.arch_policy: r for r in rows}
+    assert by["sm90"].status == "inconclusive", by["sm90"]
+    assert "recorded pass, reviewed 2026-12-03: a probe ran beside garbage" in by["sm90"].what
+    assert by["sm70"].status == "pass" and "SP2 333656" in by["sm70"].what  # sp1_from is not an SP=N search
+    assert "SP=1's search from rec.json, commit e3865a5" in by["sm70"].what and "at least 1.8×" in by["sm70"].what
