@@ -104,6 +104,20 @@ NAMES = {"qwen2_5vl": "Qwen2.5-VL-7B widths", "qwen3vl": "Qwen3-VL-8B widths"}
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# gloo's words when a peer left a collective (it raised alone, died, or timed out waiting in another collective)
+GLOO_PEER_LOST = ("Connection closed by peer", "Timed out waiting", "Connection reset by peer", "Broken pipe")
+BROKEN: dict = {}  # {"why": ...} once this process's group cannot run collectives any more (a peer left mid-step)
+# A second gloo group for the benchmark's own bookkeeping (gather_rows, agree): a rank that ran out of memory alone
+# gathers its result there while the others are still in the step's collectives on the default group. On one group
+# the two collectives would pair up ("Received data size doesn't match": gloo aborts the process); on two, the
+# others time out and then join the gather, so every rank's result is recorded and the search ends cleanly.
+CONTROL: dict = {}
+
+
+def peer_lost(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in GLOO_PEER_LOST)
+
+
 def init(args):
     """This rank, the world, its device and the run's topology (``portvlm.distributed.launch.init_ranks``)."""
     from portvlm.distributed.launch import init_ranks
@@ -111,9 +125,13 @@ def init(args):
     # a rank that dies makes the others fail, not hang: a collective waits at most 150 s (gloo's largest, a
     # 200k-token row's all-to-all through host memory, took ~30 s on one H200)
     if args.smoke:
-        ranks = init_ranks(shared_device=False, backend="gloo", timeout_s=150)
+        ranks = init_ranks(shared_device=False, backend="gloo", timeout_s=args.pg_timeout_s)
     else:
-        ranks = init_ranks(shared_device=args.shared_device, timeout_s=150)
+        ranks = init_ranks(shared_device=args.shared_device, timeout_s=args.pg_timeout_s)
+    import datetime
+
+    if ranks.world > 1:  # twice the step's timeout: a rank waits here while another's collective times out
+        CONTROL["group"] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=2 * args.pg_timeout_s))
     return ranks.rank, ranks.world, ranks.device, ranks.device.type, ranks.topology
 
 
@@ -209,7 +227,7 @@ def sync(device):
 
 def gather_rows(obj, world):
     out = [None] * world
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=CONTROL.get("group"))
     return out
 
 
@@ -1148,11 +1166,15 @@ def sp_step(args, model_id, cfg, arch, device, dims, row, world, held=None):
         pmodel, handle = held
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        if args.smoke and row["input_ids"].shape[1] / dims[1] > SMOKE_RANK_TOKENS:  # the CPU never runs out
+        over = args.smoke and row["input_ids"].shape[1] / dims[1] > SMOKE_RANK_TOKENS  # the CPU never runs out
+        lone = args.smoke_lone_oom and dims[1] > 1  # SP=N: only the last rank runs out, in its backward
+        if over and not lone:
             raise torch.OutOfMemoryError(f"smoke: simulated, more than {SMOKE_RANK_TOKENS} tokens on one rank")
         sync(device)
         t0 = time.perf_counter()
         out = pmodel(**to(row, device, handle.dtype))
+        if over and dist.get_rank() == world - 1:
+            raise torch.OutOfMemoryError("smoke: simulated, this rank alone, before its backward")
         out.loss.backward()
         sync(device)
         res = {"fits": True, "loss": float(out.loss_value), "step_s": round(time.perf_counter() - t0, 3),
@@ -1160,14 +1182,27 @@ def sp_step(args, model_id, cfg, arch, device, dims, row, world, held=None):
                "text_backend": handle.state.text_backend}
         del out
     except (torch.OutOfMemoryError, RuntimeError) as exc:  # a CUDA OOM outside the caching allocator is a RuntimeError
-        if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc).lower():
+        if peer_lost(exc):  # a peer left this step's collectives (it ran out of memory alone): the group is gone
+            BROKEN.setdefault("why", f"{type(exc).__name__}: {str(exc)[:200]}")
+        elif not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc).lower():
             raise
         res = {"fits": False, "error": f"{type(exc).__name__}: {str(exc)[:160]}", "peak_GiB": peak_gib(device)}
     if held is not None:
         for p in held[0].parameters():
             p.grad = None
-    per_rank = gather_rows(res | live, world)
+    try:  # on the control group: it still works after the step's group broke
+        per_rank = gather_rows(res | live, world)
+    except RuntimeError as exc:  # a peer died: this rank's own view only
+        if not peer_lost(exc):
+            raise
+        BROKEN.setdefault("why", f"{type(exc).__name__}: {str(exc)[:200]}")
+        per_rank = [res | live]
+    lost = [r["error"] for r in per_rank if any(w in (r.get("error") or "") for w in GLOO_PEER_LOST)]
+    if lost:  # a peer's step collective failed: the group is gone for every rank, this one included
+        BROKEN.setdefault("why", lost[0])
     fits = all(r["fits"] for r in per_rank)
+    oom_ranks = [i for i, r in enumerate(per_rank) if "OutOfMemoryError" in (r.get("error") or "")
+                 or "out of memory" in (r.get("error") or "").lower()]
     if not fits and held is not None:  # every rank drops its model after an OOM anywhere: FSDP's state is suspect
         close(*held, device)
         held = None
@@ -1180,7 +1215,8 @@ def sp_step(args, model_id, cfg, arch, device, dims, row, world, held=None):
             "resident_GiB_per_rank": [r.get("resident_GiB") for r in per_rank],
             "leftover_GiB_per_rank": [r.get("leftover_GiB") for r in per_rank],
             "leftover_models_per_rank": [r.get("leftover_models") for r in per_rank],
-            "error": next((r["error"] for r in per_rank if "error" in r), None)}, held
+            "error": next((r["error"] for r in per_rank if "error" in r), None)} | (
+            {"group_broken": BROKEN["why"], "oom_ranks": oom_ranks, "ranks_seen": len(per_rank)} if BROKEN else {}), held
 
 
 def search_longest(step, start: int, *, until: float, maximum: int, precision: float = 0.05, aim: int | None = None,
@@ -1211,6 +1247,13 @@ def search_longest(step, start: int, *, until: float, maximum: int, precision: f
             return f"the next row ({n} tokens requested) has {actual} tokens, a size already tried"
         r = dict(step(n), requested=n)
         tried.append(r)
+        if r.get("group_broken"):  # a rank's OOM (seen on the control group) still bounds the row; nothing else does
+            hi = out["shortest_that_does_not"]
+            if r.get("oom_ranks") and (hi is None or r["tokens"] < hi):
+                out["shortest_that_does_not"] = r["tokens"]
+            return (f"the process group broke at {r['tokens']} tokens (out of memory on rank(s) "
+                    f"{r.get('oom_ranks') or 'none seen'} alone, mid-step): {r['group_broken']}; no step can run "
+                    "after it")
         if r["fits"] and not r["trains"]:
             return f"loss {r['loss']} is not finite at {r['tokens']} tokens"
         lo, hi = out["longest_that_trains"], out["shortest_that_does_not"]
@@ -1341,6 +1384,10 @@ def part_sp(args, rank, world, device, kind, report, budget):
         base = {"model": model_id, "model_desc": describe(model_id, cfg, args.smoke), "arch_policy": arch,
                 "world_size": world, "evidence": policy_evidence(arch, device), "activation_checkpointing": True,
                 "memory_cap_GiB_per_rank": cap}
+        if BROKEN:  # an earlier policy's search broke the group: nothing distributed can run in this process
+            report.add(base | {"check": "longest_row", "status": "not_run",
+                               "reason": f"the process group broke in an earlier search: {BROKEN['why']}"})
+            continue
         policy_end = time.monotonic() + budget.left() / (len(policies) - i)  # this policy's share of the budget
         # (b) the longest row that trains at equal per-rank memory: SP=1 (~40% of the policy's time: its steps are
         # shorter), then SP=N aiming first at the target × SP=1's upper bound, so that one probe decides the target
@@ -1359,9 +1406,17 @@ def part_sp(args, rank, world, device, kind, report, budget):
             else:
                 found["sp1"] = sp_search(args, model_id, cfg, arch, device, (world, 1), world, until)
             hi = found["sp1"]["shortest_that_does_not"]
-            found[f"sp{world}"] = sp_search(args, model_id, cfg, arch, device, (1, world), world, policy_end,
-                                            aim=math.ceil(target * hi) if hi else None)
+            if BROKEN:
+                found[f"sp{world}"] = {"mesh": {"dp": 1, "sp": world}, "longest_that_trains": None,
+                                       "shortest_that_does_not": None, "tried": [],
+                                       "stopped": "not run: the process group broke in the SP=1 search"}
+            else:
+                found[f"sp{world}"] = sp_search(args, model_id, cfg, arch, device, (1, world), world, policy_end,
+                                                aim=math.ceil(target * hi) if hi else None)
             row |= found | longest_verdict(found["sp1"], found[f"sp{world}"], target)
+            if BROKEN and row["status"] != "pass":  # the bounds so far, not a verdict on the target
+                row |= {"status": "inconclusive", "reason": f"{row.get('reason') or 'the bounds do not decide it'}; "
+                                                            f"the search ended early: {BROKEN['why']}"}
         except Exception as exc:  # noqa: BLE001 - the row says why, with the searches that finished
             row = failed_row(row | found, exc)
             found = {}
@@ -1441,6 +1496,11 @@ def main() -> int:
     ap.add_argument("--sp1-from", default=None,
                     help="sp: take the SP=1 search from this earlier record (same model, policy, world and memory "
                          "cap) and run only the SP=N search")
+    ap.add_argument("--pg-timeout-s", type=float, default=150.0,
+                    help="how long a collective waits for a peer before the group fails (gloo's largest, a 200k-token "
+                         "row's all-to-all through host memory, took ~30 s on one H200)")
+    ap.add_argument("--smoke-lone-oom", action="store_true",
+                    help="smoke: the simulated OOM of SP=N rows hits the last rank alone, after its forward")
     ap.add_argument("--search-precision", type=float, default=0.05,
                     help="sp: bisect until shortest_that_does_not / longest_that_trains <= 1 + this")
     args = ap.parse_args()

@@ -155,3 +155,22 @@ def test_families_gpu_rejects_a_perturbed_packed_text_row(monkeypatch, tmp_path)
     assert text["max_abs_err"] > 2 * text["upstream_alone_vs_fp32"], text
     bad = fg.failures(rec)
     assert any(f.startswith("text: max |err|") for f in bad) and any(f.startswith("text_packing:") for f in bad), bad
+
+
+def test_a_rank_out_of_memory_alone_mid_step_ends_the_search_with_every_ranks_result(tmp_path):
+    """sm70 on the H200, 2026-12-03: rank 1 ran out of memory alone in its backward while rank 0 went on into the
+    backward's collectives. With one group, rank 1's bookkeeping gather paired with rank 0's collective (gloo aborts
+    the process: "Received data size doesn't match") or timed out, and the run lost its search. Now the gather runs on
+    a second group: rank 0's step times out, it joins the gather, and the record keeps both ranks' results, the OOM
+    as a bound, and a search that stopped saying why."""
+    proc = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "benchmarks/distributed_train.py", "sp",
+                 "--smoke", "--smoke-lone-oom", "--pg-timeout-s", "30", "--out", str(tmp_path)], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (doc,) = [json.loads(p.read_text()) for p in tmp_path.glob("distributed_sp_*.json")]
+    (row,) = [r for r in doc["rows"] if r["check"] == "longest_row"]
+    broken = row["sp2"]["tried"][-1]
+    assert broken["oom_ranks"] == [1] and broken["ranks_seen"] == 2 and not broken["fits"], broken
+    assert "Timed out" in broken["group_broken"] or "closed by peer" in broken["group_broken"], broken
+    assert row["sp2"]["shortest_that_does_not"] == broken["tokens"]  # rank 1's OOM bounds the row
+    assert row["sp2"]["stopped"].startswith(f"the process group broke at {broken['tokens']} tokens"), row["sp2"]
+    assert row["status"] == "pass", row  # the aim trained before it: the lower bound holds
