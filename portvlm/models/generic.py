@@ -28,6 +28,9 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+# The generic path is declared for transformers' 5.x attention registry: on 4.x the vision builder meets older
+# config layouts (4.50.3: Qwen2.5-VL's vision attention takes the whole config). The sweep's stacks: 5.23 and newer.
+SWEEP_FROM = "5.23.0"
 TOL = 1e-4  # fp32 CPU: a masked single call vs upstream's split calls differ by summation order only (~1e-6)
 SEGMENTS = (9, 16, 3, 20)  # vision segments (patch rows); uneven, one shorter than a merge window
 TEXT_LENGTHS = (11, 3, 18)
@@ -332,10 +335,29 @@ def check_family(model_type: str, declared: set[str] | None = None) -> SweepRow:
     return row
 
 
+def sweep_reasons(version: str | None = None) -> list[str]:
+    """Why the generic sweep cannot run on transformers ``version`` (default: the installed one); empty: it can."""
+    from portvlm.versions import parse
+
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    if parse(version) < parse(SWEEP_FROM):
+        return [f"the generic family sweep is declared for transformers >= {SWEEP_FROM}, found {version} "
+                f"(install a newer transformers, or use a declared family: portvlm.models)"]
+    return []
+
+
 def sweep(model_types: list[str] | None = None) -> dict:
     """Every cu_seqlens family of the installed transformers (or ``model_types``) through the generic checks."""
     import torch
     import transformers
+
+    from portvlm.errors import UnsupportedError
+
+    if sweep_reasons():
+        raise UnsupportedError("; ".join(sweep_reasons()))
 
     types = cu_seqlens_model_types() if model_types is None else model_types
     declared = declared_model_types()
@@ -385,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model_types", nargs="*")
     p.add_argument("--out", help="write the sweep as JSON here")
     args = p.parse_args(argv)
+    if sweep_reasons():
+        print(f"error: {'; '.join(sweep_reasons())}", file=sys.stderr)
+        return 2
     result = sweep(args.model_types or None)
     for r in result["rows"]:
         err = " ".join(f"{k}={r[k]:.1e}" for k in ("vision_err", "text_err") if r[k] is not None)

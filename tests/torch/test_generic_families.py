@@ -18,13 +18,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from portvlm.models import generic  # noqa: E402
-from portvlm.versions import parse as _parse  # noqa: E402
 
-# The generic path is declared for the 5.x attention registry (the sweep's stacks: cpu-tf5.23.0 and newer); on 4.x
-# its vision builder meets older config layouts (4.50.3: Qwen2.5-VL's vision attention takes the whole config).
-if _parse(transformers.__version__) < _parse("5.23.0"):
-    pytest.skip(f"the generic family sweep is declared for transformers >= 5.23, found {transformers.__version__}",
-                allow_module_level=True)
+if generic.sweep_reasons():  # declared in one place: generic.SWEEP_FROM
+    pytest.skip("; ".join(generic.sweep_reasons()), allow_module_level=True)
 from portvlm.shims import dispatch  # noqa: E402
 
 TYPES = generic.cu_seqlens_model_types()

@@ -56,3 +56,11 @@ def test_support_md_lists_every_swept_family_or_says_the_sweep_never_ran(tmp_pat
     text = (out / "SUPPORT.md").read_text()
     assert "| qwen3_5 | yes | passes |" in text and "| kimi_k25 | no | not applicable |" in text
     assert 'id="families-table"' in (out / "site/index.html").read_text()
+
+
+def test_the_generic_sweep_names_its_version_floor_and_the_fix():
+    from portvlm.models import generic
+
+    (why,) = generic.sweep_reasons("4.57.6")
+    assert f">= {generic.SWEEP_FROM}, found 4.57.6" in why and "declared family" in why
+    assert generic.sweep_reasons(generic.SWEEP_FROM) == [] and generic.sweep_reasons("5.25.0") == []
